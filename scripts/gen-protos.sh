@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../src"
 PY="${EMBER_VENV:-/opt/ember/venv}/bin/python"
 for proto in $(find ember -name '*.proto'); do
-  "$PY" -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. "$proto"
+  extra=()
+  # Services served over gRPC (not ttrpc) say so with a "// ember:grpc" line.
+  if grep -q '^// ember:grpc' "$proto"; then extra=(--grpc_python_out=.); fi
+  "$PY" -m grpc_tools.protoc -I. --python_out=. --pyi_out=. "${extra[@]}" "$proto"
 done
-# Drop empty *_pb2_grpc.py files for services we serve over ttrpc only.
-find ember -name '*_pb2_grpc.py' -size -400c -delete
