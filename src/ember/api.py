@@ -1,0 +1,505 @@
+"""Ember's public Python API: :class:`Sandbox` and the one-call :func:`run`.
+
+The CLI is a thin layer over this module. A sandbox is one micro-VM running one
+container; it is served by a detached monitor process (see
+:mod:`ember.sandbox.monitor`), so a Sandbox object can be dropped and found
+again later with :meth:`Sandbox.get`, from any process.
+
+Example::
+
+    import ember
+    result = ember.run("ember-demo", ["echo", "hi"])
+    assert result.exit_code == 0 and result.stdout == b"hi\\n"
+
+    sb = ember.Sandbox.create("ember-demo", ["sleep", "60"], name="web")
+    print(sb.exec(["uname", "-r"]).stdout)
+    sb.remove(force=True)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ember.config import Config, load_config
+from ember.errors import EmberError, NotFoundError
+from ember.sandbox.spec import ProcessOptions, build_process, build_spec
+from ember.sandbox.state import SandboxState, StateStore, kill_pid, pid_alive
+from ember.util import new_id, parse_size
+
+MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
+GUEST_OVERHEAD_MIB = 128  # guest kernel + agent, on top of a --memory limit
+NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_.-"
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass
+class ExecResult(RunResult):
+    exec_id: str = ""
+
+
+class Sandbox:
+    """A micro-VM with one container in it."""
+
+    def __init__(self, state: SandboxState, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store = StateStore(cfg)
+        self._state = state
+        self._rpc = None
+        self._agent = None
+
+    # --------------------------------------------------------------- lookup
+    @classmethod
+    def get(cls, ref: str, cfg: Config | None = None) -> Sandbox:
+        cfg = cfg or load_config()
+        return cls(StateStore(cfg).find(ref), cfg)
+
+    @classmethod
+    def list(cls, all: bool = True, cfg: Config | None = None) -> list[Sandbox]:
+        cfg = cfg or load_config()
+        states = StateStore(cfg).all()
+        return [cls(s, cfg) for s in states if all or s.status in ("running", "paused", "creating")]
+
+    @property
+    def state(self) -> SandboxState:
+        try:
+            self._state = self.store.refresh(self.store.load(self._state.id))
+        except NotFoundError:
+            pass
+        return self._state
+
+    @property
+    def id(self) -> str:
+        return self._state.id
+
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    @property
+    def dir(self) -> Path:
+        return self.store.dir(self.id)
+
+    # --------------------------------------------------------------- create
+    @classmethod
+    def create(
+        cls,
+        image: str,
+        command: list[str] | None = None,
+        *,
+        name: str | None = None,
+        env: list[str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        entrypoint: list[str] | None = None,
+        cpus: float | None = None,
+        memory: str | int | None = None,
+        tty: bool = False,
+        stdin: bool = False,
+        auto_remove: bool = False,
+        ulimits: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        cfg: Config | None = None,
+    ) -> Sandbox:
+        """Boot a micro-VM and start the image's command in it; returns once it runs."""
+        cfg = cfg or load_config()
+        from ember.image.store import ImageStore
+
+        images = ImageStore(cfg)
+        img = images.resolve(image)
+        memory_bytes = parse_size(memory) if memory is not None else None
+        if memory_bytes is not None and memory_bytes < (6 << 20):
+            raise EmberError(f"memory {memory} is too small: the minimum is 6m")
+        if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1) * 4):
+            raise EmberError(f"invalid --cpus {cpus}: must be > 0 and at most 4 x host cores")
+        vcpus = max(1, int(-(-cpus // 1))) if cpus else cfg.vm.vcpus
+        mem_mib = (memory_bytes >> 20) + GUEST_OVERHEAD_MIB if memory_bytes else cfg.vm.memory_mib
+        sandbox_id = new_id()
+        opts = ProcessOptions(command=command or None, entrypoint=entrypoint, env=env or [],
+                              workdir=workdir, user=user, tty=tty, ulimits=ulimits or [])
+        spec = build_spec(img.config, opts, hostname=sandbox_id[:12], cpus=cpus,
+                          memory_bytes=memory_bytes)
+        store = StateStore(cfg)
+        with store.lock():
+            if name is None:
+                name = _generate_name(store)
+            _check_name(name)
+            if store.name_taken(name):
+                raise EmberError(f"the name {name!r} is already in use by another sandbox")
+            state = SandboxState(
+                id=sandbox_id, name=name, image=image, image_id=img.id,
+                command=spec["process"]["args"], vcpus=vcpus, memory_mib=mem_mib, tty=tty,
+                stdin=stdin, auto_remove=auto_remove, labels=labels or {},
+                vmm_kind=cfg.vm.hypervisor,
+            )
+            store.save(state)
+        sb = cls(state, cfg)
+        try:
+            sb._launch(images, img, spec, stdin)
+        except BaseException:
+            sb._destroy()
+            raise
+        return sb
+
+    def _launch(self, images, img, spec: dict, stdin: bool) -> None:
+        from ember.storage.rootfs import flatten, prepare_writable
+
+        proc, ready_r = self._spawn_monitor()
+        disk_dir = self.store.disk_dir(self.id)
+        disk_dir.mkdir(parents=True, exist_ok=True)
+        base = flatten(images, img)
+        disk = prepare_writable(base, disk_dir / "rootfs")
+        self.store.update(self.id, disk=str(disk.path))
+        self._wait_ready(proc, ready_r)
+        dev = self.monitor_call("AttachDisk", path=str(disk.path), format=disk.format,
+                                drive_id="rootfs")
+        agent = self.agent()
+        agent.create_container(self.id, spec, dev, stdin=stdin)
+        agent.start_container(self.id)
+        self.monitor_call("Watch", container_id=self.id, auto_stop=True)
+        st = self.store.load(self.id)
+        if st.status == "creating":
+            self.store.update(self.id, status="running")
+
+    def _spawn_monitor(self) -> tuple[subprocess.Popen, int]:
+        ready_r, ready_w = os.pipe()
+        env = dict(os.environ)
+        env["EMBER_DATA_DIR"] = str(self.cfg.data_dir)
+        env["EMBER_STATE_DIR"] = str(self.cfg.state_dir)
+        env["EMBER_ACCEL"] = self.cfg.vm.accel
+        if self.cfg.source:
+            env["EMBER_CONFIG"] = self.cfg.source
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "monitor.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ember.sandbox.monitor", "--id", self.id,
+                 "--ready-fd", str(ready_w)],
+                pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, env=env, close_fds=True,
+            )
+        os.close(ready_w)
+        return proc, ready_r
+
+    def _wait_ready(self, proc: subprocess.Popen, ready_r: int) -> None:
+        import select
+
+        deadline = time.monotonic() + self.cfg.vm.boot_timeout + 120
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EmberError("sandbox monitor did not report within the boot time-out")
+                r, _, _ = select.select([ready_r], [], [], min(left, 1.0))
+                if r:
+                    chunk = os.read(ready_r, 4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+        finally:
+            os.close(ready_r)
+        line = buf.decode(errors="replace").strip()
+        if line == "OK":
+            return
+        if line.startswith("ERR "):
+            _, code, msg = line.split(" ", 2)
+            raise EmberError(msg, int(code))
+        proc.poll()
+        raise EmberError(f"sandbox monitor exited during start-up (see {self.dir}/monitor.log)")
+
+    # ------------------------------------------------------------ channels
+    def _client(self):
+        from ember.ttrpc import Client
+
+        if self._rpc is None or self._rpc.closed:
+            sock = self.dir / "api.sock"
+            if not sock.exists():
+                raise EmberError(f"sandbox {self.name} is not running (status {self.status})")
+            try:
+                self._rpc = Client.connect_unix(str(sock), timeout=5)
+            except OSError:
+                raise EmberError(f"sandbox {self.name} is not running (status {self.status})") from None
+        return self._rpc
+
+    def agent(self):
+        """An AgentClient talking to the guest agent through the monitor."""
+        from ember.agent.client import AgentClient
+
+        if self._agent is None or self._rpc is None or self._rpc.closed:
+            self._agent = AgentClient(self._client())
+        return self._agent
+
+    def monitor_call(self, method: str, **args: object) -> dict:
+        from ember.ttrpc import TTRPCError
+
+        try:
+            out = self._client().call(MONITOR_SERVICE, method, json.dumps(args).encode(),
+                                      timeout=120)
+        except TTRPCError as exc:
+            raise EmberError(f"{method}: {exc.message}") from None
+        return json.loads(out or b"{}")
+
+    def close(self) -> None:
+        if self._rpc is not None:
+            self._rpc.close()
+        self._rpc = self._agent = None
+
+    # ------------------------------------------------------------- process
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the container to exit; its exit code.
+
+        The monitor records the exit status only after it has copied all of the
+        container's output to the log, so a caller that waits and then reads
+        the log sees everything.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.state
+            if st.status in ("exited", "dead"):
+                return st.exit_code if st.exit_code is not None else 137
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sandbox {self.name} still running")
+            time.sleep(0.02)
+
+    def kill(self, sig: int | str = signal.SIGKILL) -> None:
+        signum = _signal_number(sig)
+        self._require_running()
+        self.agent().signal_process(self.id, "", signum, all=False)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after timeout; the exit code."""
+        if self.status not in ("running", "paused"):
+            return self.state.exit_code
+        try:
+            self.kill(signal.SIGTERM)
+            try:
+                return self.wait(timeout)
+            except TimeoutError:
+                self.kill(signal.SIGKILL)
+                return self.wait(30)
+        except EmberError:
+            return self.state.exit_code
+
+    def pause(self) -> None:
+        self._require_running()
+        self.monitor_call("Pause")
+
+    def resume(self) -> None:
+        self.monitor_call("Resume")
+
+    def exec(self, command: list[str], *, env: list[str] | None = None, workdir: str | None = None,
+             user: str | None = None, tty: bool = False, stdin: bytes | None = None,
+             timeout: float | None = None) -> ExecResult:
+        """Run a command in the running container and collect its output."""
+        exec_id = self.start_exec(command, env=env, workdir=workdir, user=user, tty=tty,
+                                  stdin=stdin is not None)
+        agent = self.agent()
+        if stdin is not None:
+            if stdin:
+                agent.write_stdin(self.id, exec_id, stdin)
+            agent.close_stdin(self.id, exec_id)
+        out, err = _collect(agent, self.id, exec_id)
+        code = agent.wait_process(self.id, exec_id).exit_status
+        return ExecResult(code, out(), err(), exec_id)
+
+    def start_exec(self, command: list[str], *, env: list[str] | None = None,
+                   workdir: str | None = None, user: str | None = None, tty: bool = False,
+                   stdin: bool = False) -> str:
+        self._require_running()
+        if not command:
+            raise EmberError("exec needs a command")
+        from ember.image.store import ImageStore
+
+        st = self.state
+        try:
+            img_cfg = ImageStore(self.cfg).resolve(st.image_id).config
+        except EmberError:
+            img_cfg = {}
+        opts = ProcessOptions(command=command, entrypoint=[], env=env or [], workdir=workdir,
+                              user=user, tty=tty)
+        process = build_process(img_cfg, opts)
+        exec_id = "exec-" + secrets.token_hex(6)
+        self.agent().exec_process(self.id, exec_id, process, stdin=stdin)
+        return exec_id
+
+    def _require_running(self) -> None:
+        st = self.state
+        if st.status not in ("running", "paused"):
+            raise EmberError(f"sandbox {st.name} is not running (status {st.status})")
+
+    # ----------------------------------------------------------------- logs
+    def logs(self, follow: bool = False, poll: float = 0.1) -> Iterator[tuple[str, bytes]]:
+        """(stream, data) pairs from the container's log, optionally following it."""
+        path = self.dir / "container.log"
+        pos = 0
+        pending = b""
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+            except FileNotFoundError:
+                chunk = b""
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    rec = json.loads(line)
+                    yield rec["stream"], base64.b64decode(rec["b64"])
+            if not follow:
+                return
+            if self.status not in ("running", "paused", "creating") and not chunk:
+                return
+            time.sleep(poll)
+
+    # -------------------------------------------------------------- inspect
+    def inspect(self) -> dict:
+        st = self.state
+        data = asdict(st)
+        data["short_id"] = st.short_id
+        data["state_dir"] = str(self.dir)
+        data["console_log"] = str(self.dir / "console.log")
+        data["log_path"] = str(self.dir / "container.log")
+        return data
+
+    def host_pids(self) -> list[int]:
+        st = self.state
+        return [p for p in (st.vmm_pid, st.monitor_pid) if p]
+
+    def guest_memory_bytes(self) -> int:
+        return self.state.memory_mib << 20
+
+    # --------------------------------------------------------------- remove
+    def remove(self, force: bool = False) -> None:
+        """Delete the sandbox; with force, stop it first even if it runs."""
+        st = self.state
+        if st.status in ("running", "paused", "creating") and not force:
+            raise EmberError(f"sandbox {st.name} is {st.status}: stop it first or use force")
+        self._destroy()
+
+    def _destroy(self) -> None:
+        st = self._state
+        try:
+            st = self.store.load(self.id)
+        except EmberError:
+            pass
+        if pid_alive(st.monitor_pid, self.id):
+            try:
+                self.monitor_call("Shutdown")
+            except EmberError:
+                kill_pid(st.monitor_pid, self.id, signal.SIGTERM)
+            _wait_gone(st.monitor_pid, self.id, 15)
+            kill_pid(st.monitor_pid, self.id)
+        kill_pid(st.vmm_pid, self.id[:12])
+        _wait_gone(st.vmm_pid, self.id[:12], 5)
+        self.close()
+        with self.store.lock():
+            shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_gone(pid: int | None, marker: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid, marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _collect(agent, cid: str, exec_id: str):
+    """Read stdout and stderr to EOF in two threads; returns two getters."""
+    results: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def pump(stream: str) -> None:
+        offset = 0
+        read = agent.read_stdout if stream == "stdout" else agent.read_stderr
+        while True:
+            resp = read(cid, exec_id, offset, wait_ms=1000)
+            results[stream] += resp.data
+            offset = resp.offset + len(resp.data)
+            if resp.eof:
+                return
+
+    threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in results]
+    for t in threads:
+        t.start()
+
+    def getter(stream: str):
+        def get() -> bytes:
+            for t in threads:
+                t.join()
+            return bytes(results[stream])
+        return get
+
+    return getter("stdout"), getter("stderr")
+
+
+def _signal_number(sig: int | str) -> int:
+    if isinstance(sig, int):
+        return sig
+    text = str(sig).upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise EmberError(f"invalid signal {sig!r}") from None
+
+
+def _check_name(name: str) -> None:
+    if not name or name[0] in ".-" or any(c not in NAME_CHARS for c in name.lower()) or len(name) > 128:
+        raise EmberError(f"invalid sandbox name {name!r}: use letters, digits, _ . -")
+
+
+_ADJ = ["brave", "calm", "eager", "fancy", "gentle", "happy", "keen", "lucid", "merry", "quiet"]
+_NOUN = ["ember", "spark", "flame", "cinder", "blaze", "torch", "glow", "flare", "coal", "ash"]
+
+
+def _generate_name(store: StateStore) -> str:
+    for _ in range(50):
+        name = f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}_{secrets.token_hex(2)}"
+        if not store.name_taken(name):
+            return name
+    return "sandbox_" + secrets.token_hex(6)
+
+
+def run(image: str, command: list[str] | None = None, *, stdin: bytes | None = None,
+        remove: bool = True, **kwargs: object) -> RunResult:
+    """Run a container to completion and return its exit code and output."""
+    sb = Sandbox.create(image, command, stdin=stdin is not None, **kwargs)  # type: ignore[arg-type]
+    try:
+        if stdin is not None:
+            agent = sb.agent()
+            if stdin:
+                agent.write_stdin(sb.id, "", stdin)
+            agent.close_stdin(sb.id, "")
+        out, err = bytearray(), bytearray()
+        for stream, data in sb.logs(follow=True, poll=0.02):
+            (out if stream == "stdout" else err).extend(data)
+        code = sb.wait()
+        return RunResult(code, bytes(out), bytes(err))
+    finally:
+        if remove:
+            sb._destroy()

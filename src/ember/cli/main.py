@@ -1,0 +1,286 @@
+"""The `ember` command line: Docker's verbs, one micro-VM per container.
+
+Every command is a thin wrapper over :mod:`ember.api` (sandboxes) and
+:mod:`ember.image` (images). Errors print one line, ``ember: error: ...``,
+and exit 125 (Ember failed), 126 (command cannot run) or 127 (command not
+found), like Docker; `ember run` otherwise exits with the container's code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+
+import click
+
+from ember.errors import EmberError
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EmberError as exc:
+            click.echo(f"ember: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("ember: interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ember")
+def main() -> None:
+    """Ember: run containers, each inside its own micro-VM."""
+
+
+# ------------------------------------------------------------------- run
+@main.command(context_settings={"ignore_unknown_options": False,
+                                "allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Run in the background, print the id.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the sandbox when it exits.")
+@click.option("--name", help="Name the sandbox.")
+@click.option("-e", "--env", multiple=True, help="Set KEY=VALUE in the environment.")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("-u", "--user", help="UID[:GID] to run as.")
+@click.option("--entrypoint", help="Override the image's entrypoint.")
+@click.option("--cpus", type=float, help="Number of CPUs.")
+@click.option("-m", "--memory", help="Memory limit, e.g. 256m or 1g.")
+@click.option("--ulimit", multiple=True, help="NAME=SOFT[:HARD], e.g. nofile=1024:2048.")
+@click.option("-l", "--label", multiple=True, help="KEY=VALUE label.")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypoint, cpus,
+        memory, ulimit, label, image, command) -> None:
+    """Run a command in a new container, inside a new micro-VM."""
+    from ember.api import Sandbox
+
+    if detach and auto_remove:
+        pass  # allowed, as in Docker: removed once it exits
+    labels = dict(item.partition("=")[::2] for item in label)
+    sb = Sandbox.create(
+        image, list(command) or None, name=name, env=list(env), workdir=workdir, user=user,
+        entrypoint=[entrypoint] if entrypoint is not None else None, cpus=cpus, memory=memory,
+        tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
+        labels=labels,
+    )
+    if detach:
+        click.echo(sb.id)
+        if auto_remove:
+            _spawn_reaper(sb.id)
+        return
+    from ember.cli.attach import attach_main
+
+    try:
+        code = attach_main(sb, stdin=interactive, tty=tty)
+    finally:
+        if auto_remove:
+            sb.remove(force=True)
+    sys.exit(code)
+
+
+def _spawn_reaper(sandbox_id: str) -> None:
+    """For `run -d --rm`: a detached helper removes the sandbox after it exits."""
+    import os
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-m", "ember.cli.reaper", sandbox_id],
+                     start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+
+
+# ------------------------------------------------------------- lifecycle
+@main.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show exited sandboxes too.")
+@click.option("-q", "--quiet", is_flag=True, help="Only ids.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@handle_errors
+def ps(show_all, quiet, as_json) -> None:
+    """List sandboxes."""
+    from ember.api import Sandbox
+
+    boxes = Sandbox.list(all=show_all)
+    if as_json:
+        click.echo(json.dumps([b.inspect() for b in boxes], indent=2))
+        return
+    if quiet:
+        for b in boxes:
+            click.echo(b.id[:12])
+        return
+    rows = [("SANDBOX ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAME")]
+    for b in boxes:
+        st = b.state
+        status = st.status
+        if st.status == "exited":
+            status = f"exited ({st.exit_code})"
+        cmd = " ".join(st.command)
+        rows.append((st.short_id, st.image, (cmd[:27] + "...") if len(cmd) > 30 else cmd,
+                     _ago(st.created), status, st.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _ago(ts: float) -> str:
+    secs = int(time.time() - ts)
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if secs >= n:
+            k = secs // n
+            return f"{k} {unit}{'s' if k > 1 else ''} ago"
+    return f"{secs} seconds ago"
+
+
+@main.command(name="exec", context_settings={"allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", is_flag=True)
+@click.option("-e", "--env", multiple=True)
+@click.option("-w", "--workdir")
+@click.option("-u", "--user")
+@click.argument("sandbox")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def exec_(interactive, tty, env, workdir, user, sandbox, command) -> None:
+    """Run a command in a running container."""
+    from ember.api import Sandbox
+    from ember.cli.attach import attach_exec
+
+    sb = Sandbox.get(sandbox)
+    exec_id = sb.start_exec(list(command), env=list(env), workdir=workdir, user=user, tty=tty,
+                            stdin=interactive)
+    sys.exit(attach_exec(sb, exec_id, stdin=interactive, tty=tty))
+
+
+@main.command()
+@click.option("-f", "--follow", is_flag=True)
+@click.argument("sandbox")
+@handle_errors
+def logs(follow, sandbox) -> None:
+    """Print a container's output."""
+    from ember.api import Sandbox
+
+    sb = Sandbox.get(sandbox)
+    for stream, data in sb.logs(follow=follow):
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
+
+@main.command()
+@click.option("-t", "--time", "timeout", type=float, default=10.0, help="Seconds before SIGKILL.")
+@click.argument("sandboxes", nargs=-1, required=True)
+@handle_errors
+def stop(timeout, sandboxes) -> None:
+    """Stop containers (SIGTERM, then SIGKILL)."""
+    from ember.api import Sandbox
+
+    for ref in sandboxes:
+        Sandbox.get(ref).stop(timeout)
+        click.echo(ref)
+
+
+@main.command()
+@click.option("-s", "--signal", "sig", default="KILL", help="Signal to send.")
+@click.argument("sandboxes", nargs=-1, required=True)
+@handle_errors
+def kill(sig, sandboxes) -> None:
+    """Send a signal to containers."""
+    from ember.api import Sandbox
+
+    for ref in sandboxes:
+        Sandbox.get(ref).kill(sig)
+        click.echo(ref)
+
+
+@main.command()
+@click.option("-f", "--force", is_flag=True, help="Stop and remove running sandboxes.")
+@click.argument("sandboxes", nargs=-1, required=True)
+@handle_errors
+def rm(force, sandboxes) -> None:
+    """Remove sandboxes."""
+    from ember.api import Sandbox
+
+    failed = None
+    for ref in sandboxes:
+        try:
+            Sandbox.get(ref).remove(force=force)
+            click.echo(ref)
+        except EmberError as exc:
+            click.echo(f"ember: error: {exc.message}", err=True)
+            failed = exc
+    if failed:
+        sys.exit(failed.exit_code)
+
+
+@main.command()
+@click.argument("sandboxes", nargs=-1, required=True)
+@handle_errors
+def pause(sandboxes) -> None:
+    """Pause sandboxes' VMs."""
+    from ember.api import Sandbox
+
+    for ref in sandboxes:
+        Sandbox.get(ref).pause()
+        click.echo(ref)
+
+
+@main.command()
+@click.argument("sandboxes", nargs=-1, required=True)
+@handle_errors
+def unpause(sandboxes) -> None:
+    """Resume paused sandboxes."""
+    from ember.api import Sandbox
+
+    for ref in sandboxes:
+        Sandbox.get(ref).resume()
+        click.echo(ref)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (default).")
+@click.argument("refs", nargs=-1, required=True)
+@handle_errors
+def inspect(as_json, refs) -> None:
+    """Show sandboxes (or images) in detail, as JSON."""
+    from ember.api import Sandbox
+    from ember.errors import NotFoundError
+
+    out = []
+    for ref in refs:
+        try:
+            out.append(Sandbox.get(ref).inspect())
+        except NotFoundError:
+            from ember.config import load_config
+            from ember.image.store import ImageStore
+
+            try:
+                out.append(ImageStore(load_config()).inspect(ref))
+            except EmberError:
+                raise NotFoundError(f"no such sandbox or image: {ref}") from None
+    click.echo(json.dumps(out, indent=2))
+
+
+from ember.cli.images import guest, image, images, pull  # noqa: E402
+
+main.add_command(image)
+main.add_command(images)
+main.add_command(pull)
+main.add_command(guest)
+
+try:  # the Kubernetes commands are optional at import time
+    from ember.k8s.cli import k8s_group  # noqa: E402
+
+    main.add_command(k8s_group)
+except ImportError:  # pragma: no cover
+    pass
+
+
+if __name__ == "__main__":
+    main()

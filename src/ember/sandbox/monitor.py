@@ -1,0 +1,235 @@
+"""The sandbox monitor: one small host process per ``ember run`` sandbox.
+
+Like a containerd shim, it outlives the CLI that started it. It owns the VM
+(QEMU is its child), holds the single agent connection, and serves a ttrpc
+socket (``api.sock``) in the sandbox folder that any number of CLI processes
+may use at once:
+
+* ``ember.agent.v1.Agent``: every agent method, forwarded byte-for-byte;
+* ``ember.sandbox.v1.Monitor``: host-side operations (JSON payloads): attach
+  and detach disks, watch the main container, pause/resume, shut down.
+
+While a container is watched, its output is copied into ``container.log``
+(JSON lines, like Docker's json-file driver) so ``ember logs`` works after the
+VM is gone, and its exit status is recorded in ``state.json``. When the main
+container exits, the monitor stops the VM and exits.
+
+Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ember.agent.proto import agent_pb2
+from ember.config import load_config
+from ember.errors import EmberError
+from ember.sandbox.state import StateStore
+from ember.sandbox.vm import SandboxVM
+from ember.ttrpc import Server, TTRPCError
+
+AGENT_SERVICE = "ember.agent.v1.Agent"
+MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
+
+
+class Monitor:
+    def __init__(self, sandbox_id: str) -> None:
+        self.cfg = load_config()
+        self.store = StateStore(self.cfg)
+        self.id = sandbox_id
+        self.dir = self.store.dir(sandbox_id)
+        st = self.store.load(sandbox_id)
+        self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib)
+        self.server = Server()
+        self.done = threading.Event()
+        self._stopping = threading.Lock()
+        self._log_lock = threading.Lock()
+
+    # ------------------------------------------------------------- serving
+    def register(self) -> None:
+        service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
+        for method in service.methods:
+            self.server.register(AGENT_SERVICE, method.name, self._forwarder(method.name))
+        for name in ("Status", "AttachDisk", "DetachDisk", "Watch", "Pause", "Resume",
+                     "Shutdown"):
+            self.server.register(MONITOR_SERVICE, name, self._json_handler(getattr(self, name)))
+
+    def _forwarder(self, method: str):
+        def forward(payload: bytes, ctx) -> bytes:
+            if self.vm.rpc is None:
+                raise TTRPCError(14, "sandbox VM is not running")
+            return self.vm.rpc.call(AGENT_SERVICE, method, payload, timeout=ctx.time_left())
+        return forward
+
+    @staticmethod
+    def _json_handler(fn):
+        def handle(payload: bytes, ctx) -> bytes:
+            try:
+                args = json.loads(payload or b"{}")
+                return json.dumps(fn(**args) or {}).encode()
+            except EmberError as exc:
+                raise TTRPCError(9, exc.message) from None
+            except (TypeError, ValueError) as exc:
+                raise TTRPCError(3, f"bad request: {exc}") from None
+        return handle
+
+    # ------------------------------------------------------------ methods
+    def Status(self) -> dict:
+        vmm = self.vm.vmm
+        return {"vmm_pid": vmm.pid if vmm else None, "restored": self.vm.restored}
+
+    def AttachDisk(self, path: str, format: str = "raw", readonly: bool = False,
+                   drive_id: str | None = None) -> dict:
+        drive_id, dev = self.vm.attach_disk(Path(path), format, readonly, drive_id)
+        return {"drive_id": drive_id, "kind": dev.kind, "address": dev.address}
+
+    def DetachDisk(self, drive_id: str) -> dict:
+        self.vm.detach_disk(drive_id)
+        return {}
+
+    def Pause(self) -> dict:
+        assert self.vm.vmm is not None
+        self.vm.vmm.pause()
+        self.store.update(self.id, status="paused")
+        return {}
+
+    def Resume(self) -> dict:
+        assert self.vm.vmm is not None
+        self.vm.vmm.resume()
+        self.store.update(self.id, status="running")
+        return {}
+
+    def Watch(self, container_id: str, auto_stop: bool = True) -> dict:
+        log = self.dir / "container.log"
+        streams = [threading.Thread(target=self._pump, args=(container_id, s, log), daemon=True)
+                   for s in ("stdout", "stderr")]
+        for t in streams:
+            t.start()
+        threading.Thread(target=self._wait_main, args=(container_id, streams, auto_stop),
+                         daemon=True).start()
+        return {}
+
+    def Shutdown(self) -> dict:
+        threading.Thread(target=self.stop, args=("removed",), daemon=True).start()
+        return {}
+
+    # ---------------------------------------------------------- watching
+    def _pump(self, cid: str, stream: str, log: Path) -> None:
+        method = "ReadStdout" if stream == "stdout" else "ReadStderr"
+        offset = 0
+        with open(log, "ab") as f:
+            while not self.done.is_set() and self.vm.rpc is not None:
+                req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset, wait_ms=1000)
+                try:
+                    resp = self.vm.rpc.call(AGENT_SERVICE, method, req,
+                                            agent_pb2.ReadStreamResponse, timeout=30)
+                except (TTRPCError, OSError):
+                    return
+                if resp.data:
+                    record = {"stream": stream, "time": time.time(),
+                              "b64": base64.b64encode(resp.data).decode()}
+                    with self._log_lock:
+                        f.write(json.dumps(record).encode() + b"\n")
+                        f.flush()
+                    offset = resp.offset + len(resp.data)
+                if resp.eof:
+                    return
+
+    def _wait_main(self, cid: str, streams: list[threading.Thread], auto_stop: bool) -> None:
+        req = agent_pb2.ProcessRequest(container_id=cid)
+        try:
+            resp = self.vm.rpc.call(AGENT_SERVICE, "WaitProcess", req,
+                                    agent_pb2.WaitProcessResponse)
+        except (TTRPCError, OSError, AttributeError):
+            return  # the VM went away: stop() records why
+        for t in streams:
+            t.join(timeout=5)
+        self.store.update(self.id, status="exited", exit_code=resp.exit_status,
+                          finished=time.time())
+        if auto_stop:
+            self.stop(None)
+
+    def _watch_vmm(self) -> None:
+        """Record a VMM that dies on its own (crash, kill -9) and stop serving."""
+        assert self.vm.vmm is not None
+        code = self.vm.vmm.wait()
+        if not self.done.is_set():
+            tail = self.vm.vmm.console_tail(3).replace("\n", " | ")
+            self.stop("dead", error=f"VMM exited unexpectedly (code {code}); console: {tail}")
+
+    # ----------------------------------------------------------- lifecycle
+    def stop(self, status: str | None, error: str = "") -> None:
+        with self._stopping:
+            if self.done.is_set():
+                return
+            self.done.set()
+        try:
+            self.vm.shutdown(timeout=5)
+        finally:
+            changes: dict[str, object] = {"vmm_pid": None, "monitor_pid": None}
+            try:
+                st = self.store.load(self.id)
+                if status == "dead" or (status and st.status not in ("exited",)):
+                    changes["status"] = "exited" if status == "removed" else status
+                if error:
+                    changes["error"] = error
+                self.store.update(self.id, **changes)
+            except EmberError:
+                pass  # the folder is already being removed
+            self.server.shutdown()
+
+    def run(self, ready_fd: int | None) -> int:
+        def report(msg: str) -> None:
+            if ready_fd is not None:
+                try:
+                    os.write(ready_fd, msg.encode() + b"\n")
+                    os.close(ready_fd)
+                except OSError:
+                    pass
+        try:
+            self.store.update(self.id, monitor_pid=os.getpid())
+            self.vm.boot()
+            assert self.vm.vmm is not None
+            self.store.update(self.id, vmm_pid=self.vm.vmm.pid,
+                              restored_from_snapshot=self.vm.restored)
+        except EmberError as exc:
+            self.vm.kill()
+            report(f"ERR {exc.exit_code} {exc.message}")
+            return 1
+        except Exception as exc:  # noqa: BLE001 - report any boot failure to the waiting CLI
+            self.vm.kill()
+            report(f"ERR 125 sandbox monitor failed: {exc!r}")
+            return 1
+        self.register()
+        threading.Thread(target=self._watch_vmm, daemon=True).start()
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+            target=self.stop, args=("exited",), daemon=True).start())
+        ready = threading.Event()
+        t = threading.Thread(target=self.server.serve_unix, args=(str(self.dir / "api.sock"), ready),
+                             daemon=True)
+        t.start()
+        ready.wait(10)
+        report("OK")
+        t.join()
+        self.done.wait()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ember-monitor")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    return Monitor(args.id).run(args.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""VM templates: a booted, agent-ready VM saved once and restored per sandbox.
+
+Restoring a paused VM from its migration stream takes a fraction of a second
+where a cold boot under TCG takes seconds. A template is keyed by everything
+that must match between the saved VM and the restoring QEMU: guest assets,
+kernel command line, vCPUs, memory, accelerator, the QEMU binary and this
+module's device-layout version. Templates are built under an exclusive lock,
+written to a temp file and renamed into place, so a crash mid-build leaves
+nothing a later restore could pick up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ember.config import Config
+from ember.errors import EmberError
+from ember.util import atomic_write_json
+from ember.vmm.base import VMSpec
+
+LAYOUT_VERSION = "1"
+
+
+def template_key(spec: VMSpec, binary: str) -> str:
+    qemu = shutil.which(binary) or binary
+    try:
+        st = os.stat(qemu)
+        qemu_id = f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        qemu_id = qemu
+    parts = [
+        LAYOUT_VERSION, qemu_id, str(spec.kernel), str(spec.initrd), str(spec.rootfs),
+        spec.cmdline, str(spec.vcpus), str(spec.memory_mib), spec.accel,
+    ]
+    for p in (spec.kernel, spec.initrd, spec.rootfs):
+        try:
+            st = os.stat(p)
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append("missing")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+class TemplateCache:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.root = cfg.templates_dir
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key / "vm.state"
+
+    def get_or_build(self, spec: VMSpec, wait: bool = False) -> Path | None:
+        """The template for spec, building it if needed; None if it cannot be had now."""
+        key = template_key(spec, self.cfg.vm.qemu_binary)
+        path = self.path_for(key)
+        if path.exists():
+            return path
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None  # someone else is building it: cold-boot this time
+            if path.exists():
+                return path
+            try:
+                self._build(spec, key, path)
+            except EmberError:
+                return None
+        self._gc(keep=key)
+        return path
+
+    def _build(self, spec: VMSpec, key: str, path: Path) -> None:
+        from ember.sandbox.vm import SandboxVM
+
+        # A short work dir: Unix socket paths are limited to 107 bytes.
+        work = Path(tempfile.mkdtemp(prefix="tpl-", dir=self._tmp_base()))
+        tmp_state = path.parent / f".vm.state.{os.getpid()}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vm = SandboxVM(self.cfg, f"template-{key}", work, spec.vcpus, spec.memory_mib,
+                       use_template=False)
+        started = time.monotonic()
+        try:
+            vm.boot()
+            details = vm.agent.get_guest_details()
+            assert vm.vmm is not None
+            vm.vmm.save_snapshot(tmp_state)
+            vm.kill()
+            os.replace(tmp_state, path)
+            atomic_write_json(path.parent / "meta.json", {
+                "key": key, "created": time.time(), "build_seconds": time.monotonic() - started,
+                "spec": {k: str(v) for k, v in dataclasses.asdict(spec).items()
+                         if k in ("kernel", "initrd", "rootfs", "cmdline", "vcpus",
+                                  "memory_mib", "accel")},
+                "kernel_release": getattr(details, "kernel_release", ""),
+            })
+        finally:
+            vm.kill()
+            tmp_state.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _tmp_base(self) -> Path:
+        base = self.cfg.state_dir
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+
+    def _gc(self, keep: str) -> None:
+        """Drop templates nobody can use any more (older than a day and not current)."""
+        cutoff = time.time() - 86400
+        for entry in self.root.iterdir():
+            if entry.is_dir() and entry.name != keep:
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        shutil.rmtree(entry, ignore_errors=True)
+                except OSError:
+                    pass
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

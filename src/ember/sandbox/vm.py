@@ -1,0 +1,169 @@
+"""One sandbox's VM, as seen from the host: boot or restore, agent, disks.
+
+:class:`SandboxVM` is used in-process by the sandbox monitor (``ember run``)
+and by the containerd shim. It picks the accelerator, restores the VM from a
+template snapshot when one exists (cold-booting otherwise), connects to the
+guest agent, resynchronises the guest clock and RNG, and attaches container
+disks. Errors carry the last console lines so a VM that does not boot says why.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from ember.config import Config
+from ember.errors import AgentError, EmberError, VMError
+from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
+
+
+def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
+    """The driver named by the configuration."""
+    kind = cfg.vm.hypervisor
+    if kind == "qemu":
+        from ember.vmm.qemu import QemuVMM
+
+        return QemuVMM(spec, binary=cfg.vm.qemu_binary)
+    if kind == "firecracker":
+        from ember.vmm.firecracker import FirecrackerVMM  # type: ignore[import-not-found]
+
+        return FirecrackerVMM(spec, binary=cfg.vm.firecracker_binary)
+    raise EmberError(f"config vm.hypervisor: unknown hypervisor {kind!r}")
+
+
+class SandboxVM:
+    def __init__(self, cfg: Config, vm_id: str, work_dir: Path, vcpus: int, memory_mib: int,
+                 use_template: bool | None = None) -> None:
+        self.cfg = cfg
+        self.vm_id = vm_id
+        self.work_dir = work_dir
+        self.vcpus = vcpus
+        self.memory_mib = memory_mib
+        self.use_template = cfg.vm.snapshot if use_template is None else use_template
+        self.vmm: VMM | None = None
+        self.agent = None  # ember.agent.client.AgentClient once booted
+        self.rpc = None  # the raw ttrpc.Client under it (the monitor forwards through it)
+        self.restored = False
+        self._drive_seq = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ boot
+    def base_spec(self, work_dir: Path | None = None) -> VMSpec:
+        from ember.guest.build import current_assets
+        from ember.vmm.accel import resolve_accel
+
+        assets = current_assets(self.cfg)
+        accel = resolve_accel(self.cfg.vm.accel, self.cfg.vm.qemu_binary, assets.kernel,
+                              self.cfg.data_dir)
+        cmdline = assets.cmdline
+        if self.cfg.guest.extra_cmdline:
+            cmdline += " " + self.cfg.guest.extra_cmdline
+        return VMSpec(
+            vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
+            cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
+            memory_mib=self.memory_mib, accel=accel,
+        )
+
+    def boot(self, drives: list[Drive] | None = None) -> None:
+        """Start the VM and return once the agent answers."""
+        spec = self.base_spec()
+        spec.drives = list(drives or [])
+        template = None
+        if self.use_template and not spec.drives and self.cfg.vm.hypervisor == "qemu":
+            from ember.sandbox.template import TemplateCache
+
+            template = TemplateCache(self.cfg).get_or_build(spec)
+        if template is not None:
+            spec.restore_from = template
+        self.vmm = make_vmm(self.cfg, spec)
+        try:
+            self.vmm.start()
+            self._connect_agent(self.cfg.vm.boot_timeout)
+            self.restored = template is not None
+            self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
+        except BaseException:
+            self.kill()
+            raise
+
+    def _connect_agent(self, timeout: float) -> None:
+        from ember.agent.client import AgentClient
+        from ember.ttrpc import Client
+
+        assert self.vmm is not None
+        deadline = time.monotonic() + timeout
+        try:
+            sock = self.vmm.connect_agent(timeout)
+        except VMError as exc:
+            raise VMError(f"VM did not boot: {exc}{self._console_hint()}") from None
+        self.rpc = Client(sock)
+        client = AgentClient(self.rpc)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                client.close()
+                raise VMError(f"VM did not boot within {timeout:.0f}s{self._console_hint()}")
+            try:
+                client.wait_ready(min(remaining, 2.0))
+                self.agent = client
+                return
+            except (AgentError, TimeoutError, OSError):
+                if self.vmm.exited():
+                    client.close()
+                    raise VMError(f"VM exited during boot{self._console_hint()}") from None
+
+    def _console_hint(self) -> str:
+        if self.vmm is None:
+            return ""
+        tail = self.vmm.console_tail(6).replace("\n", " | ")
+        return f"; guest console: {tail}" if tail else "; guest console is empty"
+
+    # ----------------------------------------------------------------- disks
+    def attach_disk(self, path: Path, fmt: str, readonly: bool = False,
+                    drive_id: str | None = None) -> tuple[str, GuestDevice]:
+        assert self.vmm is not None
+        with self._lock:
+            self._drive_seq += 1
+            drive_id = drive_id or f"c{self._drive_seq}"
+        dev = self.vmm.add_drive(Drive(drive_id, Path(path), fmt, readonly))
+        return drive_id, dev
+
+    def detach_disk(self, drive_id: str) -> None:
+        if self.vmm is not None and not self.vmm.exited():
+            self.vmm.remove_drive(drive_id)
+
+    # ------------------------------------------------------------- shutdown
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Power the guest off cleanly (the agent syncs disks), else kill the VMM."""
+        if self.vmm is None:
+            return
+        if self.agent is not None and not self.vmm.exited():
+            try:
+                self.agent.destroy_sandbox()
+            except (EmberError, OSError):
+                pass
+            if self.vmm.wait(timeout) is None:
+                self.vmm.stop(timeout=2.0)
+        else:
+            self.vmm.stop(timeout=2.0)
+        self._close()
+
+    def kill(self) -> None:
+        if self.vmm is not None:
+            self.vmm.kill()
+        self._close()
+
+    def _close(self) -> None:
+        if self.agent is not None:
+            try:
+                self.agent.close()
+            except Exception:  # noqa: BLE001 - closing a dead channel must not mask the cause
+                pass
+            self.agent = None
+        for name in ("agent.sock", "qmp.sock"):
+            try:
+                os.unlink(self.work_dir / name)
+            except OSError:
+                pass

@@ -1,0 +1,124 @@
+"""The hypervisor interface every VMM driver implements.
+
+Ember talks to hypervisors only through :class:`VMM`, so the sandbox layer,
+the CLI and the containerd shim do not care whether QEMU or Firecracker runs
+underneath. A driver owns one VM process: it builds the command line (or API
+calls), starts it, attaches block devices, exposes the agent channel, and
+pauses, snapshots, stops or kills the VM.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Drive:
+    """A host file the guest sees as a block device."""
+
+    drive_id: str
+    path: Path
+    format: str = "raw"  # "raw" | "qcow2"
+    readonly: bool = False
+
+
+@dataclass
+class GuestDevice:
+    """How the guest agent finds an attached drive (agent.proto BlockDevice)."""
+
+    kind: str  # "scsi" | "serial" | "path"
+    address: str
+
+
+@dataclass
+class VMSpec:
+    """Everything needed to start one micro-VM."""
+
+    vm_id: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    work_dir: Path  # sockets, console log, pid file live here
+    vcpus: int = 1
+    memory_mib: int = 512
+    accel: str = "tcg"
+    drives: list[Drive] = field(default_factory=list)  # attached at boot
+    restore_from: Path | None = None  # a snapshot (template) to restore
+    jailer: object | None = None  # ember.jailer settings when jailed
+
+    @property
+    def console_log(self) -> Path:
+        return self.work_dir / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.work_dir / "agent.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.work_dir / "qmp.sock"
+
+
+class VMM(abc.ABC):
+    """One VM process. Methods raise ember.errors.VMError on failure."""
+
+    kind = "abstract"
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """Host pid of the VMM process, once started."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Launch the VMM (and boot, or restore, the guest) without waiting for the agent."""
+
+    @abc.abstractmethod
+    def add_drive(self, drive: Drive) -> GuestDevice:
+        """Attach a drive to the running VM and say where the guest will see it."""
+
+    @abc.abstractmethod
+    def remove_drive(self, drive_id: str) -> None:
+        """Detach a drive added with add_drive (idempotent)."""
+
+    @abc.abstractmethod
+    def connect_agent(self, timeout: float) -> socket.socket:
+        """A connected stream socket to the guest agent's channel."""
+
+    @abc.abstractmethod
+    def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    def save_snapshot(self, path: Path) -> None:
+        """Pause and write the VM's full state to path (the VM stays paused)."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the VMM to quit; kill it if it does not within timeout."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill the VMM process at once."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the VMM to exit; its exit code, or None on time-out."""
+
+    def console_tail(self, lines: int = 15) -> str:
+        """The last lines the guest printed, for error messages."""
+        try:
+            data = self.spec.console_log.read_bytes()[-16384:]
+        except OSError:
+            return ""
+        text = data.decode("utf-8", "replace").replace("\r", "")
+        return "\n".join(text.strip().splitlines()[-lines:])
