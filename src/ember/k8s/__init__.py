@@ -1,1 +1,2 @@
-"""Ember k8s."""
+"""Kubernetes integration: the pod-feature matrix, RuntimeClasses with measured
+overhead, and the admission webhook that routes pods to them."""
