@@ -1,0 +1,116 @@
+"""Shared fixtures: the guest-asset cache, an isolated Ember state dir, leak checks.
+
+Guest assets and VM templates are built once per machine into the shared
+cache (/var/lib/ember, or $EMBER_DATA_DIR) and reused by every test and every
+CI run; each test that runs sandboxes gets its own short state directory
+(Unix socket paths are limited to 107 bytes) and is checked afterwards for
+leaked QEMU processes, mounts and loop devices.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def ember_bin() -> str:
+    venv = Path(sys.executable).parent / "ember"
+    return str(venv) if venv.exists() else "ember"
+
+
+def qemu_pids(marker: str = "") -> list[int]:
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if (p.info["name"] or "").startswith("qemu-system") and marker in " ".join(
+                    p.info["cmdline"] or []):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def loop_devices() -> set[str]:
+    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "--noheadings"],
+                         capture_output=True, text=True, check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def mounts() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f}
+
+
+@pytest.fixture(scope="session")
+def guest_assets():
+    """Build (or reuse) the guest kernel/initrd/rootfs in the shared cache."""
+    from ember.config import load_config
+    from ember.guest.build import build_guest
+
+    return build_guest(load_config(), progress=False)
+
+
+class EmberEnv:
+    """An isolated state dir and a helper to run the real `ember` CLI."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.env = dict(os.environ)
+        self.env["EMBER_STATE_DIR"] = str(state_dir)
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 240,
+            check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run([ember_bin(), *args], input=input, capture_output=True,
+                              env=self.env, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"ember {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
+        return proc
+
+    def cfg(self):
+        from ember.config import load_config
+
+        old = os.environ.get("EMBER_STATE_DIR")
+        os.environ["EMBER_STATE_DIR"] = str(self.state_dir)
+        try:
+            return load_config()
+        finally:
+            if old is None:
+                os.environ.pop("EMBER_STATE_DIR", None)
+            else:
+                os.environ["EMBER_STATE_DIR"] = old
+
+
+@pytest.fixture
+def ember_env(guest_assets):
+    """A fresh state dir; afterwards, every sandbox is removed and leaks are asserted."""
+    before_loops, before_mounts = loop_devices(), mounts()
+    state = Path(tempfile.mkdtemp(prefix="emb-", dir="/tmp"))
+    env = EmberEnv(state)
+    try:
+        yield env
+    finally:
+        sandboxes = state / "sandboxes"
+        leftovers = [d.name for d in sandboxes.iterdir() if d.is_dir()] if sandboxes.is_dir() else []
+        for sid in leftovers:
+            env.run("rm", "-f", sid, timeout=60)
+        leaked_qemu = [p for sid in leftovers for p in qemu_pids(f"ember-{sid[:12]}")]
+        for pid in leaked_qemu:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(state, ignore_errors=True)
+        assert not leaked_qemu, f"QEMU processes left behind: {leaked_qemu}"
+        assert loop_devices() <= before_loops, "loop devices left behind"
+        assert mounts() <= before_mounts, f"mounts left behind: {mounts() - before_mounts}"

@@ -1,0 +1,215 @@
+"""End-to-end: `ember run` and friends on a real QEMU micro-VM (TCG).
+
+The image is built in the test as an OCI layout tar (busybox-static) with its
+own Env and WorkingDir, and imported with `ember image import`, as a user
+would import an image built elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import pty
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ember_bin, qemu_pids
+
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(600)]
+
+IMAGE = "localhost/ember-e2e:1"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory, guest_assets):
+    from imagetools import busybox_rootfs, write_oci_layout_tar
+
+    tmp = tmp_path_factory.mktemp("img")
+    root = busybox_rootfs(tmp / "rootfs")
+    tar = write_oci_layout_tar(
+        tmp / "image.tar", [root], ref=IMAGE,
+        config={"Env": ["PATH=/bin:/usr/bin", "GREETING=from-image"], "WorkingDir": "/srv",
+                "Cmd": ["sh", "-c", "echo default-cmd"]},
+    )
+    proc = subprocess.run([ember_bin(), "image", "import", str(tar)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    yield IMAGE
+    subprocess.run([ember_bin(), "image", "rm", IMAGE], capture_output=True, check=False)
+
+
+def test_run_prints_guest_kernel_and_passes_exit_codes(ember_env, image, guest_assets):
+    proc = ember_env.run("run", "--rm", image, "uname", "-r")
+    assert proc.returncode == 0, proc.stderr
+    release = proc.stdout.decode().strip()
+    assert release == guest_assets.kernel_release
+    assert release != platform.release()
+
+    proc = ember_env.run("run", "--rm", image, "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert proc.returncode == 7
+    assert proc.stdout == b"out\n"
+    assert proc.stderr == b"err\n"
+
+    proc = ember_env.run("run", "--rm", image)  # the image's own Cmd, Env, WorkingDir
+    assert proc.stdout == b"default-cmd\n"
+    proc = ember_env.run("run", "--rm", image, "sh", "-c", "echo $GREETING; pwd")
+    assert proc.stdout.decode().split() == ["from-image", "/srv"]
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+
+
+def test_stdin_env_workdir_user(ember_env, image):
+    proc = ember_env.run("run", "-i", "--rm", image, "cat", input=b"hi\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hi\n"
+
+    proc = ember_env.run("run", "--rm", "-e", "FOO=bar", "-e", "GREETING=override", "-w", "/tmp",
+                         "-u", "1000:1001", image,
+                         "sh", "-c", "echo $FOO $GREETING; pwd; id -u; id -g; hostname")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().split("\n")
+    assert lines[0] == "bar override"
+    assert lines[1:4] == ["/tmp", "1000", "1001"]
+    assert len(lines[4]) == 12  # hostname is the short sandbox id, as in Docker
+
+
+def test_detached_lifecycle(ember_env, image):
+    proc = ember_env.run("run", "-d", "--name", "web", image, "sh", "-c",
+                         "echo started; trap 'echo bye; exit 3' TERM; while true; do sleep 1; done")
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.decode().strip()
+    assert len(sid) == 64
+
+    ps = json.loads(ember_env.run("ps", "--json", check=True).stdout)
+    assert [(p["name"], p["status"]) for p in ps] == [("web", "running")]
+    info = json.loads(ember_env.run("inspect", "web", check=True).stdout)[0]
+    assert qemu_pids(f"ember-{sid[:12]}") == [info["vmm_pid"]]
+
+    deadline = time.monotonic() + 30
+    while b"started" not in ember_env.run("logs", "web").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ember_env.run("logs", "web").stdout == b"started\n"
+
+    proc = ember_env.run("exec", "web", "sh", "-c", "echo in-exec; exit 4")
+    assert (proc.returncode, proc.stdout) == (4, b"in-exec\n")
+    proc = ember_env.run("exec", "-i", "web", "cat", input=b"via exec stdin")
+    assert proc.stdout == b"via exec stdin"
+
+    proc = ember_env.run("kill", "-s", "TERM", "web")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ps = json.loads(ember_env.run("ps", "-a", "--json", check=True).stdout)
+        if ps[0]["status"] == "exited":
+            break
+        time.sleep(0.2)
+    assert (ps[0]["status"], ps[0]["exit_code"]) == ("exited", 3)
+    assert ember_env.run("logs", "web").stdout == b"started\nbye\n"
+    assert not qemu_pids(f"ember-{sid[:12]}"), "the VM must stop when its container exits"
+    assert ember_env.run("exec", "web", "true").returncode == 125
+
+    assert ember_env.run("rm", "web").returncode == 0
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert not (ember_env.state_dir / "sandboxes" / sid).exists()
+
+
+def test_errors_are_one_line_and_leave_nothing(ember_env, image):
+    cases = [
+        (("run", "--rm", "localhost/nope:1", "true"), 125, "image not found"),
+        (("run", "--rm", "UPPER/Case::bad", "true"), 125, "invalid reference"),
+        (("run", "--rm", image, "no-such-command"), 127, "no-such-command"),
+        (("run", "--rm", image, "/etc/passwd"), 126, ""),
+        (("run", "--rm", "-u", "alice", image, "true"), 125, "invalid user"),
+        (("run", "--rm", "-m", "1k", image, "true"), 125, "too small"),
+        (("exec", "nope", "true"), 125, "no such sandbox"),
+    ]
+    for args, code, words in cases:
+        proc = ember_env.run(*args)
+        err = proc.stderr.decode()
+        assert proc.returncode == code, (args, proc.returncode, err)
+        assert err.count("\n") == 1 and err.startswith("ember: error: "), (args, err)
+        assert words in err.lower(), (args, err)
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert not list((ember_env.state_dir / "sandboxes").glob("*/state.json"))
+
+
+def test_state_survives_cli_crash_and_rm_f_cleans_dead_vmm(ember_env, image):
+    cli = subprocess.Popen([ember_bin(), "run", "--name", "crashy", image, "sleep", "300"],
+                           env=ember_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ps = json.loads(ember_env.run("ps", "--json").stdout or b"[]")
+        if ps and ps[0]["status"] == "running":
+            break
+        time.sleep(0.2)
+    cli.kill()
+    cli.wait()
+    ps = json.loads(ember_env.run("ps", "--json", check=True).stdout)
+    assert [(p["name"], p["status"]) for p in ps] == [("crashy", "running")]
+
+    info = ps[0]
+    os.kill(info["monitor_pid"], signal.SIGKILL)
+    os.kill(info["vmm_pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    ps = json.loads(ember_env.run("ps", "-a", "--json", check=True).stdout)
+    assert ps[0]["status"] == "dead"
+    assert ember_env.run("rm", "-f", "crashy").returncode == 0
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert not any(ember_env.cfg().disks_dir.glob(info["id"]))
+
+
+def test_signals_reach_the_container(ember_env, image):
+    cli = subprocess.Popen(
+        [ember_bin(), "run", "--rm", image, "sh", "-c",
+         "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 1; done"],
+        env=ember_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stdout.readline() == b"ready\n"
+    cli.send_signal(signal.SIGTERM)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 42
+    assert out == b"got-term\n"
+
+
+def test_tty_gives_a_real_terminal(ember_env, image):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(ember_env.env)
+        os.execvp(ember_bin(), [ember_bin(), "run", "--rm", "-t", "-i", image, "sh", "-c",
+                                "tty; stty size; read x; echo got:$x"])
+    out = b""
+    deadline = time.monotonic() + 120
+    while b"\n" not in out.split(b"/dev/pts", 1)[-1] and time.monotonic() < deadline:
+        out += os.read(fd, 1024)
+    os.write(fd, b"typed\r")
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text
+    assert "got:typed" in text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_python_api(ember_env, image, monkeypatch):
+    import ember
+
+    monkeypatch.setenv("EMBER_STATE_DIR", str(ember_env.state_dir))
+    result = ember.run(image, ["sh", "-c", "cat; echo done >&2"], stdin=b"api-in")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, b"api-in", b"done\n")
+    sb = ember.Sandbox.create(image, ["sleep", "300"], name="api")
+    try:
+        res = sb.exec(["sh", "-c", "echo $GREETING"])
+        assert (res.exit_code, res.stdout) == (0, b"from-image\n")
+        assert ember.Sandbox.get("api").status == "running"
+    finally:
+        sb.remove(force=True)
+    assert ember.Sandbox.list() == []
