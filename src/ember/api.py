@@ -175,7 +175,8 @@ class Sandbox:
         dev = self.monitor_call("AttachDisk", path=str(disk.path), format=disk.format,
                                 drive_id="rootfs")
         agent = self.agent()
-        agent.create_container(self.id, spec, dev, stdin=stdin)
+        agent.create_container(self.id, spec, {"kind": dev["kind"], "address": dev["address"]},
+                               stdin=stdin)
         agent.start_container(self.id)
         self.monitor_call("Watch", container_id=self.id, auto_stop=True)
         st = self.store.load(self.id)

@@ -139,7 +139,7 @@ def _resize(sb: Sandbox, exec_id: str) -> None:
     size = winsize(sys.stdin.fileno()) or winsize(sys.stdout.fileno())
     if size:
         try:
-            sb.agent().tty_win_resize(sb.id, exec_id, size[0], size[1])
+            sb.agent().tty_resize(sb.id, exec_id, size[0], size[1])
         except (OSError, EmberError):
             pass
 

@@ -89,7 +89,7 @@ class TemplateCache:
         started = time.monotonic()
         try:
             vm.boot()
-            details = vm.agent.get_guest_details()
+            details = vm.agent.guest_details()
             assert vm.vmm is not None
             vm.vmm.save_snapshot(tmp_state)
             vm.kill()
