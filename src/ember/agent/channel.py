@@ -1,0 +1,104 @@
+"""How the agent reaches the host: virtio-serial, vsock, or a Unix socket in tests.
+
+A virtio-serial port has no connections: reads return EOF whenever the host
+end is closed (the port is also readable before the host ever connects), and
+the host may come back at any time. So the agent serves the port, and on EOF
+or a read error closes it, waits a moment and opens it again, forever.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import socket
+import time
+
+from ember.ttrpc import Server, Transport
+
+log = logging.getLogger("ember.agent.channel")
+
+PORT_NAME = "agent.0"
+VSOCK_PORT = 1024
+RETRY_S = 0.05
+
+
+def find_virtio_port(name: str = PORT_NAME, timeout: float = 2.0) -> str | None:
+    """/dev/vportNpM of the virtio-serial port called name, if there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in glob.glob("/sys/class/virtio-ports/*/name"):
+            try:
+                with open(path) as f:
+                    if f.read().strip() == name:
+                        dev = "/dev/" + path.split("/")[-2]
+                        if os.path.exists(dev):
+                            return dev
+            except OSError:
+                continue
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def serve_port(server: Server, path: str) -> None:
+    """Serve a character device (virtio-serial port) across host reconnects."""
+    idle = False
+    while not server.stopped:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot open %s: %s", path, e)
+            time.sleep(1)
+            continue
+        started = time.monotonic()
+        server.serve_transport(Transport(fd=fd))  # closes fd when it returns
+        # EOF right away means no host on the other end yet: poll quietly.
+        quick = time.monotonic() - started < RETRY_S * 2
+        if not quick or not idle:
+            log.info("host side of %s %s", path, "not connected" if quick else "disconnected")
+        idle = quick
+        time.sleep(RETRY_S)
+
+
+def listen_vsock(port: int = VSOCK_PORT) -> socket.socket:
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.bind((socket.VMADDR_CID_ANY, port))
+    s.listen(16)
+    return s
+
+
+def serve(server: Server, channel: str, listen_unix: str | None) -> None:
+    """Serve on the chosen channel until the server is shut down."""
+    if listen_unix:
+        from ember.ttrpc import bind_unix
+
+        listener = bind_unix(listen_unix)
+        log.info("listening on unix:%s", listen_unix)
+        print("EMBER-AGENT-READY", flush=True)
+        try:
+            server.serve_listener(listener)
+        finally:
+            listener.close()
+            try:
+                os.unlink(listen_unix)
+            except FileNotFoundError:
+                pass
+        return
+    if channel.startswith("vsock:"):
+        port = int(channel.split(":", 1)[1])
+        path = None
+    elif channel == "auto":
+        path = find_virtio_port()
+        port = VSOCK_PORT
+    else:
+        path = channel
+    if path:
+        log.info("serving on %s", path)
+        print("EMBER-AGENT-READY", flush=True)
+        serve_port(server, path)
+        return
+    listener = listen_vsock(port)
+    log.info("listening on vsock port %d", port)
+    print("EMBER-AGENT-READY", flush=True)
+    server.serve_listener(listener)

@@ -1,0 +1,361 @@
+"""The ember.agent.v1.Agent service: containers in the guest, run with crun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ember import __version__
+from ember.agent import cgroups, spec, storage, system
+from ember.agent.crun import Crun
+from ember.agent.process import Process, launch
+from ember.agent.proto import agent_pb2 as pb
+from ember.agent.reaper import Reaper
+from ember.ttrpc import Code, Context, Server, TTRPCError
+
+log = logging.getLogger("ember.agent")
+
+SERVICE = "ember.agent.v1.Agent"
+MAX_WAIT_MS = 60_000
+EMPTY = pb.Empty()
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    cgroup_path: str
+    init: Process
+    mounts: list[str] = field(default_factory=list)  # mount points, in mount order
+    execs: dict[str, Process] = field(default_factory=dict)
+    started: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AgentService:
+    """Implements every RPC of agent.proto; one instance per agent."""
+
+    def __init__(self, base_dir: str, reaper: Reaper, crun_binary: str = "crun",
+                 cgroup_manager: str = "", pid1: bool = False,
+                 on_destroy: Callable[[], None] | None = None) -> None:
+        self.base = os.path.abspath(base_dir)
+        self.reaper = reaper
+        self.pid1 = pid1
+        self.on_destroy = on_destroy
+        os.makedirs(os.path.join(self.base, "containers"), exist_ok=True)
+        self.crun = Crun(reaper, os.path.join(self.base, "crun"), os.path.join(self.base, "logs"),
+                         crun_binary, cgroup_manager)
+        self._lock = threading.Lock()
+        self._containers: dict[str, Container] = {}
+        self._reserved: set[str] = set()
+        self._crun_version: str | None = None
+
+    def register(self, server: Server) -> None:
+        methods = {m.name: getattr(pb, m.input_type.name)
+                   for m in pb.DESCRIPTOR.services_by_name["Agent"].methods}
+        server.register_service(SERVICE, self, methods)
+
+    # -- lookup helpers -----------------------------------------------------
+
+    def _container(self, cid: str) -> Container:
+        with self._lock:
+            c = self._containers.get(cid)
+        if c is None:
+            raise TTRPCError(Code.NOT_FOUND, f"container {cid!r} not found")
+        return c
+
+    def _process(self, cid: str, exec_id: str) -> Process:
+        c = self._container(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise TTRPCError(Code.NOT_FOUND, f"exec {exec_id!r} not found in container {cid!r}")
+        return p
+
+    # -- containers ---------------------------------------------------------
+
+    def CreateContainer(self, req: pb.CreateContainerRequest, ctx: Context) -> pb.Empty:
+        cid = req.container_id
+        spec.check_id("container id", cid)
+        with self._lock:
+            if cid in self._containers or cid in self._reserved:
+                raise TTRPCError(Code.ALREADY_EXISTS, f"container {cid!r} already exists")
+            self._reserved.add(cid)
+        bundle = os.path.join(self.base, "containers", cid)
+        mounts: list[str] = []
+        try:
+            spec.parse_json(req.oci_spec, "OCI spec")  # fail fast, before mounting anything
+            if not req.HasField("rootfs") or not req.rootfs.kind:
+                raise TTRPCError(Code.INVALID_ARGUMENT, "CreateContainer needs a rootfs disk")
+            shutil.rmtree(bundle, ignore_errors=True)
+            os.makedirs(bundle)
+            disks = [(req.rootfs, os.path.join(bundle, "rootfs"))]
+            disks += [(d, os.path.join(bundle, "disks", str(i)))
+                      for i, d in enumerate(req.extra_disks)]
+            for dev, target in disks:
+                storage.mount_disk(dev.kind, dev.address, target, dev.fstype, dev.readonly,
+                                   list(dev.options), self.reaper.run_command)
+                mounts.append(target)
+            config = spec.prepare(req.oci_spec, cid, mounts[0], req.rootfs.readonly,
+                                  mounts[1:])
+            _write_json(os.path.join(bundle, "config.json"), config)
+            proc = Process(cid, "", terminal=bool(config["process"].get("terminal")))
+            launch(self.crun, proc, ["create", "--bundle", bundle, cid],
+                   os.path.join(bundle, "init.pid"), bundle, req.stdin,
+                   config["process"]["args"][0])
+            c = Container(cid, bundle, config["linux"]["cgroupsPath"], proc, mounts)
+            with self._lock:
+                self._containers[cid] = c
+            log.info("created container %s (pid %d)", cid, proc.pid)
+        except BaseException:
+            self._cleanup(cid, bundle, mounts)
+            raise
+        finally:
+            with self._lock:
+                self._reserved.discard(cid)
+        return EMPTY
+
+    def StartContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
+        c = self._container(req.container_id)
+        with c.lock:
+            if c.started:
+                raise TTRPCError(Code.FAILED_PRECONDITION,
+                                 f"container {c.id!r} was already started")
+            argv0 = _argv0(os.path.join(c.bundle, "config.json"))
+            self.crun.run(["start", c.id], argv0=argv0)
+            c.started = True
+        return EMPTY
+
+    def ExecProcess(self, req: pb.ExecProcessRequest, ctx: Context) -> pb.Empty:
+        c = self._container(req.container_id)
+        spec.check_id("exec id", req.exec_id)
+        proc_spec = spec.check_process(spec.parse_json(req.process, "process"), "process")
+        with c.lock:
+            if req.exec_id in c.execs:
+                raise TTRPCError(Code.ALREADY_EXISTS,
+                                 f"exec {req.exec_id!r} already exists in container {c.id!r}")
+            if not c.init.running:
+                raise TTRPCError(Code.FAILED_PRECONDITION, f"container {c.id!r} is not running")
+            proc = Process(c.id, req.exec_id, terminal=bool(proc_spec.get("terminal")))
+            c.execs[req.exec_id] = proc
+        work = os.path.join(c.bundle, "execs")
+        os.makedirs(work, exist_ok=True)
+        pfile = os.path.join(work, f"{req.exec_id}.json")
+        _write_json(pfile, proc_spec)
+        try:
+            launch(self.crun, proc, ["exec", "--detach", "--process", pfile, c.id],
+                   os.path.join(work, f"{req.exec_id}.pid"), work, req.stdin, proc_spec["args"][0])
+        except BaseException:
+            with c.lock:
+                c.execs.pop(req.exec_id, None)
+            raise
+        return EMPTY
+
+    def WaitProcess(self, req: pb.ProcessRequest, ctx: Context) -> pb.WaitProcessResponse:
+        p = self._process(req.container_id, req.exec_id)
+        if p.exit is None:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.name} was never started")
+        p.exit.wait()
+        return pb.WaitProcessResponse(exit_status=p.exit.exit_code,
+                                      exited_at_ns=p.exit.exited_at_ns, signal=p.exit.signal)
+
+    def SignalProcess(self, req: pb.SignalProcessRequest, ctx: Context) -> pb.Empty:
+        c = self._container(req.container_id)
+        if req.all:
+            self.crun.run(["kill", "--all", c.id, str(req.signal)])
+            return EMPTY
+        p = self._process(req.container_id, req.exec_id)
+        if not p.running:
+            raise TTRPCError(Code.NOT_FOUND, f"process {p.name} is not running")
+        try:
+            os.kill(p.pid, req.signal)
+        except ProcessLookupError as e:
+            raise TTRPCError(Code.NOT_FOUND, f"process {p.name} is not running") from e
+        except (OSError, ValueError) as e:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"cannot send signal {req.signal}: {e}") from e
+        return EMPTY
+
+    def WriteStdin(self, req: pb.WriteStdinRequest, ctx: Context) -> pb.WriteStdinResponse:
+        p = self._process(req.container_id, req.exec_id)
+        return pb.WriteStdinResponse(len=p.write_stdin(req.data))
+
+    def CloseStdin(self, req: pb.ProcessRequest, ctx: Context) -> pb.Empty:
+        self._process(req.container_id, req.exec_id).close_stdin()
+        return EMPTY
+
+    def _read(self, req: pb.ReadStreamRequest, which: str) -> pb.ReadStreamResponse:
+        p = self._process(req.container_id, req.exec_id)
+        wait_s = min(req.wait_ms, MAX_WAIT_MS) / 1000
+        data, offset, eof = getattr(p, which).read(req.offset, req.max_bytes, wait_s)
+        return pb.ReadStreamResponse(data=data, offset=offset, eof=eof)
+
+    def ReadStdout(self, req: pb.ReadStreamRequest, ctx: Context) -> pb.ReadStreamResponse:
+        return self._read(req, "stdout")
+
+    def ReadStderr(self, req: pb.ReadStreamRequest, ctx: Context) -> pb.ReadStreamResponse:
+        return self._read(req, "stderr")
+
+    def TtyWinResize(self, req: pb.TtyWinResizeRequest, ctx: Context) -> pb.Empty:
+        self._process(req.container_id, req.exec_id).resize(req.rows, req.cols)
+        return EMPTY
+
+    def RemoveContainer(self, req: pb.RemoveContainerRequest, ctx: Context) -> pb.Empty:
+        with self._lock:
+            c = self._containers.get(req.container_id)
+        if c is None:
+            return EMPTY  # idempotent: already gone
+        with c.lock:
+            if c.init.running and req.timeout_ms:
+                try:
+                    os.kill(c.init.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                c.init.exit.wait(req.timeout_ms / 1000)  # type: ignore[union-attr]
+            self._cleanup(c.id, c.bundle, c.mounts, c)
+            with self._lock:
+                self._containers.pop(c.id, None)
+        log.info("removed container %s", c.id)
+        return EMPTY
+
+    def _cleanup(self, cid: str, bundle: str, mounts: list[str], c: Container | None = None
+                 ) -> None:
+        """Kill, delete, unmount, remove: leaves nothing behind, errors or not."""
+        try:
+            self.crun.run(["delete", "--force", cid], timeout=30)
+        except TTRPCError as e:
+            if c is not None and "not found" not in e.message.lower() \
+                    and "No such file" not in e.message:
+                log.warning("%s", e)
+        if c is not None:
+            for p in [c.init, *c.execs.values()]:
+                if p.exit is not None and not p.exit.wait(10):
+                    log.warning("process %s did not exit after crun delete", p.name)
+                p.release()
+        for target in reversed(mounts):
+            try:
+                storage.umount(target)
+            except OSError as e:
+                log.warning("%s", e)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+    def StatsContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.StatsContainerResponse:
+        c = self._container(req.container_id)
+        st = cgroups.stats(c.cgroup_path)
+        mem_stat = st.pop("memory_stat")
+        return pb.StatsContainerResponse(memory_stat=mem_stat, **st)
+
+    def PauseContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
+        self.crun.run(["pause", self._container(req.container_id).id])
+        return EMPTY
+
+    def ResumeContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
+        self.crun.run(["resume", self._container(req.container_id).id])
+        return EMPTY
+
+    def UpdateContainer(self, req: pb.UpdateContainerRequest, ctx: Context) -> pb.Empty:
+        c = self._container(req.container_id)
+        resources = spec.parse_json(req.resources, "resources")
+        path = os.path.join(c.bundle, f"resources-{threading.get_ident()}.json")
+        _write_json(path, resources)
+        try:
+            self.crun.run(["update", f"--resources={path}", c.id])
+        finally:
+            os.unlink(path)
+        return EMPTY
+
+    def ListPids(self, req: pb.ContainerRequest, ctx: Context) -> pb.PidsResponse:
+        c = self._container(req.container_id)
+        pids = cgroups.pids(c.cgroup_path)
+        if not pids and c.init.running:
+            pids = _pid_namespace_members(c.init.pid)
+        return pb.PidsResponse(pids=pids or [])
+
+    def ListProcesses(self, req: pb.Empty, ctx: Context) -> pb.ListProcessesResponse:
+        out = pb.ListProcessesResponse()
+        with self._lock:
+            containers = list(self._containers.values())
+        for c in containers:
+            for p in [c.init, *c.execs.values()]:
+                done = p.exit is not None and p.exit.done
+                out.processes.add(container_id=c.id, exec_id=p.exec_id, pid=p.pid,
+                                  running=p.running,
+                                  exit_status=p.exit.exit_code if done else 0)  # type: ignore[union-attr]
+        return out
+
+    # -- guest ----------------------------------------------------------------
+
+    def CopyFile(self, req: pb.CopyFileRequest, ctx: Context) -> pb.Empty:
+        system.copy_file(req.path, req.data, req.mode, req.uid, req.gid, req.append,
+                         req.make_dirs)
+        return EMPTY
+
+    def GetGuestDetails(self, req: pb.Empty, ctx: Context) -> pb.GuestDetailsResponse:
+        if self._crun_version is None:
+            self._crun_version = self.crun.version()
+        return pb.GuestDetailsResponse(
+            kernel_release=platform.release(), agent_version=__version__,
+            mem_total_bytes=system.mem_total_bytes(), cpus=os.cpu_count() or 1,
+            crun_version=self._crun_version, uptime_s=system.uptime_s())
+
+    def SyncGuest(self, req: pb.SyncGuestRequest, ctx: Context) -> pb.Empty:
+        if req.time_ns:
+            system.set_clock(req.time_ns)
+        if req.entropy:
+            system.add_entropy(req.entropy)
+        return EMPTY
+
+    def DestroySandbox(self, req: pb.Empty, ctx: Context) -> pb.Empty:
+        with self._lock:
+            ids = list(self._containers)
+        for cid in ids:
+            try:
+                self.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), ctx)
+            except Exception:  # noqa: BLE001 - power off regardless
+                log.exception("removing %s", cid)
+        os.sync()
+        # Answer first, then go: the host is waiting for this response.
+        then = system.power_off if self.pid1 else self.on_destroy
+        if then is not None:
+            threading.Timer(0.2, then).start()
+        log.info("sandbox destroyed")
+        return EMPTY
+
+
+def _write_json(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.rename(tmp, path)
+
+
+def _argv0(config_path: str) -> str:
+    try:
+        with open(config_path) as f:
+            return json.load(f)["process"]["args"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""
+
+
+def _pid_namespace_members(init_pid: int) -> list[int]:
+    """Pids sharing init's pid namespace (when the cgroup cannot be read)."""
+    try:
+        ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == ns:
+                    out.append(int(name))
+            except OSError:
+                continue
+    return sorted(out)
