@@ -44,7 +44,10 @@ class _Source:
                 self.members[_clean(member.name)] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
             self.close()
-            raise ImageError(f"{path}: not a readable image archive ({exc})") from None
+            reason = " ".join(str(exc).split())
+            if "could not be opened successfully" in reason:
+                reason = "not a tar archive"
+            raise ImageError(f"{path}: not a readable image archive ({reason})") from None
 
     def close(self) -> None:
         if self.tar is not None:
@@ -104,7 +107,9 @@ def import_archive(store: ImageStore, path: Path, name: str | None = None) -> li
                 raise ImageError(f"{path}: the archive holds no image")
             if name is not None:
                 if len(pending) != 1:
-                    raise ImageError(f"{path}: holds {len(pending)} images; cannot give them all one name")
+                    raise ImageError(
+                        f"{path}: holds {len(pending)} images; cannot give them all one name"
+                    )
                 pending[0].names = [normalize(name)]
             return store._commit(staging, pending)
     finally:
@@ -196,7 +201,9 @@ def _import_docker(source: _Source, staging: Staging) -> list[Pending]:
             actual = digest if kind == "none" else diff_id(blob, what)
             if actual != expected:
                 raise ImageError(f"{what}: digest mismatch (expected {expected}, got {actual})")
-            media = {"none": oci.OCI_LAYER, "gzip": oci.OCI_LAYER_GZIP, "zstd": oci.OCI_LAYER_ZSTD}[kind]
+            media = {"none": oci.OCI_LAYER, "gzip": oci.OCI_LAYER_GZIP, "zstd": oci.OCI_LAYER_ZSTD}[
+                kind
+            ]
             layers.append(oci.Layer(digest, media, size))
         manifest = oci.make_manifest(config_digest, config_size, layers)
         mdigest, _ = staging.add_bytes(manifest, None, "manifest")

@@ -58,7 +58,9 @@ class Staging:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def add_chunks(self, chunks: Iterable[bytes], expected: str | None, what: str) -> tuple[str, int]:
+    def add_chunks(
+        self, chunks: Iterable[bytes], expected: str | None, what: str
+    ) -> tuple[str, int]:
         """Write a stream, verify it against ``expected`` and keep it; return (digest, size)."""
         h = hashlib.sha256()
         size = 0
@@ -118,7 +120,9 @@ def open_layer(path: Path, what: str) -> Iterator[IO[bytes]]:
             yield f  # type: ignore[misc]
     elif kind == "zstd":
         if not shutil.which("zstd"):
-            raise ImageError(f"{what}: zstd-compressed layer needs the zstd command (apt install zstd)")
+            raise ImageError(
+                f"{what}: zstd-compressed layer needs the zstd command (apt install zstd)"
+            )
         proc = subprocess.Popen(
             ["zstd", "-dc", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )

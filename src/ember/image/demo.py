@@ -27,7 +27,19 @@ def build_busybox_rootfs(dest: Path, busybox: str = BUSYBOX) -> Path:
     """Lay out a minimal root filesystem around a static busybox in ``dest``."""
     if not os.path.exists(busybox):
         raise ImageError(f"{busybox} not found (apt install busybox-static)")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "proc", "sys", "dev", "run", "var"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "root",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "var",
+    ):
         (dest / d).mkdir(parents=True, exist_ok=True)
     tmp = dest / "tmp"
     tmp.mkdir(exist_ok=True)

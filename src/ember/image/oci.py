@@ -130,7 +130,10 @@ def select_platform(index: dict, what: str) -> dict:
             check_digest(entry.get("digest"), what)
             return entry
     found = sorted(
-        "{}/{}".format((e.get("platform") or {}).get("os", "?"), (e.get("platform") or {}).get("architecture", "?"))
+        "{}/{}".format(
+            (e.get("platform") or {}).get("os", "?"),
+            (e.get("platform") or {}).get("architecture", "?"),
+        )
         for e in candidates
     )
     raise ImageError(f"{what}: no linux/amd64 image in the manifest list (has {', '.join(found)})")
@@ -142,7 +145,9 @@ def make_manifest(config_digest: str, config_size: int, layers: list[Layer]) -> 
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": la.media_type, "digest": la.digest, "size": la.size} for la in layers],
+        "layers": [
+            {"mediaType": la.media_type, "digest": la.digest, "size": la.size} for la in layers
+        ],
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 

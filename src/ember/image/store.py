@@ -69,7 +69,9 @@ class ImageStore:
     def _load(self, image_id: str, entry: dict) -> Image:
         mdigest = entry["manifest"]
         try:
-            manifest = oci.parse_manifest(self.blob_path(mdigest).read_bytes(), f"manifest {mdigest}")
+            manifest = oci.parse_manifest(
+                self.blob_path(mdigest).read_bytes(), f"manifest {mdigest}"
+            )
             config = oci.load_json(self.blob_path(image_id).read_bytes(), f"config {image_id}")
         except FileNotFoundError as exc:
             raise ImageError(f"image {image_id}: store is missing blob {exc.filename}") from None
@@ -177,7 +179,9 @@ class ImageStore:
                 wanted += [la.digest for la in oci.manifest_layers(manifest)]
                 for digest in wanted:
                     if not staging.has(digest):
-                        raise ImageError(f"blob {digest} vanished from the store during import; retry")
+                        raise ImageError(
+                            f"blob {digest} vanished from the store during import; retry"
+                        )
                 entries.append((manifest["config"]["digest"], {"p": p, "blobs": wanted}))
             for image_id, item in entries:
                 for digest in item["blobs"]:
@@ -198,7 +202,9 @@ class ImageStore:
                 entry = images.setdefault(image_id, {"names": [], "repo_digests": []})
                 entry["manifest"] = p.manifest_digest
                 entry["names"] = sorted(set(entry.get("names", [])) | set(p.names))
-                entry["repo_digests"] = sorted(set(entry.get("repo_digests", [])) | set(p.repo_digests))
+                entry["repo_digests"] = sorted(
+                    set(entry.get("repo_digests", [])) | set(p.repo_digests)
+                )
             self._gc(images)
             atomic_write_json(self.index_path, index)
             return [self._load(image_id, images[image_id]) for image_id, _ in entries]
@@ -238,7 +244,9 @@ class ImageStore:
             keep.add(image_id.split(":", 1)[1])
             keep.add(entry["manifest"].split(":", 1)[1])
             try:
-                manifest = oci.parse_manifest(self.blob_path(entry["manifest"]).read_bytes(), "manifest")
+                manifest = oci.parse_manifest(
+                    self.blob_path(entry["manifest"]).read_bytes(), "manifest"
+                )
             except (OSError, ImageError):
                 return  # a damaged store: better keep garbage than lose a layer
             keep.update(la.digest.split(":", 1)[1] for la in oci.manifest_layers(manifest))

@@ -137,7 +137,9 @@ class _LayerApplier:
                 raise ImageError(f"{self.what}: hard link {member.name!r} points at the root")
             source = resolve_in_root(self.root, split[0]) / split[1]
             if not (source.is_symlink() or source.exists()):
-                raise ImageError(f"{self.what}: hard link {member.name!r} to missing {member.linkname!r}")
+                raise ImageError(
+                    f"{self.what}: hard link {member.name!r} to missing {member.linkname!r}"
+                )
             os.link(source, target, follow_symlinks=False)
             self.created.add(target)
             return  # the inode's attributes belong to the link's source

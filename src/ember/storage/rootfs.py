@@ -107,7 +107,9 @@ def prepare_writable(base: Path, dest: Path) -> WritableDisk:
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()
         lines = res.stderr.strip().splitlines()
-        raise ImageError(f"qemu-img create failed for {dest}: {lines[-1] if lines else res.returncode}")
+        raise ImageError(
+            f"qemu-img create failed for {dest}: {lines[-1] if lines else res.returncode}"
+        )
     return WritableDisk(dest, "qcow2")
 
 
@@ -120,7 +122,13 @@ def _reflink(base: Path, dest: Path) -> bool:
             fcntl.ioctl(dst_fd, FICLONE, src_fd)
             return True
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
+            if exc.errno not in (
+                errno.EOPNOTSUPP,
+                errno.EXDEV,
+                errno.EINVAL,
+                errno.ENOTTY,
+                errno.EPERM,
+            ):
                 os.unlink(dest)
                 raise ImageError(f"cannot clone {base} to {dest}: {exc.strerror}") from None
             os.unlink(dest)

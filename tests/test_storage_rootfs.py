@@ -1,0 +1,262 @@
+"""Flattening images into ext4 block images, and per-container writable disks.
+
+Images are checked with debugfs (reads the ext4 file directly: no mount).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from imagetools import (
+    busybox_layer,
+    chardev,
+    directory,
+    file,
+    hardlink,
+    layer,
+    make_image,
+    opaque,
+    symlink,
+    whiteout,
+    write_oci_layout,
+)
+
+from ember.config import Config
+from ember.errors import ImageError
+from ember.image.store import Image, ImageStore
+from ember.storage.ext4 import make_ext4
+from ember.storage.rootfs import flatten, prepare_writable
+
+pytestmark = pytest.mark.root  # chown, mknod and setuid bits need root
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(Config(data_dir=tmp_path / "data", state_dir=tmp_path / "state"))
+
+
+def debugfs(image: Path, request: str) -> str:
+    res = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def ls(image: Path, path: str) -> set[str]:
+    out = debugfs(image, f"ls -l {path}")
+    names = set()
+    for line in out.splitlines():
+        m = re.match(r"^\s*\d+\s+\d+\s+\(\d+\)\s+\d+\s+\d+\s+.*\d\d:\d\d (.+)$", line)
+        if m and m.group(1) not in (".", ".."):
+            names.add(m.group(1))
+    return names
+
+
+def stat(image: Path, path: str) -> dict[str, str]:
+    out = debugfs(image, f"stat {path}")
+    info: dict[str, str] = {}
+    for key in ("Inode", "Type", "Mode", "User", "Group", "Links", "Size"):
+        m = re.search(rf"\b{key}:\s*(\S+)", out)
+        if m:
+            info[key] = m.group(1)
+    m = re.search(r"Device major/minor number: (\d+):(\d+)", out)
+    if m:
+        info["dev"] = f"{int(m.group(1))}:{int(m.group(2))}"
+    m = re.search(r'Fast link dest: "(.*)"', out)
+    if m:
+        info["link"] = m.group(1)
+    return info
+
+
+def cat(image: Path, path: str) -> str:
+    return debugfs(image, f"cat {path}")
+
+
+def add(store: ImageStore, tmp_path: Path, layers: list[bytes], name: str) -> Image:
+    img = make_image(layers, cmd=["sh"])
+    [image] = store.import_archive(
+        write_oci_layout(tmp_path / name.replace("/", "_"), [(img, name)])
+    )
+    return image
+
+
+def leftovers(store: ImageStore) -> list[str]:
+    d = store.cfg.rootfs_dir
+    return sorted(p.name for p in d.iterdir() if p.name != ".lock") if d.exists() else []
+
+
+def test_layers_whiteouts_and_metadata(store: ImageStore, tmp_path: Path) -> None:
+    lower = layer(
+        [
+            directory("a"),
+            file("a/x", "x"),
+            file("a/y", "y"),
+            directory("a/sub"),
+            file("a/sub/z", "z"),
+            directory("b"),
+            file("b/gone", "gone"),
+            file("b/stays", "stays"),
+            file("keep", "old"),
+            file("suid", "#!", mode=0o4755, uid=1000, gid=1000),
+            directory("private", mode=0o700, uid=1000, gid=100),
+            hardlink("keep-link", "keep"),
+            symlink("abs-link", "/keep"),
+            directory("dev"),
+            chardev("dev/null", 1, 3),
+            directory("tmp", mode=0o1777),
+        ],
+        how="gzip",
+    )
+    upper = layer(
+        [
+            whiteout("b/gone"),
+            opaque("a"),
+            file("a/new", "new"),
+            file("keep", "new contents"),
+        ],
+        how="none",
+    )
+    top = layer([directory("c"), file("c/top", "top")], how="zstd")
+    image = add(store, tmp_path, [lower, upper, top], "localhost/layers:1")
+    ext4 = flatten(store, image)
+    assert ext4 == store.rootfs_path(image.id)
+    assert ls(ext4, "/b") == {"stays"}
+    assert ls(ext4, "/a") == {"new"}  # opaque: x, y and sub/ from below are hidden
+    assert cat(ext4, "/keep") == "new contents"
+    assert cat(ext4, "/c/top") == "top"
+    suid = stat(ext4, "/suid")
+    assert (suid["Mode"], suid["User"], suid["Group"]) == ("04755", "1000", "1000")
+    private = stat(ext4, "/private")
+    assert (private["Type"], private["Mode"], private["User"], private["Group"]) == (
+        "directory",
+        "0700",
+        "1000",
+        "100",
+    )
+    assert stat(ext4, "/tmp")["Mode"] == "01777"
+    # The hard link was made in the lower layer, before "keep" was replaced above it.
+    link = stat(ext4, "/keep-link")
+    assert link["Links"] == "1" and cat(ext4, "/keep-link") == "old"
+    assert stat(ext4, "/abs-link")["link"] == "/keep"
+    dev = stat(ext4, "/dev/null")
+    assert dev["Type"] == "character" and dev["dev"] == "1:3"
+    root = stat(ext4, "/")
+    assert (root["User"], root["Group"]) == ("0", "0")
+    assert leftovers(store) == [ext4.name]  # staging removed
+
+
+def test_hardlinks_share_an_inode(store: ImageStore, tmp_path: Path) -> None:
+    image = add(
+        store, tmp_path, [layer([file("one", "data"), hardlink("two", "one")])], "localhost/hl:1"
+    )
+    ext4 = flatten(store, image)
+    one, two = stat(ext4, "/one"), stat(ext4, "/two")
+    assert one["Inode"] == two["Inode"] and one["Links"] == "2"
+
+
+def test_busybox_image_is_sparse_and_cached(store: ImageStore, tmp_path: Path) -> None:
+    image = add(store, tmp_path, [busybox_layer()], "localhost/bb:1")
+    ext4 = flatten(store, image)
+    st = ext4.stat()
+    assert st.st_size >= 1 << 30  # room for the container's writes
+    assert st.st_blocks * 512 < 16 << 20  # but only the content is allocated
+    assert stat(ext4, "/bin/sh")["link"] == "/bin/busybox"
+    assert ls(ext4, "/etc") >= {"passwd", "group"}
+    started = time.monotonic()
+    assert flatten(store, image) == ext4
+    assert time.monotonic() - started < 0.05
+    assert ext4.stat().st_mtime == st.st_mtime
+    store.remove("localhost/bb:1")
+    assert not ext4.exists()
+
+
+def test_path_traversal_is_refused(store: ImageStore, tmp_path: Path) -> None:
+    image = add(
+        store, tmp_path, [layer([file("ok", "1"), file("../escape", "x")])], "localhost/evil:1"
+    )
+    with pytest.raises(ImageError, match=r"unsafe path '\.\./escape'"):
+        flatten(store, image)
+    assert not (store.cfg.rootfs_dir.parent / "escape").exists()
+    assert leftovers(store) == []
+
+
+def test_symlinks_cannot_lead_out_of_the_rootfs(store: ImageStore, tmp_path: Path) -> None:
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    evil = [
+        symlink("out", str(host_dir)),  # absolute: must mean <rootfs>/<host_dir>
+        symlink("up", "../../../../../../.."),
+        file("out/pwned", "1"),
+        file("up/tmp-pwned", "2"),
+        file("/abs-name", "3"),
+    ]
+    image = add(store, tmp_path, [layer(evil)], "localhost/evil:2")
+    ext4 = flatten(store, image)
+    assert list(host_dir.iterdir()) == []
+    assert cat(ext4, f"{host_dir}/pwned") == "1"
+    assert cat(ext4, "/tmp-pwned") == "2"
+    assert cat(ext4, "/abs-name") == "3"
+
+
+def test_corrupt_layer_in_store_fails_cleanly(store: ImageStore, tmp_path: Path) -> None:
+    image = add(store, tmp_path, [layer([file("a", "a" * 100000)])], "localhost/c:1")
+    blob = store.blob_path(image.layers[0].digest)
+    data = blob.read_bytes()
+    blob.write_bytes(data[:20] + b"\0" * 200 + data[220:])  # disk corruption after import
+    with pytest.raises(ImageError, match=r"layer 1/1 .*corrupt layer"):
+        flatten(store, image)
+    assert leftovers(store) == []
+
+
+def test_writable_disk_is_qcow2_overlay_on_ext4(store: ImageStore, tmp_path: Path) -> None:
+    base = tmp_path / "base.ext4"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hi")
+    make_ext4(src, base, 64 << 20, journal=True)
+    disk = prepare_writable(base, tmp_path / "c1" / "disk.qcow2")
+    assert disk.format == "qcow2"  # the host's ext4 cannot reflink
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(disk.path)], capture_output=True, check=True
+        ).stdout
+    )
+    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "raw"
+    assert info["virtual-size"] == base.stat().st_size
+    with pytest.raises(ImageError, match="already exists"):
+        prepare_writable(base, disk.path)
+    with pytest.raises(ImageError, match="does not exist"):
+        prepare_writable(tmp_path / "missing.ext4", tmp_path / "d2")
+    assert not (tmp_path / "d2").exists()
+
+
+def test_writable_disk_time_does_not_grow_with_base(tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(b"\0" * 4096)
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 1 << 30)  # 1 GiB of allocated content
+    assert big.stat().st_blocks * 512 >= 1 << 30
+
+    def best_of(base: Path) -> float:
+        times = []
+        for i in range(3):
+            started = time.monotonic()
+            disk = prepare_writable(base, tmp_path / f"{base.stem}-{i}.disk")
+            times.append(time.monotonic() - started)
+            assert disk.path.stat().st_blocks * 512 < 1 << 20  # O(1) space too
+        return min(times)
+
+    t_tiny, t_big = best_of(tiny), best_of(big)
+    assert t_big < t_tiny * 3 + 0.05, (t_tiny, t_big)
+
+
+def test_make_ext4_errors(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="mkfs.ext4 failed"):
+        make_ext4(tmp_path / "no-such-dir", tmp_path / "x.ext4", 32 << 20)
+    assert list(tmp_path.iterdir()) == []
