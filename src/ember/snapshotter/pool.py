@@ -1,0 +1,214 @@
+"""Where snapshot images live: a reflink-capable directory, made if need be.
+
+Copy-on-write block snapshots need a filesystem with reflinks (XFS, btrfs).
+Users of Kata with Firecracker must build a devicemapper thin pool by hand
+before anything works; Ember instead probes ``--root`` and, when it cannot
+clone files (ext4, tmpfs...), makes its own XFS filesystem in a sparse file
+``ROOT/pool.img`` on a loop device, mounted at ``ROOT/pool``. The first start
+creates it, later starts remount it, and the user does nothing.
+
+The pool stays mounted when the snapshotter exits: containerd and running VMs
+use the images inside it by path. :func:`release` unmounts it on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import EmberError
+from ember.util import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FICLONE = 0x40049409
+POOL_IMAGE = "pool.img"
+POOL_DIR = "pool"
+STATE_FILE = "ember-snapshotter.json"
+MIN_POOL = 1 << 30
+# mkfs.xfs refuses filesystems under 300 MiB.
+XFS_MIN = 300 << 20
+
+
+def run(cmd: list[str], what: str) -> str:
+    """Run a system tool; a failure becomes one line naming what failed."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise EmberError(f"{what}: {cmd[0]} is not installed") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise EmberError(f"{what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Reflink ``src`` to a new file ``dst``: O(1), whatever the size."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.ioctl(dfd, FICLONE, sfd)
+            os.fsync(dfd)
+        except BaseException:
+            os.close(dfd)
+            dfd = -1
+            os.unlink(dst)
+            raise
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def supports_reflink(directory: Path) -> bool:
+    """Probe (rather than guess from the fs type) whether files clone here."""
+    a, b = directory / ".reflink-probe-a", directory / ".reflink-probe-b"
+    for p in (a, b):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    try:
+        a.write_bytes(b"ember")
+        clone_file(a, b)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+            return False
+        raise
+    finally:
+        for p in (a, b):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+@dataclass
+class Pool:
+    """The reflink-capable directory snapshot data goes in."""
+
+    root: Path
+    data_dir: Path
+    mode: str  # "native" (root itself clones) or "loop-xfs" (our own XFS)
+
+    @property
+    def image(self) -> Path:
+        return self.root / POOL_IMAGE
+
+
+def _mount_source(mountpoint: Path) -> str | None:
+    """The device mounted at ``mountpoint``, from /proc/self/mountinfo."""
+    target = str(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mp = fields[4].encode().decode("unicode_escape")
+            if mp == target:
+                sep = fields.index("-")
+                found = fields[sep + 2]
+    return found
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The file behind a loop device, or None if it is not a loop device."""
+    name = os.path.basename(device)
+    try:
+        return Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def default_pool_size(root: Path) -> int:
+    """90% of the free space where the sparse pool file lives.
+
+    The file is sparse, so this costs nothing up front; staying under the
+    free space keeps XFS from promising blocks the host disk cannot give.
+    """
+    st = os.statvfs(root)
+    return max(MIN_POOL, int(st.f_bavail * st.f_frsize * 0.9))
+
+
+def open_pool(root: Path, pool_size: int | None = None) -> Pool:
+    """Find or make the pool under ``root``, mounting it if needed."""
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / STATE_FILE
+    state: dict = {}
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise EmberError(f"snapshotter state {state_file} is unreadable: {exc}") from None
+    mode = state.get("mode")
+    if mode is None:
+        mode = "native" if supports_reflink(root) else "loop-xfs"
+    if mode == "native":
+        pool = Pool(root, root, "native")
+    elif mode == "loop-xfs":
+        pool = Pool(root, root / POOL_DIR, "loop-xfs")
+        _ensure_loop_xfs(pool, pool_size)
+        if not supports_reflink(pool.data_dir):
+            raise EmberError(f"{pool.data_dir}: the pool filesystem does not support reflinks")
+    else:
+        raise EmberError(f"snapshotter state {state_file}: unknown mode {mode!r}")
+    if state.get("mode") != mode:
+        atomic_write_json(state_file, {"mode": mode, "version": 1})
+    return pool
+
+
+def _ensure_loop_xfs(pool: Pool, pool_size: int | None) -> None:
+    mnt = pool.data_dir
+    mnt.mkdir(exist_ok=True)
+    source = _mount_source(mnt)
+    if source is not None:
+        backing = loop_backing_file(source)
+        if backing and Path(backing.removesuffix(" (deleted)")) == pool.image:
+            return
+        raise EmberError(f"{mnt} is already a mount of {source}, not of {pool.image}")
+    if not pool.image.exists():
+        size = pool_size or default_pool_size(pool.root)
+        if size < XFS_MIN:
+            raise EmberError(f"pool size {size} bytes is too small (XFS needs at least 300 MiB)")
+        log.info("creating a %d MiB XFS pool in %s (no reflinks on %s)",
+                 size >> 20, pool.image, pool.root)
+        tmp = pool.image.with_suffix(".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+            run(["mkfs.xfs", "-q", "-m", "reflink=1", str(tmp)], f"mkfs.xfs {tmp}")
+            os.replace(tmp, pool.image)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+    run(["mount", "-t", "xfs", "-o", "loop", str(pool.image), str(mnt)],
+        f"mounting the snapshot pool {pool.image}")
+
+
+def release(root: Path) -> bool:
+    """Unmount the pool under ``root`` (its loop device goes with it).
+
+    Returns False if there was nothing mounted. Fails if snapshots inside are
+    still in use, rather than detaching them lazily under a running VM.
+    """
+    mnt = root.resolve() / POOL_DIR
+    if _mount_source(mnt) is None:
+        return False
+    run(["umount", str(mnt)], f"unmounting the snapshot pool {mnt}")
+    return True
+
+
+def remove_pool_files(root: Path) -> None:
+    """Delete everything under ``root`` after :func:`release` (tests, uninstall)."""
+    release(root)
+    shutil.rmtree(root, ignore_errors=True)

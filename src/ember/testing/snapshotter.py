@@ -1,0 +1,112 @@
+"""Run a real ``ember-snapshotter`` process for tests and benchmarks.
+
+    sn = SnapshotterProcess(tmp_path / "sn", pool_size="1g")
+    stub = sn.stub()            # containerd.services.snapshots.v1.Snapshots
+    sn.kill()                   # SIGKILL, as a crash would
+    sn.start()                  # restart on the same root
+    sn.close()                  # stop, unmount the pool, detach loop devices
+
+Started as ``python -m ember.snapshotter.main`` so it works before the console
+script is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from ember.snapshotter.proto import snapshots_pb2_grpc
+from ember.testing.mounts import cleanup_under
+
+
+class SnapshotterProcess:
+    """An ember-snapshotter serving ``DIR/root`` on ``DIR/snapshotter.sock``."""
+
+    def __init__(self, tmpdir: str | os.PathLike, *args: str, pool_size: str = "2g",
+                 image_size: str = "1g", start: bool = True) -> None:
+        self.dir = Path(tmpdir).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root = self.dir / "root"
+        self.address = self.dir / "snapshotter.sock"
+        self.log_path = self.dir / "snapshotter.log"
+        self.args = ["--pool-size", pool_size, "--image-size", image_size, *args]
+        self.proc: subprocess.Popen | None = None
+        self._channel: grpc.Channel | None = None
+        if start:
+            self.start()
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ember.snapshotter.main", "--root", str(self.root),
+                 "--address", str(self.address), "--log-level", "debug", *self.args],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ember-snapshotter exited ({self.proc.returncode}):\n"
+                                   f"{self.log_tail()}")
+            if self.address.exists():
+                try:
+                    grpc.channel_ready_future(self.channel()).result(timeout=1)
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"ember-snapshotter did not start:\n{self.log_tail()}")
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix:{self.address}")
+        return self._channel
+
+    def stub(self) -> snapshots_pb2_grpc.SnapshotsStub:
+        return snapshots_pb2_grpc.SnapshotsStub(self.channel())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, exactly like a crash."""
+        self._drop_channel()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        self._drop_channel()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def images(self) -> list[str]:
+        """Snapshot image files present on disk (to check for orphans)."""
+        for d in (self.root / "pool" / "images", self.root / "images"):
+            if d.is_dir():
+                return sorted(p.name for p in d.iterdir())
+        return []
+
+    def close(self) -> list[str]:
+        """Stop, then unmount the pool and detach every loop device under it."""
+        self.stop()
+        return cleanup_under(self.dir)
