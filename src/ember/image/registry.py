@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterator
 
 import requests
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -174,5 +175,6 @@ def _progress() -> Progress:
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
+        console=Console(stderr=True),
         transient=False,
     )
