@@ -123,8 +123,6 @@ def _labels_source(namespace_labels: Path | None, kube_api: str | None,
         if not kube_token_file:
             raise EmberError("webhook: --kube-api URL needs --kube-token-file")
         return nslabels.KubeNamespaces(kube_api, kube_token_file, kube_ca)
-    logging.getLogger("ember.k8s.webhook").warning(
-        "no namespace label source: namespace labels and rules will not match")
     return nslabels.NoNamespaces()
 
 

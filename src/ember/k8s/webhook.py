@@ -28,10 +28,11 @@ from prometheus_client import (
 
 from ember.errors import EmberError
 from ember.k8s.admission import BadRequest, parse_review, respond, review_pod
-from ember.k8s.nslabels import NamespaceLookupError
+from ember.k8s.nslabels import NamespaceLookupError, NoNamespaces
 from ember.k8s.policy import Policy
 
 MAX_BODY = 3 * 1024 * 1024  # the API server's own request limit is about 3 MiB
+DRAIN_LIMIT = 4 * MAX_BODY
 SOCKET_TIMEOUT = 10.0
 log = logging.getLogger("ember.k8s.webhook")
 
@@ -112,6 +113,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if length < 0 or length > MAX_BODY:
             self.close_connection = True
+            if 0 < length <= DRAIN_LIMIT:
+                # Read what the client sends, so it sees our answer instead of
+                # a reset; past DRAIN_LIMIT it is not worth the bandwidth.
+                left = length
+                while left > 0:
+                    chunk = self.rfile.read(min(1 << 16, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
             self._error(endpoint, 400, f"body of {length} bytes is over the {MAX_BODY} limit")
             return
         body = self.rfile.read(length)
@@ -187,6 +197,8 @@ def serve(host: str, port: int, ctx: ssl.SSLContext, policy: Policy, labels_sour
                          ) from None
     bound = server.server_address[1]
     print(f"ember webhook listening on https://{host}:{bound}", file=sys.stderr, flush=True)
+    if isinstance(labels_source, NoNamespaces):
+        log.warning("no namespace label source: namespace labels and rules will not match")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
