@@ -83,6 +83,8 @@ def test_import_oci_dir_keeps_config(store: ImageStore, bb_layer: bytes, tmp_pat
     # Every way a user can name it finds the same image.
     for ref in ("localhost/demo:1", img.id, img.id[7:], img.id[7:19], img.id[7:11]):
         assert store.resolve(ref).id == img.id
+    with pytest.raises(ImageError, match="image not found"):
+        store.resolve(img.id[7:10])  # three hex digits are too few to pick an image
     assert blob_names(store) == {d[7:] for d in img.blobs}
 
 

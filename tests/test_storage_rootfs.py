@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,36 @@ def test_make_ext4_errors(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="mkfs.ext4 failed"):
         make_ext4(tmp_path / "no-such-dir", tmp_path / "x.ext4", 32 << 20)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def xfs_dir(tmp_path: Path) -> Iterator[Path]:
+    """A reflink-capable XFS, loop-mounted for the test and always unmounted after."""
+    backing = tmp_path / "xfs.img"
+    with open(backing, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
+    mnt = tmp_path / "xfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)  # autoclear frees the loop device
+
+
+def test_writable_disk_is_reflink_clone_on_xfs(xfs_dir: Path) -> None:
+    base = xfs_dir / "base.ext4"
+    with open(base, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    os.chmod(base, 0o444)
+    before = os.statvfs(xfs_dir)
+    disk = prepare_writable(base, xfs_dir / "c1.raw")
+    after = os.statvfs(xfs_dir)
+    assert disk.format == "raw"
+    used = (before.f_bfree - after.f_bfree) * before.f_frsize
+    assert used < 4 << 20  # the clone shares the base's 64 MiB
+    assert disk.path.read_bytes() == base.read_bytes()
+    with open(disk.path, "r+b") as f:  # writing the clone leaves the base alone
+        f.write(b"changed")
+    assert base.read_bytes()[:7] != b"changed"

@@ -33,7 +33,7 @@ from ember.image.oci import Image
 from ember.image.reference import familiar_name, parse_reference
 from ember.util import atomic_write_json
 
-_HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{1,64})$")
+_HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{4,64})$")  # shorter prefixes match too easily
 
 
 @dataclass
