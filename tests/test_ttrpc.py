@@ -249,7 +249,7 @@ def test_fd_transport_with_partial_reads():
 
     class Split(ttrpc.Transport):
         def read_some(self, n):
-            return os.read(r1, 1)
+            return super().read_some(1)
 
         def write_all(self, data):
             os.write(w2, data)
@@ -298,3 +298,41 @@ def test_client_call_timeout(pair):
     assert time.monotonic() - start < 2
     impl.release.set()
     assert client.call(SVC, "Raw", b"x", timeout=2) == b"x"
+
+
+def test_close_releases_a_writer_stuck_on_a_full_fd():
+    """A virtio-serial write blocks while the host is away; close must still work."""
+    r, w = os.pipe()
+    tr = ttrpc.Transport(fd=w)
+    errors = []
+
+    def writer():
+        try:
+            ttrpc.write_frame(tr, 1, ttrpc.TYPE_REQUEST, b"x" * (1 << 20))  # > pipe buffer
+        except ConnectionError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()  # stuck: nobody reads
+    start = time.monotonic()
+    tr.close()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - start < 2
+    assert isinstance(errors[0], ttrpc.ConnectionClosed)
+    os.close(r)
+    with pytest.raises(ttrpc.ConnectionClosed):
+        ttrpc.write_frame(tr, 3, ttrpc.TYPE_REQUEST, b"late")
+
+
+def test_client_close_wakes_fd_reader():
+    r, w = os.pipe()
+    client = ttrpc.Client(ttrpc.Transport(fd=r))
+    start = time.monotonic()
+    client.close()
+    client._reader.join(5)
+    assert not client._reader.is_alive() and time.monotonic() - start < 2
+    with pytest.raises(ttrpc.ConnectionClosed):
+        client.call(SVC, "Raw", b"x")
+    os.close(w)

@@ -9,6 +9,7 @@ Header: uint32 BE payload length, uint32 BE stream id, uint8 type, uint8 flags.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
@@ -39,7 +40,14 @@ class Transport:
     the fd flavour exists for the guest agent. Writes are serialised with a
     lock (concurrent handlers answer on one connection) and refused once the
     transport is closed, so a late answer can never land on a reused fd.
+
+    close() must work while another thread is stuck writing (a virtio-serial
+    write blocks for as long as the host end is away). So fds are switched to
+    non-blocking and waited on with poll() in short slices that notice a
+    close, and sockets are shut down, which wakes their blocked calls.
     """
+
+    POLL_SLICE_MS = 200
 
     def __init__(self, sock: socket.socket | None = None, fd: int | None = None,
                  close_fd: bool = True) -> None:
@@ -49,7 +57,10 @@ class Transport:
         self.fd = fd
         self._close_fd = close_fd
         self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
         self._closed = False
+        if fd is not None:
+            os.set_blocking(fd, False)
 
     @classmethod
     def of(cls, obj: Transport | socket.socket | int) -> Transport:
@@ -67,17 +78,28 @@ class Transport:
         return self._closed
 
     def read_some(self, n: int) -> bytes:
-        """Read up to n bytes; b'' means the peer is gone."""
+        """Read up to n bytes; b'' means the peer is gone (or we closed)."""
         if self._closed:
             return b""
-        try:
-            if self.sock is not None:
+        if self.sock is not None:
+            try:
                 return self.sock.recv(n)
-            return os.read(self.fd, n)  # type: ignore[arg-type]
-        except OSError:
-            if self._closed:
-                return b""
-            raise
+            except OSError:
+                if self._closed:
+                    return b""
+                raise
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)  # type: ignore[arg-type]
+        while True:
+            # The read lock keeps close() from recycling the fd under us.
+            with self._rlock:
+                if self._closed:
+                    return b""
+                if poller.poll(self.POLL_SLICE_MS):
+                    try:
+                        return os.read(self.fd, n)  # type: ignore[arg-type]
+                    except BlockingIOError:
+                        continue
 
     def read_exactly(self, n: int) -> bytes:
         """Read n bytes, looping over partial reads (sockets and char devices)."""
@@ -100,30 +122,38 @@ class Transport:
             if self._closed:
                 raise ConnectionClosed("ttrpc transport is closed")
             view = memoryview(data)
+            if self.sock is not None:
+                self.sock.sendall(view)
+                return
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)  # type: ignore[arg-type]
             while view:
-                if self.sock is not None:
-                    n = self.sock.send(view)
-                else:
-                    n = os.write(self.fd, view)  # type: ignore[arg-type]
-                view = view[n:]
+                try:
+                    view = view[os.write(self.fd, view):]  # type: ignore[arg-type]
+                except BlockingIOError:
+                    poller.poll(self.POLL_SLICE_MS)
+                    if self._closed:
+                        raise ConnectionClosed("ttrpc transport closed during a write") from None
 
     def close(self) -> None:
-        """Close the transport; a reader blocked on a socket wakes with EOF."""
-        with self._wlock:
-            if self._closed:
-                return
-            self._closed = True
+        """Close the transport; blocked readers and writers return promptly."""
+        if self._closed:
+            return
+        self._closed = True
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.sock.close()
-        elif self._close_fd:
-            try:
-                os.close(self.fd)  # type: ignore[arg-type]
-            except OSError:
-                pass
+            with self._wlock:
+                self.sock.close()
+            return
+        with self._rlock, self._wlock:
+            if self._close_fd:
+                try:
+                    os.close(self.fd)  # type: ignore[arg-type]
+                except OSError:
+                    pass
 
 
 def read_frame(transport: Transport, max_payload: int = MAX_PAYLOAD) -> Frame:

@@ -99,7 +99,7 @@ class Server:
     # -- serving ------------------------------------------------------------
 
     def serve_transport(self, transport: Transport | socket.socket | int) -> None:
-        """Serve one connection until EOF (or shutdown); returns then."""
+        """Serve one connection until EOF (or shutdown), then close it."""
         tr = Transport.of(transport)
         with self._lock:
             if self._stopped.is_set():
@@ -132,6 +132,7 @@ class Server:
         finally:
             with self._lock:
                 self._transports.discard(tr)
+            tr.close()  # late answers to this connection are dropped, never misdelivered
 
     def serve_listener(self, listener: socket.socket) -> None:
         """Accept loop on a listening socket (unix or vsock); a thread per peer."""
@@ -182,11 +183,7 @@ class Server:
     # -- internals ----------------------------------------------------------
 
     def _serve_conn(self, conn: socket.socket) -> None:
-        tr = Transport(sock=conn)
-        try:
-            self.serve_transport(tr)
-        finally:
-            tr.close()
+        self.serve_transport(Transport(sock=conn))
 
     def _serve_request(self, tr: Transport, stream_id: int, payload: bytes) -> None:
         self._answer(tr, stream_id, self.dispatch(payload, stream_id, tr))
