@@ -9,12 +9,17 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
+import re
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonpatch
@@ -484,3 +489,124 @@ def test_bad_namespace_label_file(tls, tmp_path):
     res = _run_cli("webhook", "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]),
                    "--namespace-labels", str(bad))
     _one_line_error(res, "namespace labels", "expected {namespace: {label: value}}")
+
+
+# --- namespace labels from the Kubernetes API ---------------------------------
+# A real API server cannot run here, so a fake one stands in; it checks each
+# request against the API's contract (GET /api/v1/namespaces/{name}, bearer
+# token) and answers with Namespace objects that are validated against the
+# Kubernetes schema before they are sent.
+
+class _FakeKubeAPI(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, ctx: ssl.SSLContext, token: str, namespaces: dict) -> None:
+        super().__init__(("127.0.0.1", 0), _FakeKubeHandler)
+        self.socket = ctx.wrap_socket(self.socket, server_side=True)
+        self.token = token
+        self.namespaces = namespaces
+        self.seen: list[str] = []
+        self.violations: list[str] = []
+
+
+class _FakeKubeHandler(BaseHTTPRequestHandler):
+    server: _FakeKubeAPI
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _json(self, code: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _status(self, code: int, reason: str, message: str) -> None:
+        self._json(code, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                          "status": "Failure", "message": message, "reason": reason,
+                          "code": code})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.seen.append(self.path)
+        if self.headers.get("Authorization") != f"Bearer {self.server.token}":
+            self._status(401, "Unauthorized", "Unauthorized")
+            return
+        if "application/json" not in self.headers.get("Accept", ""):
+            self.server.violations.append(f"Accept {self.headers.get('Accept')}")
+        m = re.fullmatch(r"/api/v1/namespaces/([a-z0-9]([-a-z0-9]*[a-z0-9])?)", self.path)
+        if not m:
+            self.server.violations.append(f"path {self.path}")
+            self._status(404, "NotFound", "the server could not find the requested resource")
+            return
+        name = m.group(1)
+        if name not in self.server.namespaces:
+            self._status(404, "NotFound", f'namespaces "{name}" not found')
+            return
+        ns = {"apiVersion": "v1", "kind": "Namespace",
+              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "42",
+                           "creationTimestamp": "2026-01-01T00:00:00Z",
+                           "labels": {"kubernetes.io/metadata.name": name,
+                                      **self.server.namespaces[name]}},
+              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        kubernetes_validate.validate(ns, K8S, strict=True)
+        self._json(200, ns)
+
+
+@pytest.fixture
+def kube_api(tls, tmp_path):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(tls["cert"]), str(tls["key"]))
+    api = _FakeKubeAPI(ctx, "s3cret-token", {"team-a": {"isolation": "full"}, "plain": {}})
+    thread = threading.Thread(target=api.serve_forever, daemon=True)
+    thread.start()
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    try:
+        yield api, f"https://127.0.0.1:{api.server_address[1]}", token
+    finally:
+        api.shutdown()
+        api.server_close()
+        thread.join(5)
+
+
+def test_namespace_labels_from_the_api_server(tls, tmp_path, kube_api):
+    api, api_url, token = kube_api
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(TEST_POLICY))
+    with webhook(tls, tmp_path, "--policy", str(tmp_path / "policy.yaml"), "--kube-api",
+                 api_url, "--kube-token-file", str(token), "--kube-ca", str(tls["ca"])) as url:
+        for _ in range(2):
+            pod = make_pod(namespace="team-a")
+            assert patched(pod, post(url, tls, make_review(pod)))["spec"][
+                "runtimeClassName"] == "ember-qemu"
+        assert api.seen == ["/api/v1/namespaces/team-a"]  # the second pod hit the cache
+        pod = make_pod(namespace="plain")
+        assert patched(pod, post(url, tls, make_review(pod)))["spec"][
+            "runtimeClassName"] == "ember-fc"
+        resp = post(url, tls, make_review(make_pod(namespace="ghost")))
+        assert resp["allowed"] is False and resp["status"]["code"] == 500
+        assert "reading namespace ghost gave HTTP 404" in resp["status"]["message"]
+        token.write_text("rotated-token")  # re-read per request: now refused
+        resp = post(url, tls, make_review(make_pod(namespace="other")))
+        assert "gave HTTP 401" in resp["status"]["message"]
+        api.token = "rotated-token"
+        resp = post(url, tls, make_review(make_pod(namespace="plain")))
+        assert resp["allowed"] is True  # cached from before
+    assert api.violations == []
+
+
+def test_kube_api_options_are_checked(tls, tmp_path):
+    res = _run_cli("webhook", "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]),
+                   "--kube-api", "https://127.0.0.1:1")
+    _one_line_error(res, "--kube-api URL needs --kube-token-file")
+    res = _run_cli("webhook", "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]),
+                   "--kube-api", "https://127.0.0.1:1", "--kube-token-file",
+                   str(tmp_path / "none"))
+    _one_line_error(res, "token file", "does not exist")
+    res = subprocess.run([sys.executable, "-m", "ember.k8s", "webhook", "--tls-cert",
+                          str(tls["cert"]), "--tls-key", str(tls["key"]), "--kube-api",
+                          "in-cluster"], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items()
+                              if k != "KUBERNETES_SERVICE_HOST"})
+    _one_line_error(res, "not in a cluster")
