@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import gzip
 import hashlib
 import io
@@ -154,7 +155,9 @@ def layer_from_dir(root: Path, how: str = "gzip") -> bytes:
     return compress(buf.getvalue(), how)
 
 
+@functools.cache
 def busybox_layer(how: str = "gzip") -> bytes:
+    """The busybox rootfs as one layer (built once per test session)."""
     with tempfile.TemporaryDirectory(prefix="imagetools-") as tmp:
         return layer_from_dir(build_busybox_rootfs(Path(tmp) / "rootfs"), how)
 

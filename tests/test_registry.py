@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,8 +43,11 @@ def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("registry")) as reg:
+def registry() -> Iterator[Registry]:
+    with (
+        tempfile.TemporaryDirectory(prefix="ember-registry-") as tmp,
+        run_registry(Path(tmp)) as reg,
+    ):
         yield reg
 
 
@@ -151,15 +156,12 @@ USERS = {"alice": "s3cret"}
 
 
 @pytest.fixture(scope="module")
-def token_registry(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Registry, TokenServer]]:
-    work = tmp_path_factory.mktemp("token-registry")
-    pki = make_pki(work / "pki")
-    with (
-        TokenServer(pki, USERS) as tokens,
-        run_registry(work, token_auth=tokens.registry_auth()) as reg,
-    ):
+def token_registry() -> Iterator[tuple[Registry, TokenServer]]:
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-registry-")))
+        pki = make_pki(work / "pki")
+        tokens = stack.enter_context(TokenServer(pki, USERS))
+        reg = stack.enter_context(run_registry(work, token_auth=tokens.registry_auth()))
         img = make_image([layer([file("secret", "only for alice")])], cmd=["cat", "/secret"])
         push_image(reg.host, "private/app", "1", img, auth=("alice", "s3cret"), ca=str(pki.ca_pem))
         tokens.pushed = img  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from ember.image.blobs import CHUNK, open_layer
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+AUFS_META = ".wh..wh."
 _MAX_SYMLINKS = 40
 
 
@@ -82,6 +83,10 @@ class _LayerApplier:
             if split is None:
                 continue
             parent_rel, base = split
+            if any(p.startswith(AUFS_META) for p in parent_rel.split("/")) or (
+                base.startswith(AUFS_META) and base != OPAQUE
+            ):
+                continue  # AUFS bookkeeping (.wh..wh.plnk etc.) is not part of the image
             parent = resolve_in_root(self.root, parent_rel)
             if base == OPAQUE:
                 self._opaque(parent)
