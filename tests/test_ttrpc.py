@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -336,3 +339,63 @@ def test_client_close_wakes_fd_reader():
     with pytest.raises(ttrpc.ConnectionClosed):
         client.call(SVC, "Raw", b"x")
     os.close(w)
+
+
+def _pb_string(field: int, value: str) -> bytes:
+    data = value.encode()
+    return bytes([field << 3 | 2, len(data)]) + data
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("containerd-shim-runc-v2"),
+                    reason="needs root and containerd-shim-runc-v2")
+@pytest.mark.timeout(60)
+def test_interop_with_containerd_go_ttrpc(tmp_path):
+    """Our client against containerd's own ttrpc server (the runc shim)."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    os.mkfifo(bundle / "log")  # the shim writes its log here and waits for a reader
+    log_reader = threading.Thread(target=lambda: (bundle / "log").read_bytes(), daemon=True)
+    log_reader.start()
+    shim_id = f"ember-interop-{os.getpid()}"
+    out = subprocess.run(
+        ["containerd-shim-runc-v2", "-namespace", "embertest", "-address",
+         str(tmp_path / "containerd.sock"), "-publish-binary", "/bin/true", "-id", shim_id,
+         "start"], cwd=bundle, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    address = out.stdout.strip().removeprefix("unix://")
+    client = ttrpc.Client.connect_unix(address, timeout=5)
+    shim_pid = 0
+    try:
+        resp = client.call("containerd.task.v2.Task", "Connect", _pb_string(1, shim_id),
+                           timeout=5)
+        assert resp[0] == 0x08  # ConnectResponse.shim_pid, a varint
+        shim_pid, shift = 0, 0
+        for byte in resp[1:]:
+            shim_pid |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        assert os.path.exists(f"/proc/{shim_pid}")
+        with pytest.raises(ttrpc.TTRPCError) as e:
+            client.call("containerd.task.v2.Task", "NoSuch", b"", timeout=5)
+        assert e.value.code == ttrpc.Code.UNIMPLEMENTED
+        with pytest.raises(ttrpc.TTRPCError) as e:
+            client.call("containerd.task.v2.Task", "State", _pb_string(1, "nope"), timeout=5)
+        assert e.value.code == ttrpc.Code.NOT_FOUND
+        # ShutdownRequest{id, now: true}: the shim exits and drops the connection
+        try:
+            client.call("containerd.task.v2.Task", "Shutdown",
+                        _pb_string(1, shim_id) + b"\x10\x01", timeout=5)
+        except ttrpc.ConnectionClosed:
+            pass
+    finally:
+        client.close()
+        deadline = time.monotonic() + 5
+        while shim_pid and os.path.exists(f"/proc/{shim_pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if shim_pid and os.path.exists(f"/proc/{shim_pid}"):
+            os.kill(shim_pid, signal.SIGKILL)
+        if os.path.exists(address):
+            os.unlink(address)
