@@ -46,6 +46,7 @@ class VMConfig:
     qemu_binary: str = "qemu-system-x86_64"
     hypervisor: str = "qemu"
     firecracker_binary: str = "firecracker"
+    fc_placeholder_drives: int = 8  # container disks a Firecracker VM can take (docs/firecracker.md)
 
 
 @dataclass
@@ -143,6 +144,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         cfg.data_dir = Path(os.environ["EMBER_DATA_DIR"])
     if os.environ.get("EMBER_STATE_DIR"):
         cfg.state_dir = Path(os.environ["EMBER_STATE_DIR"])
+    if os.environ.get("EMBER_FIRECRACKER_BIN"):
+        cfg.vm.firecracker_binary = os.environ["EMBER_FIRECRACKER_BIN"]
     if os.environ.get("EMBER_ACCEL"):
         cfg.vm.accel = os.environ["EMBER_ACCEL"]
     if cfg.vm.accel not in ("auto", "tcg", "kvm"):

@@ -1,0 +1,341 @@
+"""Firecracker driver: the same VMM interface as QEMU, over Firecracker's REST API.
+
+One ``firecracker --api-sock`` process per VM, configured entirely by HTTP
+requests on that socket (see :mod:`ember.vmm.fc_api`), in an order Firecracker
+accepts: logger and metrics first (the only things allowed before a snapshot
+load), then machine, boot source, drives (read-only guest rootfs as the root
+device, boot-time drives, the placeholder pool), vsock, entropy, optional
+network, balloon and MMDS, and finally ``InstanceStart``.
+
+* Agent channel: hybrid vsock (:mod:`ember.vmm.vsock`) on ``agent.sock``,
+  guest port 1024, where the agent listens when there is no virtio-serial port.
+* Container disks: placeholder drives patched onto the real image
+  (:mod:`ember.vmm.fc_drives` explains how the guest finds them).
+* Snapshots: ``PATCH /vm`` Paused + ``PUT /snapshot/create``; restore starts a
+  fresh process whose first non-logging call is ``PUT /snapshot/load``.
+* Stop: ``SendCtrlAltDel``, then SIGKILL after the timeout.
+
+Files in ``work_dir``: ``firecracker.sock`` (API), ``agent.sock`` (vsock),
+``console.log`` (guest serial, Firecracker's stdout), ``vmm.log`` (its
+stderr), ``firecracker.log`` (its logger), ``metrics.json``, ``fc-drives/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember.errors import VMError
+from ember.util import atomic_write_json
+from ember.vmm import fc_drives, vsock
+from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
+from ember.vmm.fc_api import FirecrackerAPI, one_line
+
+MAX_UNIX_PATH = 107
+GUEST_CID = 3
+START_TIMEOUT = 10.0
+SNAPSHOT_META_SUFFIX = ".ember.json"
+
+
+def _fc_id(text: str) -> str:
+    """Firecracker resource ids: alphanumerics and underscores, at most 64."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)[:64]
+
+
+def snapshot_files(path: Path) -> tuple[Path, Path, Path]:
+    """(vm state, guest memory, Ember's metadata) of a snapshot saved at ``path``."""
+    return path, path.with_name(path.name + ".mem"), path.with_name(path.name + SNAPSHOT_META_SUFFIX)
+
+
+@dataclass
+class FirecrackerOptions:
+    """Devices beyond what VMSpec describes; all optional."""
+
+    network_interfaces: list[dict] = field(default_factory=list)  # iface_id, host_dev_name, guest_mac
+    balloon_mib: int | None = None
+    mmds: dict | None = None  # metadata served to the guest over the first interface
+    entropy: bool = True
+    log_level: str = "Warning"
+
+
+class FirecrackerVMM(VMM):
+    kind = "firecracker"
+
+    def __init__(self, spec: VMSpec, binary: str = "firecracker",
+                 placeholder_drives: int | None = None, api_timeout: float = 10.0,
+                 options: FirecrackerOptions | None = None) -> None:
+        super().__init__(spec)
+        self.binary = binary
+        if placeholder_drives is None:
+            from ember.config import load_config
+
+            placeholder_drives = load_config().vm.fc_placeholder_drives
+        self.options = options or FirecrackerOptions()
+        self.api_socket = spec.work_dir / "firecracker.sock"
+        self.api = FirecrackerAPI(str(self.api_socket), api_timeout, alive=self._check_alive)
+        self.pool = fc_drives.PlaceholderPool(spec.work_dir / "fc-drives", placeholder_drives)
+        self._proc: subprocess.Popen | None = None
+        self._boot_devices: dict[str, GuestDevice] = {}
+        self._started = False
+        self._paused = False
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def argv(self) -> list[str]:
+        return [self.binary, "--api-sock", str(self.api_socket), "--id", _fc_id(self.spec.vm_id)]
+
+    def start(self) -> None:
+        s = self.spec
+        if s.jailer is not None:
+            raise VMError("running Firecracker under ember-jailer is not supported by this "
+                          "driver yet (set jailer.enabled = false)")
+        for sock in (self.api_socket, s.agent_socket):
+            if len(str(sock)) > MAX_UNIX_PATH:
+                raise VMError(f"socket path too long for a Unix socket: {sock}")
+        s.work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.api_socket, s.agent_socket):
+            stale.unlink(missing_ok=True)
+        for name in ("firecracker.log", "metrics.json"):
+            (s.work_dir / name).touch()  # Firecracker opens them, it does not create them
+        console = open(s.console_log, "ab")
+        errlog = open(s.work_dir / "vmm.log", "ab")
+        try:
+            self._proc = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=console, stderr=errlog,
+                start_new_session=True, close_fds=True,
+            )
+        except (FileNotFoundError, PermissionError) as exc:
+            raise VMError(f"Firecracker binary {self.binary!r} cannot be run ({exc.strerror}); "
+                          "set vm.firecracker_binary or EMBER_FIRECRACKER_BIN") from None
+        finally:
+            console.close()
+            errlog.close()
+        try:
+            self.api.wait_ready(START_TIMEOUT)
+            if s.restore_from is not None:
+                self._restore(s.restore_from)
+            else:
+                self._configure()
+                self.api.put("/actions", {"action_type": "InstanceStart"})
+            self._started = True
+        except BaseException:
+            self.kill()
+            raise
+
+    def _configure(self) -> None:
+        s, o, api = self.spec, self.options, self.api
+        self._put_logging()
+        api.put("/machine-config", {"vcpu_count": s.vcpus, "mem_size_mib": s.memory_mib,
+                                    "smt": False})
+        api.put("/boot-source", {"kernel_image_path": str(s.kernel),
+                                 "initrd_path": str(s.initrd), "boot_args": s.cmdline})
+        api.put("/drives/root", {"drive_id": "root", "path_on_host": str(s.rootfs),
+                                 "is_root_device": True, "is_read_only": True})
+        for i, drive in enumerate(s.drives):
+            _check_raw(drive)
+            fc_id = f"boot{i}"
+            api.put(f"/drives/{fc_id}", {"drive_id": fc_id, "path_on_host": str(drive.path),
+                                         "is_root_device": False,
+                                         "is_read_only": drive.readonly})
+            self._boot_devices[drive.drive_id] = fc_drives.guest_device(drive.path)
+        self.pool.create_files()
+        for body in self.pool.put_bodies():
+            api.put(f"/drives/{body['drive_id']}", body)
+        api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": str(s.agent_socket)})
+        if o.entropy:
+            api.put("/entropy", {})
+        for iface in o.network_interfaces:
+            iface_id = _fc_id(iface["iface_id"])
+            api.put(f"/network-interfaces/{iface_id}", {**iface, "iface_id": iface_id})
+        if o.balloon_mib is not None:
+            api.put("/balloon", {"amount_mib": o.balloon_mib, "deflate_on_oom": True})
+        if o.mmds is not None:
+            if not o.network_interfaces:
+                raise VMError("MMDS needs a network interface to be served on")
+            first = _fc_id(o.network_interfaces[0]["iface_id"])
+            api.put("/mmds/config", {"version": "V2", "network_interfaces": [first]})
+            api.put("/mmds", o.mmds)
+
+    def _put_logging(self) -> None:
+        w = self.spec.work_dir
+        self.api.put("/logger", {"log_path": str(w / "firecracker.log"),
+                                 "level": self.options.log_level, "show_level": True})
+        self.api.put("/metrics", {"metrics_path": str(w / "metrics.json")})
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise VMError(f"firecracker exited with code {self._proc.returncode}: "
+                          f"{self.vmm_log_tail() or 'no log output'}")
+
+    def vmm_log_tail(self) -> str:
+        """Firecracker's last log line: its logger file, else what it printed to stderr."""
+        for name in ("firecracker.log", "vmm.log"):
+            try:
+                lines = (self.spec.work_dir / name).read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            lines = [ln for ln in lines if ln.strip()]
+            if lines:
+                return one_line(lines[-1])
+        return ""
+
+    # --------------------------------------------------------------- drives
+    def add_drive(self, drive: Drive) -> GuestDevice:
+        _check_raw(drive)
+        if not self._started or self.exited():
+            raise VMError(f"cannot attach {drive.path}: the VM is not running")
+        if not drive.path.is_file():
+            raise VMError(f"cannot attach {drive.path}: no such image file")
+        slot = self.pool.acquire(drive.drive_id, drive.path)
+        try:
+            dev = fc_drives.guest_device(drive.path)
+            self.api.patch(f"/drives/{slot.drive_id}",
+                           {"drive_id": slot.drive_id, "path_on_host": str(drive.path)})
+        except BaseException:
+            self.pool.release(drive.drive_id)
+            raise
+        return dev
+
+    def guest_device(self, drive_id: str) -> GuestDevice:
+        """Where a boot-time drive (VMSpec.drives) shows up in the guest."""
+        return self._boot_devices[drive_id]
+
+    def remove_drive(self, drive_id: str) -> None:
+        slot = self.pool.find(drive_id)
+        if slot is None:
+            return
+        try:
+            if not self.exited():
+                self.api.patch(f"/drives/{slot.drive_id}",
+                               {"drive_id": slot.drive_id, "path_on_host": str(slot.placeholder)})
+        finally:
+            self.pool.release(drive_id)
+
+    # --------------------------------------------------------------- agent
+    def connect_agent(self, timeout: float) -> socket.socket:
+        return vsock.connect(str(self.spec.agent_socket), vsock.AGENT_PORT, timeout,
+                             alive=self._check_alive)
+
+    # ---------------------------------------------------- pause / snapshot
+    def pause(self) -> None:
+        self.api.patch("/vm", {"state": "Paused"})
+        self._paused = True
+
+    def resume(self) -> None:
+        self.api.patch("/vm", {"state": "Resumed"})
+        self._paused = False
+
+    def save_snapshot(self, path: Path) -> None:
+        """Full snapshot of the paused VM: ``path``, ``path.mem`` and ``path.ember.json``.
+
+        Free placeholder slots are first re-pointed at placeholder files kept
+        beside the snapshot, so loading it never depends on this VM's work dir.
+        """
+        state, mem, meta = snapshot_files(Path(path))
+        state.parent.mkdir(parents=True, exist_ok=True)
+        if not self._paused:
+            self.pause()
+        slots = []
+        for slot in self.pool.slots:
+            if slot.owner is None:
+                keep = state.with_name(f"{state.name}.{slot.drive_id}")
+                fc_drives.write_placeholder(keep)
+                self.api.patch(f"/drives/{slot.drive_id}",
+                               {"drive_id": slot.drive_id, "path_on_host": str(keep)})
+            slots.append({"drive_id": slot.drive_id, "owner": slot.owner,
+                          "path": str(slot.path) if slot.path else None})
+        tmp_state = state.with_name(f".{state.name}.tmp")
+        tmp_mem = mem.with_name(f".{mem.name}.tmp")
+        try:
+            self.api.request("PUT", "/snapshot/create",
+                             {"snapshot_type": "Full", "snapshot_path": str(tmp_state),
+                              "mem_file_path": str(tmp_mem)}, timeout=120)
+            os.replace(tmp_mem, mem)
+            os.replace(tmp_state, state)
+        finally:
+            tmp_state.unlink(missing_ok=True)
+            tmp_mem.unlink(missing_ok=True)
+        atomic_write_json(meta, {"hypervisor": "firecracker", "placeholders": slots,
+                                 "boot_devices": {k: [v.kind, v.address]
+                                                  for k, v in self._boot_devices.items()}})
+
+    def _restore(self, path: Path) -> None:
+        state, mem, meta_path = snapshot_files(Path(path))
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            raise VMError(f"{path} is not an Ember Firecracker snapshot "
+                          f"({meta_path.name} is missing or unreadable)") from None
+        self.pool = fc_drives.PlaceholderPool(self.pool.directory, len(meta["placeholders"]))
+        self._boot_devices = {k: GuestDevice(*v) for k, v in meta.get("boot_devices", {}).items()}
+        self._put_logging()
+        self.api.request("PUT", "/snapshot/load", {
+            "snapshot_path": str(state),
+            "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
+            "resume_vm": False,
+            "vsock_override": {"uds_path": str(self.spec.agent_socket)},
+        }, timeout=120)
+        self.pool.create_files()
+        for slot, saved in zip(self.pool.slots, meta["placeholders"], strict=True):
+            if saved.get("owner"):
+                slot.owner, slot.path = saved["owner"], Path(saved["path"])
+            else:
+                self.api.patch(f"/drives/{slot.drive_id}",
+                               {"drive_id": slot.drive_id, "path_on_host": str(slot.placeholder)})
+        self.resume()
+
+    # ----------------------------------------------------------------- stop
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self.api.request("PUT", "/actions", {"action_type": "SendCtrlAltDel"},
+                                 timeout=min(timeout, 2.0))
+            except VMError:
+                pass
+            if self.wait(timeout) is None:
+                self.kill()
+        self._cleanup()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self._proc.kill()
+            self._proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Remove what this driver created; only once the process is gone."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        for path in (self.api_socket, self.spec.agent_socket):
+            path.unlink(missing_ok=True)
+        self.pool.remove_files()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            code = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._cleanup()
+        return code
+
+    def exited(self) -> bool:
+        return self._proc is not None and self._proc.poll() is not None
+
+
+def _check_raw(drive: Drive) -> None:
+    if drive.format != "raw":
+        raise VMError(f"Firecracker drives must be raw images; {drive.path} is {drive.format}")
