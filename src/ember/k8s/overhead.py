@@ -131,8 +131,9 @@ def measure(cfg: Config, image: str, memory: str, cpus: int, seconds: float,
         from ember.api import Sandbox  # the integrator's public API
     except ImportError as exc:
         raise EmberError(f"overhead: ember.api.Sandbox is not available ({exc})") from None
-    sb = Sandbox.create(image=image, command=["sleep", "600"], memory=memory, cpus=cpus,
-                        detach=True)
+    # create() returns once the container runs; the sandbox lives on in its
+    # own monitor process until remove().
+    sb = Sandbox.create(image, ["sleep", "600"], memory=memory, cpus=cpus)
     try:
         pids = list(sb.host_pids())
         guest = int(sb.guest_memory_bytes())

@@ -1,0 +1,127 @@
+"""Policy semantics, decided without HTTP (the webhook tests cover the wire)."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonpatch
+import pytest
+
+from ember.k8s.admission import class_patch, escape_pointer
+from ember.k8s.decide import decide
+from ember.k8s.policy import Policy, PolicyError, policy_from_dict, policy_to_dict
+
+
+def pod(**spec) -> dict:
+    annotations = spec.pop("annotations", None)
+    p = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+         "spec": {"containers": [{"name": "a", "image": "x"}], **spec}}
+    if annotations is not None:
+        p["metadata"]["annotations"] = annotations
+    return p
+
+
+BLOCK = {"volumes": [{"name": "b", "persistentVolumeClaim": {"claimName": "c"}}],
+         "containers": [{"name": "a", "image": "x",
+                         "volumeDevices": [{"name": "b", "devicePath": "/dev/b"}]}]}
+
+
+def apply(p: dict, policy: Policy, ns: str = "default", labels: dict | None = None) -> dict:
+    d = decide(p, ns, labels or {}, policy)
+    assert d.allowed, d.message
+    return jsonpatch.apply_patch(copy.deepcopy(p), class_patch(p, d)) if d.set_class else p
+
+
+def test_escape_pointer_follows_rfc6901_order():
+    assert escape_pointer("a/b") == "a~1b"
+    assert escape_pointer("a~b") == "a~0b"
+    assert escape_pointer("~1") == "~01"  # ~ first, so "~1" does not become "/"
+    doc = {"m": {"x~1/y": 1}}
+    path = "/m/" + escape_pointer("x~1/y")
+    assert jsonpatch.apply_patch(doc, [{"op": "replace", "path": path, "value": 2}]) == {
+        "m": {"x~1/y": 2}}
+
+
+def test_pods_with_class_can_be_overridden_by_policy():
+    policy = policy_from_dict({"exclude": {"podsWithClass": False}})
+    p = pod(runtimeClassName="runc")
+    d = decide(p, "default", {}, policy)
+    ops = class_patch(p, d)
+    assert ops[0] == {"op": "replace", "path": "/spec/runtimeClassName", "value": "ember-qemu"}
+    assert apply(p, policy)["spec"]["runtimeClassName"] == "ember-qemu"
+    # With the default policy the same pod is left alone.
+    assert decide(p, "default", {}, Policy()).result == "excluded"
+
+
+def test_pod_opt_out_only_when_policy_allows():
+    p = pod(annotations={"ember.io/runtime-class": "none"})
+    d = decide(p, "default", {}, Policy())
+    assert d.set_class and any("ignored pod annotation" in w for w in d.warnings)
+    d = decide(p, "default", {}, policy_from_dict({"allowPodOptOut": True}))
+    assert d.allowed and not d.set_class and d.result == "unchanged"
+
+
+def test_namespace_rules_with_expressions_first_match_wins():
+    policy = policy_from_dict({"defaultClass": None, "namespaceRules": [
+        {"selector": {"matchExpressions": [{"key": "tier", "operator": "In",
+                                            "values": ["prod", "stage"]},
+                                           {"key": "legacy", "operator": "DoesNotExist"}]},
+         "class": "ember-qemu"},
+        {"selector": {"matchExpressions": [{"key": "fast", "operator": "Exists"}]},
+         "class": "ember-fc"},
+        {"selector": {"matchExpressions": [{"key": "tier", "operator": "NotIn",
+                                            "values": ["dev"]}]},
+         "class": "none"},
+    ]})
+    cases = [({"tier": "prod"}, "ember-qemu"), ({"tier": "prod", "legacy": "1", "fast": ""},
+                                                "ember-fc"),
+             ({"tier": "dev"}, None), ({"tier": "test"}, None)]
+    for labels, expected in cases:
+        d = decide(pod(), "ns", labels, policy)
+        assert d.runtime_class == expected, labels
+
+
+def test_on_unsupported_deny_and_per_feature_override():
+    fc = {"defaultClass": "ember-fc"}
+    assert apply(pod(**BLOCK), policy_from_dict(fc))["spec"]["runtimeClassName"] == "ember-qemu"
+    d = decide(pod(**BLOCK), "default", {}, policy_from_dict({**fc, "onUnsupported": "deny"}))
+    assert not d.allowed and "policy says deny" in d.message
+    d = decide(pod(**BLOCK), "default", {}, policy_from_dict(
+        {**fc, "onUnsupported": "deny", "features": {"pvcBlock": "route"}}))
+    assert d.allowed and d.runtime_class == "ember-qemu" and d.result == "routed"
+
+
+def test_forbid_applies_on_every_class():
+    policy = policy_from_dict({"features": {"sysctls": "forbid"}})
+    p = pod(securityContext={"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "1"}]})
+    d = decide(p, "default", {}, policy)
+    assert not d.allowed and "sysctls (pod: kernel.shm_rmid_forced)" in d.message
+
+
+def test_patch_for_pods_without_metadata_or_annotations():
+    p = pod()
+    del p["metadata"]
+    out = apply(p, Policy())
+    assert out["metadata"]["annotations"]["ember.io/admission"].startswith("ember-qemu")
+    q = pod(annotations={"ember.io/admission": "stale"})
+    ops = class_patch(q, decide(q, "default", {}, Policy()))
+    assert ops[1]["op"] == "replace" and ops[1]["path"] == "/metadata/annotations/ember.io~1admission"
+
+
+def test_policy_round_trips_and_rejects_bad_shapes():
+    raw = {"defaultClass": "ember-fc", "routeOrder": ["ember-fc", "ember-qemu"],
+           "namespaceRules": [{"selector": {"matchLabels": {"a": "b"}}, "class": "none"}],
+           "exclude": {"namespaces": ["x"], "hostNetwork": False, "podsWithClass": False},
+           "onUnsupported": "deny", "features": {"hostPath": "forbid"}}
+    p = policy_from_dict(raw)
+    assert policy_from_dict(policy_to_dict(p)) == p
+    for bad, needle in [({"classes": {}}, "at least one class"),
+                        ({"routeOrder": ["ember-zz"]}, "routeOrder"),
+                        ({"namespaceRules": [{"class": "ember-fc"}]}, "needs 'selector'"),
+                        ({"onUnsupported": "forbid"}, "must be route or deny"),
+                        ({"exclude": {"namespace": []}}, "unknown key 'namespace'"),
+                        ({"allowPodOptOut": "yes"}, "expected bool")]:
+        with pytest.raises(PolicyError, match=needle):
+            policy_from_dict(bad)
+    # A policy with only its own classes falls back to its first class as default.
+    assert policy_from_dict({"classes": {"vm": "qemu"}}).default_class == "vm"
