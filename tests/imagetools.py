@@ -324,19 +324,26 @@ class Registry:
     host: str  # "127.0.0.1:PORT"
     proc: subprocess.Popen
     log: Path
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
 
 @contextmanager
-def run_registry(workdir: Path, token_auth: dict | None = None) -> Iterator[Registry]:
-    """Start Debian's docker-registry on 127.0.0.1:<free port>; always stopped on exit.
+def run_registry(
+    workdir: Path,
+    token_auth: dict | None = None,
+    tls: Pki | None = None,
+    ip: str = "127.0.0.1",
+) -> Iterator[Registry]:
+    """Start Debian's docker-registry on <ip>:<free port>; always stopped on exit.
 
     ``token_auth``: {"realm", "service", "issuer", "rootcertbundle"} for bearer auth.
+    ``tls``: serve HTTPS with the PKI's server certificate (valid for 127.0.0.1 and .2).
     """
-    port = free_port()
+    port = free_port(ip)
     storage = workdir / "registry-data"
     storage.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -349,9 +356,11 @@ def run_registry(workdir: Path, token_auth: dict | None = None) -> Iterator[Regi
         f"  filesystem:\n    rootdirectory: {storage}",
         "  delete:\n    enabled: true",
         "http:",
-        f"  addr: 127.0.0.1:{port}",
+        f"  addr: {ip}:{port}",
         f"  secret: {uuid.uuid4().hex}",
     ]
+    if tls:
+        lines += ["  tls:", f"    certificate: {tls.server_cert}", f"    key: {tls.server_key}"]
     if token_auth:
         lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in token_auth.items()]
     config = workdir / "registry.yml"
@@ -364,14 +373,18 @@ def run_registry(workdir: Path, token_auth: dict | None = None) -> Iterator[Regi
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    reg = Registry(f"127.0.0.1:{port}", proc, log)
+    reg = Registry(f"{ip}:{port}", proc, log, "https" if tls else "http")
+    verify = str(tls.ca_pem) if tls else True
     try:
         deadline = time.monotonic() + 15
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
             try:
-                if requests.get(f"{reg.url}/v2/", timeout=1).status_code in (200, 401):
+                if requests.get(f"{reg.url}/v2/", timeout=1, verify=verify).status_code in (
+                    200,
+                    401,
+                ):
                     break
             except requests.RequestException:
                 pass
@@ -393,7 +406,7 @@ class _Pusher:
     """Minimal registry client for pushing, with the same bearer flow a user's docker has."""
 
     def __init__(self, host: str, auth: tuple[str, str] | None, ca: str | None) -> None:
-        self.base = f"http://{host}"
+        self.base = host if "://" in host else f"http://{host}"  # "HOST:PORT" or a URL
         self.auth = auth
         self.verify = ca or True
         self.session = requests.Session()
@@ -404,7 +417,9 @@ class _Pusher:
             headers = dict(kw.pop("headers", {}) or {})  # type: ignore[call-overload]
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
-            resp = self.session.request(method, url, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+            resp = self.session.request(
+                method, url, headers=headers, timeout=30, verify=self.verify, **kw
+            )  # type: ignore[arg-type]
             if resp.status_code != 401:
                 return resp
             kw["headers"] = headers
@@ -456,7 +471,10 @@ def push_image(
     auth: tuple[str, str] | None = None,
     ca: str | None = None,
 ) -> None:
-    """Push blobs (POST upload, PUT ?digest=) then the manifest, by tag or by digest."""
+    """Push blobs (POST upload, PUT ?digest=) then the manifest, by tag or by digest.
+
+    ``host`` is "HOST:PORT" (plain HTTP) or a base URL such as ``https://HOST:PORT``.
+    """
     pusher = _Pusher(host, auth, ca)
     for data in [image.config, *image.layers]:
         pusher.put_blob(repo, data)
@@ -494,7 +512,7 @@ def _b64url(data: bytes) -> str:
 
 @dataclass
 class Pki:
-    """A test CA, a TLS server cert for 127.0.0.1, and a token-signing key/cert."""
+    """A test CA, a TLS server cert for 127.0.0.1/.2, and a token-signing key/cert."""
 
     dir: Path
     ca_pem: Path
@@ -525,7 +543,9 @@ def make_pki(dest: Path) -> Pki:
             import ipaddress
 
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "127.0.0.2")]
+                ),
                 critical=False,
             )
         return builder.sign(issuer_key or key, hashes.SHA256())

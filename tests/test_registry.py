@@ -227,3 +227,26 @@ def test_wrong_password_missing_login_and_untrusted_ca(
     with pytest.raises(ImageError, match="EMBER_REGISTRY_AUTH must be user:password"):
         store.pull(ref)
     assert_empty(store)
+
+
+def test_pull_over_https_with_extra_ca(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry that is not on localhost/127.0.0.1 is spoken to over verified HTTPS."""
+    img = make_image([layer([file("tls", "yes")])])
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-registry-")))
+        pki = make_pki(work / "pki")
+        reg = stack.enter_context(run_registry(work, tls=pki, ip="127.0.0.2"))
+        push_image(reg.url, "secure/app", "1", img, ca=str(pki.ca_pem))
+        ref = f"{reg.host}/secure/app:1"
+        with pytest.raises(
+            ImageError,
+            match=f"TLS error talking to registry {reg.host}: .*certificate verify failed",
+        ):
+            store.pull(ref)
+        monkeypatch.setenv("EMBER_REGISTRY_CA", str(pki.ca_pem))
+        assert store.pull(ref).id == img.id
+        monkeypatch.setenv("EMBER_REGISTRY_CA", str(work / "missing.pem"))
+        with pytest.raises(
+            ImageError, match="EMBER_REGISTRY_CA=.*missing.pem: cannot load CA file"
+        ):
+            store.pull(ref)
