@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from ember.snapshotter.proto import snapshots_pb2 as pb
-from ember.testing.mounts import loops_under, mounted, mounts_under
+from ember.testing.mounts import mounted, mounts_under, wait_loops_gone
 from ember.testing.snapshotter import SnapshotterProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120),
@@ -32,7 +32,7 @@ def sn(tmp_path):
         yield proc
     finally:
         proc.close()
-        assert not loops_under(tmp_path) and not mounts_under(tmp_path)
+        assert not wait_loops_gone(tmp_path) and not mounts_under(tmp_path)
 
 
 def prepare(stub, key, parent="", labels=None):
@@ -349,7 +349,7 @@ def test_cli_errors_leave_nothing_behind(tmp_path):
     assert r.returncode == 2 and "invalid size 'big'" in r.stderr
     r = run("--root", str(tmp_path / "r2"), "--address", str(tmp_path / "s"), "--pool-size", "10m")
     assert r.returncode == 125 and "too small" in r.stderr
-    assert not (tmp_path / "r2" / "pool.img").exists() and not loops_under(tmp_path)
+    assert not (tmp_path / "r2" / "pool.img").exists() and not wait_loops_gone(tmp_path)
     proc = SnapshotterProcess(tmp_path / "sn")
     try:
         r = run("--root", str(proc.root), "--address", str(tmp_path / "other.sock"))

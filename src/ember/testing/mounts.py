@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def loops_under(base: Path) -> dict[str, str]:
     return found
 
 
+def wait_loops_gone(base: Path, timeout: float = 3.0) -> dict[str, str]:
+    """Loop devices still backed below ``base`` after up to ``timeout`` s.
+
+    Since Linux 5.18 an autoclear loop device (``mount -o loop``) is detached
+    asynchronously after the unmount, so give it a moment before judging.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        loops = loops_under(base)
+        if not loops or time.monotonic() >= deadline:
+            return loops
+        time.sleep(0.05)
+
+
 def cleanup_under(base: Path) -> list[str]:
     """Unmount everything below ``base`` and detach its loop devices.
 
@@ -63,7 +78,7 @@ def cleanup_under(base: Path) -> list[str]:
             if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", mp], capture_output=True)
             cleaned.append(f"mount {mp}")
-        loops = loops_under(base)
+        loops = wait_loops_gone(base, 3.0 if mps else 0.0)
         for dev in loops:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
             cleaned.append(f"loop {dev}")

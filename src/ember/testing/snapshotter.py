@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,25 +42,32 @@ class SnapshotterProcess:
         if start:
             self.start()
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """Start (or restart) the server; ``env`` adds environment variables."""
+        self._drop_channel()  # a channel to the old process would keep failing
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ember.snapshotter.main", "--root", str(self.root),
                  "--address", str(self.address), "--log-level", "debug", *self.args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ember-snapshotter exited ({self.proc.returncode}):\n"
                                    f"{self.log_tail()}")
-            if self.address.exists():
-                try:
-                    grpc.channel_ready_future(self.channel()).result(timeout=1)
-                    return
-                except grpc.FutureTimeoutError:
-                    pass
+            if self._accepting():
+                return
             time.sleep(0.05)
         raise RuntimeError(f"ember-snapshotter did not start:\n{self.log_tail()}")
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.address))
+                return True
+            except OSError:
+                return False
 
     def channel(self) -> grpc.Channel:
         if self._channel is None:
