@@ -15,6 +15,7 @@ import pytest
 from imagetools import (
     busybox_image,
     busybox_layer,
+    digest_of,
     file,
     layer,
     make_image,
@@ -315,3 +316,46 @@ def test_demo_module_makes_busybox_image(tmp_path: Path) -> None:
 def tar_read(path: Path, name: str) -> str:
     with tarfile.open(path) as tar:
         return tar.extractfile(name).read().decode()  # type: ignore[union-attr]
+
+
+def test_oci_layout_with_nested_index_picks_amd64(store: ImageStore, tmp_path: Path) -> None:
+    """`skopeo copy --all`-style layouts: index.json -> image index -> per-arch manifests."""
+    arm = make_image([layer([file("arch", "arm64")])], arch="arm64")
+    amd = make_image([layer([file("arch", "amd64")])], arch="amd64")
+    layout = write_oci_layout(tmp_path / "layout", [(amd, None)])
+    nested = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": d,
+                    "size": n,
+                    "platform": {"os": "linux", "architecture": a},
+                }
+                for d, n, a in (
+                    (arm.digest, len(arm.manifest), "arm64"),
+                    (amd.digest, len(amd.manifest), "amd64"),
+                )
+            ],
+        }
+    ).encode()
+    nested_digest = digest_of(nested)
+    (layout / "blobs" / "sha256" / nested_digest[7:]).write_bytes(nested)
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": nested_digest,
+                "size": len(nested),
+                "annotations": {"io.containerd.image.name": "localhost/multi:1"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+    # arm64's blobs are absent, as in a layout copied for one platform only.
+    [image] = store.import_archive(layout)
+    assert image.id == amd.id and image.names == ["localhost/multi:1"]
+    assert nested_digest[7:] not in blob_names(store)

@@ -154,6 +154,15 @@ def test_layers_whiteouts_and_metadata(store: ImageStore, tmp_path: Path) -> Non
     assert leftovers(store) == [ext4.name]  # staging removed
 
 
+def test_leftovers_of_a_killed_flatten_are_removed(store: ImageStore, tmp_path: Path) -> None:
+    image = add(store, tmp_path, [layer([file("a", "a")])], "localhost/k:1")
+    rootfs_dir = store.cfg.rootfs_dir
+    (rootfs_dir / ".staging-0123456789ab-xyz" / "etc").mkdir(parents=True)
+    (rootfs_dir / f".{'0' * 64}.ext4.abc.tmp").write_bytes(b"half an image")
+    ext4 = flatten(store, image)
+    assert leftovers(store) == [ext4.name]
+
+
 def test_hardlinks_share_an_inode(store: ImageStore, tmp_path: Path) -> None:
     image = add(
         store, tmp_path, [layer([file("one", "data"), hardlink("two", "one")])], "localhost/hl:1"

@@ -53,6 +53,7 @@ def flatten(store: ImageStore, image: Image) -> Path:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # two `ember run`s of a new image build it once
         if dest.exists():
             return dest
+        _drop_leftovers(dest.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{image.short_id}-", dir=dest.parent))
         try:
             os.chmod(staging, 0o755)
@@ -79,6 +80,16 @@ def flatten(store: ImageStore, image: Image) -> Path:
         return dest
     finally:
         os.close(lock_fd)
+
+
+def _drop_leftovers(rootfs_dir: Path) -> None:
+    """Remove what a killed flatten left behind; safe because we hold the flatten lock."""
+    for path in rootfs_dir.iterdir():
+        if path.name.startswith(".staging-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".") and path.name.endswith(".tmp") and ".ext4." in path.name:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _count_entries(root: Path) -> int:
