@@ -179,6 +179,8 @@ def test_busybox_image_is_sparse_and_cached(store: ImageStore, tmp_path: Path) -
     assert st.st_size >= 1 << 30  # room for the container's writes
     assert st.st_blocks * 512 < 16 << 20  # but only the content is allocated
     assert stat(ext4, "/bin/sh")["link"] == "/bin/busybox"
+    fsck = subprocess.run(["e2fsck", "-fn", str(ext4)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert ls(ext4, "/etc") >= {"passwd", "group"}
     started = time.monotonic()
     assert flatten(store, image) == ext4
@@ -241,6 +243,20 @@ def test_writable_disk_is_qcow2_overlay_on_ext4(store: ImageStore, tmp_path: Pat
     )
     assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "raw"
     assert info["virtual-size"] == base.stat().st_size
+    # Writes land in the overlay; the shared base stays as it was.
+    before = base.read_bytes()
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 64k", str(disk.path)],
+        check=True,
+        capture_output=True,
+    )
+    assert base.read_bytes() == before
+    read = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 0 64k", str(disk.path)],
+        capture_output=True,
+        text=True,
+    )
+    assert "Pattern verification failed" not in read.stdout and read.returncode == 0
     with pytest.raises(ImageError, match="already exists"):
         prepare_writable(base, disk.path)
     with pytest.raises(ImageError, match="does not exist"):
