@@ -311,3 +311,28 @@ def test_destroy_sandbox_stops_agent(tmp_path, rootfs, base_spec):
     while loop_devices(rootfs["address"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert loop_devices(rootfs["address"]) == ""
+
+
+def test_stdin_close_is_not_stuck_behind_a_blocked_write(client, rootfs, base_spec):
+    import threading
+
+    client.create_container("nr", make_spec(base_spec, ["sleep", "30"]), rootfs, stdin=True)
+    client.start_container("nr")
+    errors = []
+
+    def write():
+        try:
+            client.write_stdin("nr", "", b"x" * (1 << 20))  # nobody reads: fills the pipe
+        except AgentError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=write)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()
+    start = time.monotonic()
+    client.close_stdin("nr")
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - start < 2
+    assert errors and "closed" in errors[0].message
+    client.remove_container("nr")

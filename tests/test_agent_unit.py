@@ -139,14 +139,16 @@ def test_reaper_dispatches_exits():
         assert (e.exit_code, e.signal) == (137, 9), (e.exit_code, e.signal)
         assert r.run_command(["sh", "-c", "echo out; echo err >&2; exit 2"]) == (2, b"out\\nerr\\n")
         # an orphan re-parented to us, reaped before anyone asked about it
-        rc, out = r.run_command(["sh", "-c", "(sleep 0.1; exit 9) >/dev/null & echo $!"])
+        rc, out = r.run_command(["sh", "-c", "(sleep 0.1; exit 9) >/dev/null 2>&1 & echo $!"])
         time.sleep(0.3)
         orphan = r.watch(int(out))
         assert orphan.wait(5) and orphan.exit_code == 9, orphan.status
         # and one that is still running when watched
-        rc, out = r.run_command(["sh", "-c", "sleep 0.5 >/dev/null & echo $!"])
+        rc, out = r.run_command(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"])
         late = r.watch(int(out))
-        assert not late.done and late.wait(5) and late.exit_code == 0
+        assert not late.done
+        os.kill(late.pid, 9)
+        assert late.wait(5) and late.exit_code == 137
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s.%(msecs)03d ember-agent %(levelname)s %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S")
     pid1 = os.getpid() == 1
-    if not pid1:
+    if pid1:
+        # Init must not die of a stray ^C on the console (the kernel would panic).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
         set_subreaper()
     reaper = Reaper()
     reaper.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import termios
@@ -40,7 +41,8 @@ class Process:
     stderr: StreamBuffer = field(default_factory=StreamBuffer)
     stdin_fd: int | None = None  # pipe write end, or the pty master
     pty_fd: int | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _wlock: threading.Lock = field(default_factory=threading.Lock)
+    _stdin_closing: bool = False
 
     @property
     def name(self) -> str:
@@ -51,42 +53,58 @@ class Process:
         return self.exit is not None and not self.exit.done
 
     def write_stdin(self, data: bytes) -> int:
-        with self._lock:
-            if self.stdin_fd is None:
+        """Write all of data, waiting while the process does not read.
+
+        The fd is non-blocking and waited on in short slices, so CloseStdin
+        and RemoveContainer are never stuck behind a writer.
+        """
+        with self._wlock:
+            fd = self.stdin_fd
+            if fd is None or self._stdin_closing:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"process {self.name} has no open stdin")
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
             view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(self.stdin_fd, view):]
-            except BrokenPipeError as e:
-                raise TTRPCError(Code.FAILED_PRECONDITION,
-                                 f"process {self.name} closed its stdin") from e
+            while view:
+                if self._stdin_closing:
+                    raise TTRPCError(Code.FAILED_PRECONDITION,
+                                     f"stdin of process {self.name} was closed during the write")
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    poller.poll(200)
+                except (BrokenPipeError, OSError) as e:
+                    raise TTRPCError(Code.FAILED_PRECONDITION,
+                                     f"process {self.name} no longer reads its stdin") from e
             return len(data)
 
     def close_stdin(self) -> None:
         """EOF on stdin: close the pipe, or send ^D through the pty."""
-        with self._lock:
-            if self.stdin_fd is None:
-                return
-            if self.terminal:
-                try:
-                    os.write(self.stdin_fd, EOT)
-                except OSError:
-                    pass
-                return
-            os.close(self.stdin_fd)
-            self.stdin_fd = None
+        if self.terminal:
+            with self._wlock:
+                if self.stdin_fd is not None:
+                    try:
+                        os.write(self.stdin_fd, EOT)
+                    except OSError:
+                        pass
+            return
+        self._stdin_closing = True
+        with self._wlock:
+            if self.stdin_fd is not None:
+                os.close(self.stdin_fd)
+                self.stdin_fd = None
 
     def resize(self, rows: int, cols: int) -> None:
-        with self._lock:
+        with self._wlock:
             if self.pty_fd is None:
                 raise TTRPCError(Code.FAILED_PRECONDITION, f"process {self.name} has no terminal")
             fcntl.ioctl(self.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def release(self) -> None:
         """Close the agent's ends of stdio (the drain threads own the read ends)."""
-        with self._lock:
+        self._stdin_closing = True
+        with self._wlock:
             for fd in {self.stdin_fd, self.pty_fd} - {None}:
                 try:
                     os.close(fd)  # type: ignore[arg-type]
@@ -193,3 +211,5 @@ def launch(crun: Crun, proc: Process, args: Sequence[str], pid_file: str, work_d
     else:
         drain(out_r, proc.stdout, f"{proc.name}-stdout")
         drain(err_r, proc.stderr, f"{proc.name}-stderr")
+    if proc.stdin_fd is not None:
+        os.set_blocking(proc.stdin_fd, False)

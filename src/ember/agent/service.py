@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -95,7 +94,7 @@ class AgentService:
             spec.parse_json(req.oci_spec, "OCI spec")  # fail fast, before mounting anything
             if not req.HasField("rootfs") or not req.rootfs.kind:
                 raise TTRPCError(Code.INVALID_ARGUMENT, "CreateContainer needs a rootfs disk")
-            shutil.rmtree(bundle, ignore_errors=True)
+            storage.remove_tree(bundle)
             os.makedirs(bundle)
             disks = [(req.rootfs, os.path.join(bundle, "rootfs"))]
             disks += [(d, os.path.join(bundle, "disks", str(i)))
@@ -244,7 +243,7 @@ class AgentService:
                 storage.umount(target)
             except OSError as e:
                 log.warning("%s", e)
-        shutil.rmtree(bundle, ignore_errors=True)
+        storage.remove_tree(bundle)
 
     def StatsContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.StatsContainerResponse:
         c = self._container(req.container_id)

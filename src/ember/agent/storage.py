@@ -14,6 +14,7 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -166,3 +167,34 @@ def mount_disk(kind: str, address: str, target: str, fstype: str = "", readonly:
             # Detaching a mounted loop device only marks it auto-clear, so it
             # goes away by itself at umount; if the mount failed it goes now.
             run(["losetup", "--detach", loopdev])
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below path, deepest first."""
+    path = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].replace("\\040", " ")
+                if point == path or point.startswith(path + "/"):
+                    found.append(point)
+    except OSError:
+        pass
+    return sorted(set(found), key=len, reverse=True)
+
+
+def remove_tree(path: str) -> bool:
+    """rm -rf path, but never through a mount: a stale mount is unmounted first,
+    and if one cannot be, the tree stays (deleting it would wipe a disk)."""
+    for point in mounts_under(path):
+        try:
+            umount(point)
+        except OSError as e:
+            log.warning("%s", e)
+    left = mounts_under(path)
+    if left:
+        log.error("not removing %s: %s still mounted", path, ", ".join(left))
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True

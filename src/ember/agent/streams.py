@@ -3,7 +3,7 @@
 The agent drains every stdout/stderr pipe (or pty master) continuously, so a
 container never blocks on a full pipe while nobody reads, and several readers
 (an attached CLI, `ember logs`, the shim) can each read from their own offset.
-Only the newest ``limit`` bytes are kept; a reader that fell behind is moved
+At least the newest ``limit`` bytes are kept (trimmed in batches); a reader that fell behind is moved
 up to the oldest kept byte, and the answer's offset says so.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 import time
 
@@ -44,8 +45,9 @@ class StreamBuffer:
     def append(self, data: bytes) -> None:
         with self._cond:
             self._buf += data
-            extra = len(self._buf) - self._limit
-            if extra > 0:
+            # Trim in batches: moving 8 MiB for every 64 KiB read would be costly.
+            if len(self._buf) > self._limit + self._limit // 4:
+                extra = len(self._buf) - self._limit
                 del self._buf[:extra]
                 self._start += extra
             self._cond.notify_all()
@@ -88,10 +90,15 @@ def drain(fd: int, buf: StreamBuffer, name: str, also: StreamBuffer | None = Non
     """
 
     def run() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         try:
             while True:
                 try:
                     chunk = os.read(fd, 65536)
+                except BlockingIOError:  # a pty master shares O_NONBLOCK with stdin's fd
+                    poller.poll()
+                    continue
                 except OSError as e:
                     if e.errno != errno.EIO:
                         log.warning("reading %s: %s", name, e)
