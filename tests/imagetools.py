@@ -289,6 +289,35 @@ def write_oci_layout(
     return dest
 
 
+def busybox_rootfs(dest: Path) -> Path:
+    """A busybox-static root filesystem folder (the demo image's content) at ``dest``."""
+    return build_busybox_rootfs(dest)
+
+
+def write_oci_layout_tar(
+    dest: Path,
+    layers: list[Path | bytes],
+    ref: str | None = None,
+    config: dict | None = None,
+) -> Path:
+    """An OCI layout tar of one image: each layer a rootfs folder (or layer bytes).
+
+    ``config`` holds the run settings in OCI config spelling (Cmd, Entrypoint,
+    Env, WorkingDir, User); ``ref`` becomes the image's name when imported.
+    """
+    blobs = [layer_from_dir(la) if isinstance(la, Path) else la for la in layers]
+    run = config or {}
+    img = make_image(
+        blobs,
+        cmd=run.get("Cmd"),
+        entrypoint=run.get("Entrypoint"),
+        env=run.get("Env"),
+        workdir=run.get("WorkingDir"),
+        user=run.get("User"),
+    )
+    return write_oci_layout(dest, [(img, ref)], as_tar=True)
+
+
 def write_docker_save(dest: Path, image: TestImage, repo_tags: list[str]) -> Path:
     """Write a legacy `docker save` tar: manifest.json, <id>.json, <layer>/layer.tar."""
     members: dict[str, bytes] = {}

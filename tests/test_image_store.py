@@ -15,12 +15,14 @@ import pytest
 from imagetools import (
     busybox_image,
     busybox_layer,
+    busybox_rootfs,
     digest_of,
     file,
     layer,
     make_image,
     write_docker_save,
     write_oci_layout,
+    write_oci_layout_tar,
 )
 
 from ember.config import Config
@@ -359,3 +361,18 @@ def test_oci_layout_with_nested_index_picks_amd64(store: ImageStore, tmp_path: P
     [image] = store.import_archive(layout)
     assert image.id == amd.id and image.names == ["localhost/multi:1"]
     assert nested_digest[7:] not in blob_names(store)
+
+
+def test_write_oci_layout_tar_helper_round_trips(store: ImageStore, tmp_path: Path) -> None:
+    """The helper other suites (ember run) use to make their images."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    tar = write_oci_layout_tar(
+        tmp_path / "image.tar",
+        [root],
+        ref="localhost/helper:1",
+        config={"Env": ["A=1"], "WorkingDir": "/srv", "Cmd": ["sh", "-c", "true"]},
+    )
+    [image] = store.import_archive(tar)
+    assert image.names == ["localhost/helper:1"]
+    cfg = store.inspect("localhost/helper:1")["Config"]
+    assert (cfg["Env"], cfg["WorkingDir"], cfg["Cmd"]) == (["A=1"], "/srv", ["sh", "-c", "true"])
