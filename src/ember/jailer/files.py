@@ -1,0 +1,88 @@
+"""What goes into a jail: the VMM binary, its shared libraries, its data files.
+
+QEMU is dynamically linked and loads its TCG accelerator as a module, so its
+jail gets hard links to exactly the libraries ``ldd`` names (plus those of the
+accelerator modules) at their usual paths, and a read-only bind of its firmware
+directory; Firecracker is static and gets only itself. Hard links cost nothing
+and share the root-owned, read-only host inode; across file systems the binary
+and libraries are copied instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+from ember.errors import EmberError
+
+_LDD_PATH = re.compile(r"(/\S+)\s+\(0x[0-9a-f]+\)")
+QEMU_DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios")
+
+
+def shared_libraries(binary: str) -> list[str]:
+    """Absolute paths of the libraries (and loader) ``binary`` needs; [] if static."""
+    try:
+        out = subprocess.run(["/usr/bin/ldd", binary], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EmberError(f"cannot list the libraries of {binary}: {exc}") from None
+    if out.returncode != 0:
+        return []  # "not a dynamic executable"
+    return sorted({m.group(1) for m in _LDD_PATH.finditer(out.stdout)})
+
+
+def qemu_modules() -> list[str]:
+    """QEMU's accelerator modules (Debian builds TCG as a loadable module)."""
+    arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    found: list[str] = []
+    for moddir in (f"/usr/lib/{arch}/qemu", "/usr/lib/qemu", "/usr/lib64/qemu"):
+        found += sorted(glob.glob(f"{moddir}/accel-*.so"))
+    return found
+
+
+def under(root: Path, jail_path: str) -> Path:
+    """The host path of ``jail_path`` inside ``root``; refuses anything that escapes."""
+    if not jail_path.startswith("/"):
+        raise EmberError(f"jail path {jail_path!r} must be absolute")
+    parts = Path(jail_path).parts[1:]
+    if ".." in parts or not parts:
+        raise EmberError(f"jail path {jail_path!r} must name a file below / without '..'")
+    return root.joinpath(*parts)
+
+
+def make_parents(root: Path, target: Path) -> None:
+    """Create target's parent directories inside root: real dirs, root-owned, 0755."""
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def link_or_copy(src: str, dst: Path, allow_copy: bool = True) -> None:
+    """Hard-link src (its final target, not a symlink) to dst, else copy it."""
+    real = os.path.realpath(src)
+    try:
+        os.link(real, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or not allow_copy:
+            raise EmberError(f"cannot hard link {src} into the jail: {exc.strerror} "
+                             "(use copy or bind)") from None
+        shutil.copy2(real, dst)
+
+
+def copy_into(src: str, dst: Path) -> None:
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst)
+
+
+def make_stub(src: str, dst: Path) -> None:
+    """An empty file or directory for a bind mount to land on."""
+    if os.path.isdir(src):
+        dst.mkdir(mode=0o755, exist_ok=True)
+    else:
+        dst.touch(mode=0o644, exist_ok=True)
