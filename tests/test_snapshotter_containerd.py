@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from ember.testing.containerd import ContainerdInstance, proxy_snapshotter
+from ember.testing.containerd import ContainerdInstance
 from ember.testing.mounts import loops_under, mounts_under, wait_loops_gone
 from ember.testing.oci import Entry, build_oci_archive, busybox_layer
 from ember.testing.snapshotter import SnapshotterProcess
@@ -21,6 +23,22 @@ pytestmark = [pytest.mark.root, pytest.mark.containerd, pytest.mark.timeout(240)
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (containerd, mounts)")]
 
 REF = "localhost/ember-test/busybox:1"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def shipped_proxy_config(address) -> str:
+    """deploy/containerd/snapshotter.toml pointed at the test's socket, so the
+    snippet users copy is the one containerd loads here."""
+    text = (DEPLOY / "containerd" / "snapshotter.toml").read_text()
+    assert tomllib.loads(text)["proxy_plugins"]["ember"]["type"] == "snapshot"
+    return text.replace("/run/ember-snapshotter/snapshotter.sock", str(address))
+
+
+def test_shipped_unit_and_snippet_agree():
+    unit = (DEPLOY / "systemd" / "ember-snapshotter.service").read_text()
+    snippet = tomllib.loads((DEPLOY / "containerd" / "snapshotter.toml").read_text())
+    address = snippet["proxy_plugins"]["ember"]["address"]
+    assert f"--address {address}" in unit and "Before=containerd.service" in unit
 
 
 @pytest.fixture
@@ -28,7 +46,7 @@ def stack(tmp_path):
     sn = SnapshotterProcess(tmp_path / "sn")
     ctrd = None
     try:
-        ctrd = ContainerdInstance(tmp_path / "ctrd", proxy_snapshotter("ember", sn.address))
+        ctrd = ContainerdInstance(tmp_path / "ctrd", shipped_proxy_config(sn.address))
         yield sn, ctrd
     finally:
         if ctrd is not None:
