@@ -181,6 +181,10 @@ def test_busybox_image_is_sparse_and_cached(store: ImageStore, tmp_path: Path) -
     assert stat(ext4, "/bin/sh")["link"] == "/bin/busybox"
     fsck = subprocess.run(["e2fsck", "-fn", str(ext4)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # Inode tables marked zeroed: the guest will not zero them lazily into the overlay.
+    groups = subprocess.run(["dumpe2fs", str(ext4)], capture_output=True, text=True).stdout
+    group_lines = [ln for ln in groups.splitlines() if re.match(r"^Group \d+:", ln)]
+    assert group_lines and all("ITABLE_ZEROED" in ln for ln in group_lines)
     assert ls(ext4, "/etc") >= {"passwd", "group"}
     started = time.monotonic()
     assert flatten(store, image) == ext4
