@@ -13,7 +13,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils e2fsprogs xfsprogs util-linux kmod cpio
   busybox-static python3 python3-venv python3-dev gcc
   containerd runc crun docker-registry iproute2 openssl ca-certificates
-  libseccomp2 lvm2 thin-provisioning-tools zstd
+  libseccomp2 lvm2 thin-provisioning-tools zstd lz4
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ember.errors import VMError
 from ember.util import atomic_write_json
-from ember.vmm import fc_drives, vsock
+from ember.vmm import fc_drives, fc_kernel, vsock
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 from ember.vmm.fc_api import FirecrackerAPI, one_line
 
@@ -136,7 +136,8 @@ class FirecrackerVMM(VMM):
         self._put_logging()
         api.put("/machine-config", {"vcpu_count": s.vcpus, "mem_size_mib": s.memory_mib,
                                     "smt": False})
-        api.put("/boot-source", {"kernel_image_path": str(s.kernel),
+        kernel = fc_kernel.loadable_kernel(s.kernel, s.work_dir)
+        api.put("/boot-source", {"kernel_image_path": str(kernel),
                                  "initrd_path": str(s.initrd), "boot_args": s.cmdline})
         api.put("/drives/root", {"drive_id": "root", "path_on_host": str(s.rootfs),
                                  "is_root_device": True, "is_read_only": True})
