@@ -125,3 +125,18 @@ def test_policy_round_trips_and_rejects_bad_shapes():
             policy_from_dict(bad)
     # A policy with only its own classes falls back to its first class as default.
     assert policy_from_dict({"classes": {"vm": "qemu"}}).default_class == "vm"
+
+
+def test_policies_in_the_docs_are_valid():
+    """docs/kubernetes.md spells out the default policy and an example: both must load."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert len(blocks) == 2
+    assert policy_to_dict(policy_from_dict(blocks[0])) == policy_to_dict(Policy())
+    example = policy_from_dict(blocks[1])
+    assert example.default_class == "ember-fc" and example.action("privileged") == "forbid"
