@@ -161,3 +161,18 @@ def test_sigkill_during_unpack_then_unpack_again(stack, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
     ctrd.ctr("snapshots", "--snapshotter", "ember", "rm", "check")
     remove_all(sn, ctrd, REF)
+
+
+def test_ctr_run_with_runc_mounts_the_block_snapshot(stack, tmp_path):
+    """containerd's own runc shim mounts ember's Mount (ext4 + "loop") as the
+    rootfs: the mounts are standard, not something only Ember understands."""
+    sn, ctrd = stack
+    image = build_oci_archive(tmp_path / "img.tar", REF, [busybox_layer()])
+    ctrd.ctr("images", "import", "--snapshotter", "ember", str(image))
+    run = ctrd.ctr("run", "--snapshotter", "ember", "--rm", REF, "c1",
+                   "/bin/sh", "-c", "cat /etc/os-release; echo x > /tmp/f; mount | grep ' / '")
+    assert "ember-test" in run.stdout
+    assert run.stdout.splitlines()[-1].startswith("/dev/loop")
+    assert " ext4 " in run.stdout.splitlines()[-1] or "type ext4" in run.stdout
+    assert "c1" not in snapshots(ctrd)  # --rm removed the container's snapshot
+    remove_all(sn, ctrd, REF)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -47,8 +48,12 @@ def _guard(method):
     """Map a call's failures to gRPC statuses; never let one kill the server."""
 
     def wrapper(self, request, context):
+        start = time.monotonic()
         try:
-            return method(self, request, context)
+            reply = method(self, request, context)
+            log.debug("%s %r: %.1f ms", method.__name__, getattr(request, "key", ""),
+                      (time.monotonic() - start) * 1000)
+            return reply
         except core.SnapshotError as exc:
             log.info("%s: %s", method.__name__, exc.message)
             context.abort(STATUS[exc.code], exc.message)

@@ -1,0 +1,160 @@
+"""Snapshotter benchmark: prepare latency vs parent size, and unpack time.
+
+1. Prepare latency of an active snapshot on a committed parent holding
+   64 MiB, 1 GiB and 4 GiB of data. It must stay flat: a reflink clone is
+   O(1). Floor, measured in the same run: a gRPC round trip to the same
+   server (Stat) plus a bare FICLONE of the same parent image. For scale,
+   one full copy of the 1 GiB parent (what a snapshotter without
+   copy-on-write pays).
+2. Unpack time of the same image through ember-snapshotter and through
+   containerd's overlayfs snapshotter, as a ratio. Each unpack is an import
+   minus an import with --no-unpack of the same tar (content ingest only).
+
+    python bench/snapshotter.py [--sizes 64m,1g,4g] [--runs 15] [--unpack-runs 3]
+
+Needs root (loop devices, mounts, containerd). Never gates CI on absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ember.snapshotter.pool import clone_file
+from ember.snapshotter.proto import snapshots_pb2 as pb
+from ember.testing.containerd import ContainerdInstance, proxy_snapshotter
+from ember.testing.mounts import mounted
+from ember.testing.oci import Entry, build_oci_archive, busybox_layer, tree_layer
+from ember.testing.snapshotter import SnapshotterProcess
+from ember.util import parse_size
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def fill(root: Path, size: int) -> None:
+    """Write ``size`` bytes of real (allocated, non-zero) data into a snapshot."""
+    chunk = os.urandom(4 << 20)
+    with open(root / "data", "wb") as f:
+        left = size
+        while left > 0:
+            f.write(chunk[:min(left, len(chunk))])
+            left -= len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_latency(tmp: Path, sizes: list[int], runs: int) -> None:
+    image_size = max(sizes) + (2 << 30)
+    sn = SnapshotterProcess(tmp / "sn", pool_size=f"{max(sizes) * 3 + (4 << 30)}",
+                            image_size=str(image_size))
+    try:
+        stub = sn.stub()
+        print(f"== prepare latency (median of {runs}), parent = committed layer holding N bytes")
+        rows = []
+        for size in sizes:
+            name = f"parent-{size}"
+            m = stub.Prepare(pb.PrepareSnapshotRequest(key=f"{name}-a")).mounts
+            with mounted(m, tmp / "mnt") as root:
+                fill(root, size)
+            stub.Commit(pb.CommitSnapshotRequest(name=name, key=f"{name}-a"))
+            parent_img = Path(m[0].source)  # committing keeps the image
+            os.sync()  # measure prepare, not the writeback of the data just written
+            prep, stat, clone = [], [], []
+            for i in range(runs):
+                t = time.perf_counter()
+                stub.Prepare(pb.PrepareSnapshotRequest(key=f"c-{size}-{i}", parent=name))
+                prep.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                stub.Stat(pb.StatSnapshotRequest(key=name))
+                stat.append(time.perf_counter() - t)
+                dst = parent_img.with_name(f".bench-{i}.tmp")
+                t = time.perf_counter()
+                clone_file(parent_img, dst)
+                clone.append(time.perf_counter() - t)
+                dst.unlink()
+                stub.Remove(pb.RemoveSnapshotRequest(key=f"c-{size}-{i}"))
+            floor = median_ms(stat) + median_ms(clone)
+            rows.append((size, median_ms(prep), floor))
+            print(f"  parent {size >> 20:>5} MiB: prepare {median_ms(prep):7.2f} ms | floor "
+                  f"(Stat RTT {median_ms(stat):.2f} + FICLONE {median_ms(clone):.2f}) "
+                  f"{floor:.2f} ms | ratio {median_ms(prep) / floor:.2f}")
+            if size == (1 << 30) or size == sizes[len(sizes) // 2]:
+                t = time.perf_counter()
+                subprocess.run(["cp", "--reflink=never", "--sparse=always", str(parent_img),
+                                str(parent_img.with_name(".bench-copy.tmp"))], check=True)
+                copy_s = time.perf_counter() - t
+                parent_img.with_name(".bench-copy.tmp").unlink()
+                print(f"  (for scale: a full copy of that {size >> 20} MiB parent takes "
+                      f"{copy_s * 1000:.0f} ms, {copy_s * 1000 / median_ms(prep):.0f}x a prepare)")
+        flat = rows[-1][1] / rows[0][1]
+        print(f"  flatness: prepare on {rows[-1][0] >> 20} MiB / on {rows[0][0] >> 20} MiB "
+              f"= {flat:.2f} (1.0 = perfectly flat)")
+    finally:
+        sn.close()
+
+
+def build_image(tmp: Path) -> Path:
+    layers = [busybox_layer(), tree_layer(Path("/usr/lib/python3.11"), "/usr/lib/python3.11"),
+              [Entry("/data/blob", os.urandom(32 << 20))]]
+    return build_oci_archive(tmp / "bench.tar", "localhost/ember-bench/unpack:1", layers)
+
+
+def timed_import(ctrd: ContainerdInstance, image: Path, *flags: str) -> float:
+    t = time.perf_counter()
+    ctrd.ctr("images", "import", *flags, str(image))
+    return time.perf_counter() - t
+
+
+def unpack_ratio(tmp: Path, runs: int) -> None:
+    image = build_image(tmp)
+    ref = "localhost/ember-bench/unpack:1"
+    sn = SnapshotterProcess(tmp / "sn2", pool_size="8g", image_size="4g")
+    ctrd = None
+    try:
+        ctrd = ContainerdInstance(tmp / "ctrd", proxy_snapshotter("ember", sn.address))
+        print(f"== unpack of {image.stat().st_size >> 20} MiB image (3 layers, ~1500 files), "
+              f"median of {runs}")
+        times: dict[str, list[float]] = {"ingest": [], "ember": [], "overlayfs": []}
+        for _ in range(runs):
+            for what, flags in (("ingest", ("--no-unpack",)),
+                                ("ember", ("--snapshotter", "ember")),
+                                ("overlayfs", ("--snapshotter", "overlayfs"))):
+                times[what].append(timed_import(ctrd, image, *flags))
+                ctrd.ctr("images", "rm", "--sync", ref)
+        ingest = statistics.median(times["ingest"])
+        ember = statistics.median(times["ember"]) - ingest
+        overlay = statistics.median(times["overlayfs"]) - ingest
+        print(f"  import --no-unpack (floor, content only): {ingest * 1000:7.0f} ms")
+        print(f"  unpack via ember-snapshotter:            {ember * 1000:7.0f} ms")
+        print(f"  unpack via overlayfs:                    {overlay * 1000:7.0f} ms")
+        print(f"  ratio ember / overlayfs: {ember / overlay:.2f}")
+    finally:
+        if ctrd is not None:
+            ctrd.stop()
+        sn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="64m,1g,4g")
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--unpack-runs", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/snapshotter.py: run as root (loop devices, mounts, containerd)")
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="ember-bench-sn-", dir="/var/tmp") as tmp:
+        prepare_latency(Path(tmp), sizes, args.runs)
+        unpack_ratio(Path(tmp), args.unpack_runs)
+
+
+if __name__ == "__main__":
+    main()
