@@ -169,7 +169,7 @@ def test_whole_life_in_an_order_firecracker_accepts(env):
     assert [(p["path"], Path(p["body"]["path_on_host"]).name) for p in patches] == [
         ("/drives/ph0", "a.img"), ("/drives/ph1", "b.img"), ("/drives/ph0", "ph0.img")]
     assert env.requests()[-1]["body"] == {"action_type": "SendCtrlAltDel"}
-    assert "[fake guest] booting: console=ttyS0" in vm.console_tail()
+    assert "[fake guest] booting: console=ttyS0 root=/dev/vda ro reboot=k" in vm.console_tail()
     # nothing of the driver's own is left: sockets, placeholder files
     assert sorted(p.name for p in (env.root / "vm").iterdir()) == [
         "console.log", "firecracker.log", "metrics.json", "vmm.log"]

@@ -38,6 +38,10 @@ from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 from ember.vmm.fc_api import FirecrackerAPI, one_line
 
 MAX_UNIX_PATH = 107
+# Firecracker has no ACPI power-off on x86: a guest reboot is what ends the
+# process, and reboot=k (keyboard-controller reset) makes that a clean exit
+# (a triple fault, reboot=t, is reported as an error). No PCI bus to probe.
+EXTRA_BOOT_ARGS = "reboot=k pci=off"
 GUEST_CID = 3
 START_TIMEOUT = 10.0
 SNAPSHOT_META_SUFFIX = ".ember.json"
@@ -138,7 +142,8 @@ class FirecrackerVMM(VMM):
                                     "smt": False})
         kernel = fc_kernel.loadable_kernel(s.kernel, s.work_dir)
         api.put("/boot-source", {"kernel_image_path": str(kernel),
-                                 "initrd_path": str(s.initrd), "boot_args": s.cmdline})
+                                 "initrd_path": str(s.initrd),
+                                 "boot_args": f"{s.cmdline} {EXTRA_BOOT_ARGS}".strip()})
         api.put("/drives/root", {"drive_id": "root", "path_on_host": str(s.rootfs),
                                  "is_root_device": True, "is_read_only": True})
         for i, drive in enumerate(s.drives):
