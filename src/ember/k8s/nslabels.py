@@ -98,7 +98,6 @@ class KubeNamespaces:
         self.timeout = timeout
         self._cache: dict[str, tuple[float, dict[str, str]]] = {}
         self._lock = threading.Lock()
-        self._session = requests.Session()
         if not self.token_file.is_file():
             raise NamespaceLookupError(f"kube api: token file {self.token_file} does not exist")
 
@@ -120,10 +119,16 @@ class KubeNamespaces:
         if hit and now - hit[0] < self.ttl:
             return dict(hit[1])
         # The token is re-read every time: bound service-account tokens rotate.
-        token = self.token_file.read_text().strip()
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise NamespaceLookupError(f"kube api: token file {self.token_file}: "
+                                       f"{exc.strerror or exc}") from None
         url = f"{self.server}/api/v1/namespaces/{quote(namespace, safe='')}"
         try:
-            resp = self._session.get(url, timeout=self.timeout, verify=self.verify, headers={
+            # A plain get per miss: misses are rare (TTL cache) and a shared
+            # Session is not guaranteed thread-safe.
+            resp = requests.get(url, timeout=self.timeout, verify=self.verify, headers={
                 "Authorization": f"Bearer {token}", "Accept": "application/json"})
         except requests.RequestException as exc:
             raise NamespaceLookupError(f"kube api: cannot read namespace {namespace}: "

@@ -138,6 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
             result = decision.result if decision else "invalid"
         except NamespaceLookupError as exc:
             answer, result = respond(review, False, message=str(exc), code=500), "error"
+        except Exception:  # a bug must cost one request, not the connection's thread
+            log.exception("%s: review %s failed", endpoint, review.uid)
+            answer = respond(review, False, message="ember webhook: internal error", code=500)
+            result = "error"
         self.server.metrics.reviews.labels(endpoint, result).inc()
         self.server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         log.info("%s %s/%s: %s", endpoint, review.request.get("namespace", "?"),
