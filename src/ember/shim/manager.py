@@ -1,0 +1,214 @@
+"""The shim's ``start`` and ``delete`` subcommands, as containerd 1.6 runs them.
+
+``start`` (cwd = the bundle, runtime options on stdin) must print the shim's
+ttrpc address and exit; containerd reads start's combined output until it
+closes, so the long-lived server is a separate, detached process (new
+session, stdio on /dev/null) that inherits the already-listening socket. The
+address is ``unix:///abs/path`` — without the scheme containerd would dial an
+abstract socket — and the path is kept short (≤ 106 bytes). Containers of a
+CRI pod (``io.kubernetes.cri.sandbox-id``) get the address of the pod's shim.
+
+``delete`` runs when containerd loses a shim (crash, SIGKILL) and after every
+normal shutdown. It prints a DeleteResponse and must be fast and idempotent:
+with the shim alive it changes nothing; with the shim dead it kills the VMM,
+unmounts anything left below the pod folder, removes the cgroups the pod made
+and the pod folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from ember.config import load_config
+from ember.errors import EmberError
+from ember.shim import cgroups
+from ember.shim.events import timestamp
+from ember.shim.pod import ANN_SANDBOX_ID, ANN_TYPE, read_record
+from ember.shim.proto import options_pb2
+from ember.shim.proto import task_pb2 as pb
+from ember.shim.state import MAX_SOCKET_PATH, STOPPED, pod_dir, socket_path
+from ember.ttrpc import bind_unix
+from ember.util import atomic_write, atomic_write_json
+
+log = logging.getLogger("ember.shim")
+
+POINTER = "ember-shim.json"  # in each bundle: where its pod folder is
+
+
+@dataclass
+class ShimArgs:
+    namespace: str
+    address: str
+    publish_binary: str
+    id: str
+    bundle: str = ""
+    debug: bool = False
+
+
+def config_path_from_options(data: bytes) -> str:
+    """ConfigPath from the runtime options containerd writes to start's stdin (an Any)."""
+    if not data:
+        return ""
+    from google.protobuf import any_pb2
+
+    try:
+        anymsg = any_pb2.Any.FromString(data)
+        opts = options_pb2.Options.FromString(anymsg.value)
+    except DecodeError:
+        return ""
+    return opts.config_path
+
+
+def _annotations(bundle: Path) -> dict:
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        ann = spec.get("annotations") if isinstance(spec, dict) else None
+        return ann if isinstance(ann, dict) else {}
+    except (OSError, ValueError):
+        return {}  # Create reports a broken config.json with a proper error code
+
+
+def _connectable(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def start(args: ShimArgs, options: bytes) -> str:
+    """Start (or find) the pod's shim server; returns the address to print."""
+    config_path = config_path_from_options(options)
+    cfg = load_config(config_path or None)
+    bundle = Path.cwd()
+    ann = _annotations(bundle)
+    joining = ann.get(ANN_TYPE) == "container" and bool(ann.get(ANN_SANDBOX_ID))
+    group = ann[ANN_SANDBOX_ID] if joining else args.id
+    pdir = pod_dir(cfg, args.address, args.namespace, group)
+    sock = socket_path(pdir)
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        raise EmberError(f"shim socket path {sock} is longer than {MAX_SOCKET_PATH} bytes; "
+                         "use a shorter state_dir")
+    address = f"unix://{sock}"
+    atomic_write_json(bundle / POINTER, {"pod_dir": str(pdir), "group": group,
+                                         "config": config_path or cfg.source})
+    if _connectable(sock):
+        atomic_write(bundle / "address", address)
+        return address
+    if joining:
+        raise EmberError(f"the shim of sandbox {group} is not running")
+    pdir.mkdir(parents=True, exist_ok=True)
+    listener = bind_unix(str(sock))
+    try:
+        _spawn_server(args, listener, group, pdir, config_path)
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(OSError):
+            sock.unlink()
+        raise
+    listener.close()
+    atomic_write(bundle / "address", address)
+    return address
+
+
+def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Path,
+                  config_path: str) -> None:
+    env = dict(os.environ)
+    if config_path:
+        env["EMBER_CONFIG"] = config_path
+    fd = listener.fileno()
+    argv = [sys.executable, "-m", "ember.shim.main", "-namespace", args.namespace,
+            "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id,
+            *(["-debug"] if args.debug else []), "serve", "--listen-fd", str(fd),
+            "--group", group, "--pod-dir", str(pdir), "--bundle", str(Path.cwd())]
+    with open(pdir / "shim.log", "ab") as logf:
+        proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, cwd=str(pdir), env=env, start_new_session=True,
+                                close_fds=True)
+    atomic_write_json(pdir / "pod.json", {"shim_pid": proc.pid})
+
+
+# -------------------------------------------------------------------- delete
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _mounts_below(base: Path) -> list[str]:
+    prefix = str(base).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp.startswith(prefix):
+                found.append(mp)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def cleanup_dead_pod(pdir: Path) -> None:
+    """Everything a dead shim's pod leaves: VMM, mounts, cgroups, files."""
+    rec = read_record(pdir)
+    vmm_pid, vm_dir = rec.get("vmm_pid"), rec.get("vm_dir") or str(pdir / "vm")
+    if vmm_pid and vm_dir in _cmdline(vmm_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vmm_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _cmdline(vmm_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for mp in _mounts_below(pdir):
+        if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+    cgroups.remove(rec.get("cgroups_created") or [])
+    shutil.rmtree(pdir, ignore_errors=True)
+
+
+def shim_alive(rec: dict) -> bool:
+    pid = rec.get("shim_pid")
+    return bool(pid) and "ember.shim" in _cmdline(pid)
+
+
+def delete(args: ShimArgs) -> bytes:
+    """Clean up after a container whose shim is gone; the serialized DeleteResponse."""
+    bundle = Path(args.bundle or os.getcwd())
+    try:
+        pointer = json.loads((bundle / POINTER).read_text())
+        pdir = Path(pointer["pod_dir"])
+    except (OSError, ValueError, KeyError):
+        pdir = None
+        with contextlib.suppress(EmberError):
+            ann = _annotations(bundle)
+            group = ann.get(ANN_SANDBOX_ID) or args.id
+            pdir = pod_dir(load_config(), args.address, args.namespace, group)
+    pid, status, at_ns = 0, 128 + signal.SIGKILL, time.time_ns()
+    if pdir is not None and pdir.is_dir():
+        try:
+            crec = json.loads((pdir / "containers" / f"{args.id}.json").read_text())
+        except (OSError, ValueError):
+            crec = {}
+        pid = int(crec.get("pid") or 0)
+        if crec.get("status") == int(STOPPED):
+            status, at_ns = int(crec.get("exit_status", status)), int(crec.get("exited_at_ns") or at_ns)
+        if not shim_alive(read_record(pdir)):
+            cleanup_dead_pod(pdir)
+    rootfs = bundle / "rootfs"
+    if os.path.ismount(rootfs):
+        subprocess.run(["umount", "-l", str(rootfs)], capture_output=True)
+    return pb.DeleteResponse(pid=pid, exit_status=status, exited_at=timestamp(at_ns)).SerializeToString()

@@ -1,0 +1,154 @@
+"""One pod = one micro-VM, owned by the shim that serves the pod.
+
+The sandbox container (CRI's ``container-type=sandbox``, or a lone container
+from ``ctr run``) boots the VM; the pod's other containers get their disks
+hot-plugged into it. The VM is sized from the pod's resource annotations on
+top of the configured base (``[vm] vcpus`` / ``memory_mib``), and the shim
+and the VMM are moved into the pod's cgroup first so Pod Overhead pays for
+them.
+
+``pod.json`` in the pod folder records what a crashed shim leaves behind (the
+VMM pid, cgroups it created) so that ``containerd-shim-ember-v2 delete`` can
+clean up without the shim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+
+from ember.config import Config
+from ember.sandbox.vm import SandboxVM
+from ember.shim import cgroups
+from ember.util import atomic_write_json
+
+log = logging.getLogger("ember.shim.pod")
+
+ANN_TYPE = "io.kubernetes.cri.container-type"
+ANN_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+ANN_MEMORY = "io.kubernetes.cri.sandbox-memory"
+ANN_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+ANN_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+MIB = 1 << 20
+
+
+class SizeError(ValueError):
+    """A resource annotation that is not a number."""
+
+
+def _int_annotation(annotations: dict, key: str) -> int:
+    raw = annotations.get(key, "")
+    if raw in ("", None):
+        return 0
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise SizeError(f"annotation {key}={raw!r} is not an integer") from None
+
+
+def vm_size(cfg: Config, spec: dict, annotations: dict) -> tuple[int, int]:
+    """(vcpus, memory MiB): the configured base plus what the pod asks for.
+
+    A CRI pod says it in the sandbox-memory / sandbox-cpu-* annotations; a lone
+    container (``ctr run --memory-limit``) in its own linux.resources.
+    """
+    mem = _int_annotation(annotations, ANN_MEMORY)
+    quota = _int_annotation(annotations, ANN_CPU_QUOTA)
+    period = _int_annotation(annotations, ANN_CPU_PERIOD)
+    if ANN_SANDBOX_ID not in annotations:
+        res = ((spec.get("linux") or {}).get("resources") or {})
+        mem = mem or int((res.get("memory") or {}).get("limit") or 0)
+        quota = quota or int((res.get("cpu") or {}).get("quota") or 0)
+        period = period or int((res.get("cpu") or {}).get("period") or 0)
+    extra_cpus = math.ceil(quota / (period or 100000)) if quota > 0 else 0
+    vcpus = max(1, min(cfg.vm.vcpus + extra_cpus, max(os.cpu_count() or 1, cfg.vm.vcpus)))
+    memory = cfg.vm.memory_mib + (max(mem, 0) + MIB - 1) // MIB
+    return vcpus, memory
+
+
+class Pod:
+    """The VM of one pod and the host resources around it."""
+
+    def __init__(self, cfg: Config, pod_dir: Path, group_id: str) -> None:
+        self.cfg = cfg
+        self.dir = pod_dir
+        self.group_id = group_id
+        self.vm: SandboxVM | None = None
+        self.cgroups_created: list[str] = []
+        self.cgroup: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self.vm is not None and self.vm.agent is not None
+
+    @property
+    def agent(self):
+        if self.vm is None or self.vm.agent is None:
+            return None
+        return self.vm.agent
+
+    @property
+    def vmm_pid(self) -> int | None:
+        return self.vm.vmm.pid if self.vm is not None and self.vm.vmm is not None else None
+
+    def record(self) -> None:
+        atomic_write_json(self.dir / "pod.json", {
+            "shim_pid": os.getpid(),
+            "vmm_pid": self.vmm_pid,
+            "vm_dir": str(self.dir / "vm"),
+            "cgroup": self.cgroup,
+            "cgroups_created": self.cgroups_created,
+        })
+
+    def boot(self, spec: dict, annotations: dict) -> None:
+        """Size, place in the pod cgroup, and boot the VM; returns once the agent answers."""
+        vcpus, memory = vm_size(self.cfg, spec, annotations)
+        self.cgroup = cgroups.pod_cgroup((spec.get("linux") or {}).get("cgroupsPath") or "")
+        if self.cgroup:
+            # The VMM inherits the shim's cgroups when it is forked.
+            self.cgroups_created = cgroups.enter(self.cgroup, [os.getpid()])
+        self.record()
+        vm = SandboxVM(self.cfg, self.group_id, self.dir / "vm", vcpus, memory)
+        self.vm = vm
+        try:
+            vm.boot()
+        except BaseException:
+            self.vm = None
+            self._release_cgroups()
+            self.record()
+            raise
+        if self.cgroup and vm.vmm is not None and vm.vmm.pid:
+            cgroups.enter(self.cgroup, [vm.vmm.pid])
+        self.record()
+        log.info("pod VM %s up: %d vCPU, %d MiB, vmm pid %s, restored=%s", self.group_id[:12],
+                 vcpus, memory, self.vmm_pid, vm.restored)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            vm, self.vm = self.vm, None
+        if vm is not None:
+            try:
+                vm.shutdown(timeout=3.0)
+            except Exception:  # noqa: BLE001 - make sure the VMM is gone whatever happened
+                log.exception("VM shutdown failed; killing it")
+                vm.kill()
+        self._release_cgroups()
+        self.record()
+
+    def _release_cgroups(self) -> None:
+        if self.cgroups_created:
+            cgroups.leave(os.getpid())
+            cgroups.remove(self.cgroups_created)
+            self.cgroups_created = []
+
+
+def read_record(pod_dir: Path) -> dict:
+    try:
+        return json.loads((pod_dir / "pod.json").read_text())
+    except (OSError, ValueError):
+        return {}
