@@ -610,3 +610,29 @@ def test_kube_api_options_are_checked(tls, tmp_path):
                          env={k: v for k, v in os.environ.items()
                               if k != "KUBERNETES_SERVICE_HOST"})
     _one_line_error(res, "not in a cluster")
+
+
+def test_sigterm_stops_the_server_cleanly(tls, tmp_path):
+    port = free_port()
+    log = tmp_path / "w.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ember.k8s", "webhook", "--tls-cert", str(tls["cert"]),
+             "--tls-key", str(tls["key"]), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                requests.get(url + "/healthz", verify=str(tls["ca"]), timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert post(url, tls, make_review(make_pod()))["allowed"] is True
+        proc.terminate()
+        assert proc.wait(15) == 0, log.read_text()
+        assert "webhook stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -153,7 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
 class WebhookServer(ThreadingHTTPServer):
     """HTTPS admission server; TLS is wrapped per connection, in its thread."""
 
-    daemon_threads = True
+    # On shutdown, let in-flight reviews finish (sockets time out, so this is bounded).
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], ctx: ssl.SSLContext, policy: Policy,
@@ -203,9 +207,14 @@ def serve(host: str, port: int, ctx: ssl.SSLContext, policy: Policy, labels_sour
     print(f"ember webhook listening on https://{host}:{bound}", file=sys.stderr, flush=True)
     if isinstance(labels_source, NoNamespaces):
         log.warning("no namespace label source: namespace labels and rules will not match")
+    # SIGTERM (what the kubelet sends) stops accepting, then drains; shutdown()
+    # must run off the serving thread or it waits for itself.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+    log.info("webhook stopped")
