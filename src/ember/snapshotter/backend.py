@@ -132,14 +132,14 @@ class ReflinkBackend(Backend):
         self._publish(self.path(parent), sid)
 
     def _publish(self, src: Path, sid: int) -> None:
-        # Clone under a temporary name, then rename: a crash leaves either no
-        # image or a whole one, never a half-cloned file under the real name.
-        tmp = self.images / f".{sid}.ext4.tmp"
+        # The id is fresh from the database, so a file already under its name
+        # is an orphan of a crash. FICLONE is atomic and clone_file fsyncs, and
+        # a crash before the caller's transaction commits leaves a file with no
+        # row, which recovery deletes: no temporary name is needed.
+        dst = self.path(sid)
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        clone_file(src, tmp)
-        os.replace(tmp, self.path(sid))
-        _fsync_dir(self.images)
+            dst.unlink()
+        clone_file(src, dst)
 
     def remove(self, sid: int) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -190,14 +190,6 @@ class ReflinkBackend(Backend):
             if host_free < free:
                 free, where = host_free, str(self.pool.root)
         return free, where
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_disk_full(exc: BaseException) -> bool:
