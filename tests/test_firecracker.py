@@ -211,7 +211,8 @@ def test_restore_from_something_that_is_not_a_snapshot(env):
     vm = env.vm("r", restore_from=bogus)
     with pytest.raises(VMError, match=r"bogus.snap is not an Ember Firecracker snapshot"):
         vm.start()
-    assert vm.exited()
+    assert vm.pid is None  # found out before any process was started
+    assert not (env.root / "r" / "fc-drives").exists()
 
 
 def test_refused_request_becomes_a_one_line_error_and_nothing_is_left(env):

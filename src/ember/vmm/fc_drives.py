@@ -71,6 +71,8 @@ class Slot:
     placeholder: Path
     owner: str | None = None  # the Ember drive id patched in, if any
     path: Path | None = None
+    api_path: str = ""  # the placeholder as Firecracker names it (host or jail path)
+    drive_api: str = ""  # the attached disk as Firecracker names it
 
 
 class PlaceholderPool:
@@ -98,7 +100,7 @@ class PlaceholderPool:
 
     def put_bodies(self) -> list[dict]:
         """``PUT /drives/phN`` bodies: read-write, so any image can be patched in later."""
-        return [{"drive_id": s.drive_id, "path_on_host": str(s.placeholder),
+        return [{"drive_id": s.drive_id, "path_on_host": s.api_path or str(s.placeholder),
                  "is_root_device": False, "is_read_only": False} for s in self.slots]
 
     def find(self, owner: str) -> Slot | None:
@@ -123,8 +125,5 @@ class PlaceholderPool:
         slot = self.find(owner)
         if slot is not None:
             slot.owner = slot.path = None
+            slot.drive_api = ""
         return slot
-
-    def to_json(self) -> list[dict]:
-        return [{"drive_id": s.drive_id, "owner": s.owner,
-                 "path": str(s.path) if s.path else None} for s in self.slots]

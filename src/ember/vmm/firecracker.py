@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from ember.errors import VMError
 from ember.util import atomic_write_json
-from ember.vmm import fc_drives, fc_kernel, vsock
+from ember.vmm import fc_drives, fc_jail, fc_kernel, vsock
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 from ember.vmm.fc_api import FirecrackerAPI, one_line
 
@@ -81,52 +82,63 @@ class FirecrackerVMM(VMM):
 
             placeholder_drives = load_config().vm.fc_placeholder_drives
         self.options = options or FirecrackerOptions()
-        self.api_socket = spec.work_dir / "firecracker.sock"
+        self.layout = (fc_jail.JailLayout(binary, spec.work_dir, spec.jailer, spec.vm_id)
+                       if spec.jailer is not None else fc_jail.DirectLayout(binary, spec.work_dir))
+        self.api_socket = self.layout.api_socket
+        self.vsock_api, self.vsock_host = self.layout.vsock(spec.agent_socket)
         self.api = FirecrackerAPI(str(self.api_socket), api_timeout, alive=self._check_alive)
         self.pool = fc_drives.PlaceholderPool(spec.work_dir / "fc-drives", placeholder_drives)
         self._proc: subprocess.Popen | None = None
+        self._paths: dict[str, str] = {}  # what Firecracker opens, by role, as it names them
+        self._boot_drives: list[dict] = []
         self._boot_devices: dict[str, GuestDevice] = {}
+        self._meta: dict = {}
         self._started = False
         self._paused = False
 
     # ------------------------------------------------------------ lifecycle
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.layout.vmm_pid(self._proc) if self._proc is not None else None
 
     def argv(self) -> list[str]:
-        return [self.binary, "--api-sock", str(self.api_socket), "--id", _fc_id(self.spec.vm_id)]
+        return self.layout.argv(_fc_id(self.spec.vm_id))
 
     def start(self) -> None:
         s = self.spec
-        if s.jailer is not None:
-            raise VMError("running Firecracker under ember-jailer is not supported by this "
-                          "driver yet (set jailer.enabled = false)")
-        for sock in (self.api_socket, s.agent_socket):
+        for sock in (self.api_socket, self.vsock_host):
             if len(str(sock)) > MAX_UNIX_PATH:
                 raise VMError(f"socket path too long for a Unix socket: {sock}")
         s.work_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.api_socket, s.agent_socket):
+        for stale in (self.api_socket, self.vsock_host):
             stale.unlink(missing_ok=True)
         for name in ("firecracker.log", "metrics.json"):
             (s.work_dir / name).touch()  # Firecracker opens them, it does not create them
+        try:
+            self._plan()
+        except BaseException:
+            self._cleanup()
+            raise
+        argv = self.argv()
         console = open(s.console_log, "ab")
         errlog = open(s.work_dir / "vmm.log", "ab")
         try:
             self._proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=console, stderr=errlog,
+                argv, stdin=subprocess.DEVNULL, stdout=console, stderr=errlog,
                 start_new_session=True, close_fds=True,
             )
         except (FileNotFoundError, PermissionError) as exc:
-            raise VMError(f"Firecracker binary {self.binary!r} cannot be run ({exc.strerror}); "
-                          "set vm.firecracker_binary or EMBER_FIRECRACKER_BIN") from None
+            self._cleanup()
+            raise VMError(f"{'ember-jailer' if self.layout.jailed else 'Firecracker binary'} "
+                          f"{argv[0]!r} cannot be run ({exc.strerror}); set "
+                          "vm.firecracker_binary or EMBER_FIRECRACKER_BIN") from None
         finally:
             console.close()
             errlog.close()
         try:
             self.api.wait_ready(START_TIMEOUT)
             if s.restore_from is not None:
-                self._restore(s.restore_from)
+                self._restore()
             else:
                 self._configure()
                 self.api.put("/actions", {"action_type": "InstanceStart"})
@@ -135,28 +147,74 @@ class FirecrackerVMM(VMM):
             self.kill()
             raise
 
+    def _plan(self) -> None:
+        """Decide every file Firecracker will open, and put it where it can (before exec)."""
+        s, place, w = self.spec, self.layout.place, self.spec.work_dir
+        p = {"log": place(w / "firecracker.log", "/firecracker.log", True),
+             "metrics": place(w / "metrics.json", "/metrics.json", True)}
+        if s.restore_from is None:
+            kernel = fc_kernel.loadable_kernel(s.kernel, w)
+            p["kernel"] = place(kernel, "/boot/vmlinux")
+            p["initrd"] = place(s.initrd, "/boot/initrd.img")
+            p["rootfs"] = place(s.rootfs, "/rootfs.ext4")
+            for i, drive in enumerate(s.drives):
+                _check_raw(drive)
+                api = place(drive.path, f"/boot-drives/boot{i}", not drive.readonly)
+                self._boot_drives.append({"drive_id": f"boot{i}", "path": str(drive.path),
+                                          "api_path": api, "readonly": drive.readonly})
+                self._boot_devices[drive.drive_id] = fc_drives.guest_device(drive.path)
+        else:
+            self._plan_restore(p)
+        self.pool.create_files()
+        for slot in self.pool.slots:
+            slot.api_path = place(slot.placeholder, f"/drives/{slot.drive_id}.img", True)
+        self._paths = p
+
+    def _plan_restore(self, p: dict[str, str]) -> None:
+        s, place = self.spec, self.layout.place
+        state, mem, meta_path = snapshot_files(Path(s.restore_from))
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            raise VMError(f"{s.restore_from} is not an Ember Firecracker snapshot "
+                          f"({meta_path.name} is missing or unreadable)") from None
+        if meta.get("jailed", False) != self.layout.jailed:
+            raise VMError(f"snapshot {state} was taken {'in' if meta.get('jailed') else 'outside'}"
+                          " a jail and must be restored the same way")
+        stage, _ = self.layout.stage_dir(state.parent)
+        p["state"] = place(state, f"{stage}/{state.name}")
+        p["mem"] = place(mem, f"{stage}/{mem.name}")
+        place(s.rootfs, "/rootfs.ext4")  # the snapshot's devices name these paths
+        for drive in meta.get("boot_drives", []):
+            place(Path(drive["path"]), drive["api_path"], not drive["readonly"])
+        self.pool = fc_drives.PlaceholderPool(self.pool.directory, len(meta["placeholders"]))
+        for slot, saved in zip(self.pool.slots, meta["placeholders"], strict=True):
+            if saved.get("owner"):
+                place(Path(saved["path"]), saved["api_path"], True)
+                slot.owner, slot.path = saved["owner"], Path(saved["path"])
+                slot.drive_api = saved["api_path"]
+            else:
+                beside = state.with_name(f"{state.name}.{slot.drive_id}")
+                place(beside, saved["api_path"], True)
+        self._boot_devices = {k: GuestDevice(*v) for k, v in meta.get("boot_devices", {}).items()}
+        self._meta = meta
+
     def _configure(self) -> None:
-        s, o, api = self.spec, self.options, self.api
+        s, o, api, p = self.spec, self.options, self.api, self._paths
         self._put_logging()
         api.put("/machine-config", {"vcpu_count": s.vcpus, "mem_size_mib": s.memory_mib,
                                     "smt": False})
-        kernel = fc_kernel.loadable_kernel(s.kernel, s.work_dir)
-        api.put("/boot-source", {"kernel_image_path": str(kernel),
-                                 "initrd_path": str(s.initrd),
+        api.put("/boot-source", {"kernel_image_path": p["kernel"], "initrd_path": p["initrd"],
                                  "boot_args": f"{s.cmdline} {EXTRA_BOOT_ARGS}".strip()})
-        api.put("/drives/root", {"drive_id": "root", "path_on_host": str(s.rootfs),
+        api.put("/drives/root", {"drive_id": "root", "path_on_host": p["rootfs"],
                                  "is_root_device": True, "is_read_only": True})
-        for i, drive in enumerate(s.drives):
-            _check_raw(drive)
-            fc_id = f"boot{i}"
-            api.put(f"/drives/{fc_id}", {"drive_id": fc_id, "path_on_host": str(drive.path),
-                                         "is_root_device": False,
-                                         "is_read_only": drive.readonly})
-            self._boot_devices[drive.drive_id] = fc_drives.guest_device(drive.path)
-        self.pool.create_files()
+        for drive in self._boot_drives:
+            api.put(f"/drives/{drive['drive_id']}", {
+                "drive_id": drive["drive_id"], "path_on_host": drive["api_path"],
+                "is_root_device": False, "is_read_only": drive["readonly"]})
         for body in self.pool.put_bodies():
             api.put(f"/drives/{body['drive_id']}", body)
-        api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": str(s.agent_socket)})
+        api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": self.vsock_api})
         if o.entropy:
             api.put("/entropy", {})
         for iface in o.network_interfaces:
@@ -172,10 +230,9 @@ class FirecrackerVMM(VMM):
             api.put("/mmds", o.mmds)
 
     def _put_logging(self) -> None:
-        w = self.spec.work_dir
-        self.api.put("/logger", {"log_path": str(w / "firecracker.log"),
+        self.api.put("/logger", {"log_path": self._paths["log"],
                                  "level": self.options.log_level, "show_level": True})
-        self.api.put("/metrics", {"metrics_path": str(w / "metrics.json")})
+        self.api.put("/metrics", {"metrics_path": self._paths["metrics"]})
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -204,9 +261,12 @@ class FirecrackerVMM(VMM):
         slot = self.pool.acquire(drive.drive_id, drive.path)
         try:
             dev = fc_drives.guest_device(drive.path)
+            slot.drive_api = self.layout.attach(drive.path)
             self.api.patch(f"/drives/{slot.drive_id}",
-                           {"drive_id": slot.drive_id, "path_on_host": str(drive.path)})
+                           {"drive_id": slot.drive_id, "path_on_host": slot.drive_api})
         except BaseException:
+            if slot.drive_api:
+                self.layout.detach(slot.drive_api)
             self.pool.release(drive.drive_id)
             raise
         return dev
@@ -222,13 +282,14 @@ class FirecrackerVMM(VMM):
         try:
             if not self.exited():
                 self.api.patch(f"/drives/{slot.drive_id}",
-                               {"drive_id": slot.drive_id, "path_on_host": str(slot.placeholder)})
+                               {"drive_id": slot.drive_id, "path_on_host": slot.api_path})
         finally:
+            self.layout.detach(slot.drive_api)
             self.pool.release(drive_id)
 
     # --------------------------------------------------------------- agent
     def connect_agent(self, timeout: float) -> socket.socket:
-        return vsock.connect(str(self.spec.agent_socket), vsock.AGENT_PORT, timeout,
+        return vsock.connect(str(self.vsock_host), vsock.AGENT_PORT, timeout,
                              alive=self._check_alive)
 
     # ---------------------------------------------------- pause / snapshot
@@ -241,62 +302,59 @@ class FirecrackerVMM(VMM):
         self._paused = False
 
     def save_snapshot(self, path: Path) -> None:
-        """Full snapshot of the paused VM: ``path``, ``path.mem`` and ``path.ember.json``.
+        """Full snapshot of the paused VM: ``path``, ``path.mem``, ``path.ember.json``, ``path.phN``.
 
         Free placeholder slots are first re-pointed at placeholder files kept
-        beside the snapshot, so loading it never depends on this VM's work dir.
+        beside the snapshot, so loading it never depends on this VM's files.
         """
         state, mem, meta = snapshot_files(Path(path))
         state.parent.mkdir(parents=True, exist_ok=True)
+        stage_api, stage_host = self.layout.stage_dir(state.parent)
         if not self._paused:
             self.pause()
         slots = []
         for slot in self.pool.slots:
-            if slot.owner is None:
-                keep = state.with_name(f"{state.name}.{slot.drive_id}")
-                fc_drives.write_placeholder(keep)
-                self.api.patch(f"/drives/{slot.drive_id}",
-                               {"drive_id": slot.drive_id, "path_on_host": str(keep)})
-            slots.append({"drive_id": slot.drive_id, "owner": slot.owner,
-                          "path": str(slot.path) if slot.path else None})
-        tmp_state = state.with_name(f".{state.name}.tmp")
-        tmp_mem = mem.with_name(f".{mem.name}.tmp")
+            if slot.owner is not None:
+                slots.append({"drive_id": slot.drive_id, "owner": slot.owner,
+                              "path": str(slot.path), "api_path": slot.drive_api})
+                continue
+            name = f"{state.name}.{slot.drive_id}"
+            fc_drives.write_placeholder(stage_host / name)
+            self.layout.own(stage_host / name)
+            if stage_host != state.parent:
+                fc_drives.write_placeholder(state.parent / name)
+            api_path = f"{stage_api}/{name}"
+            self.api.patch(f"/drives/{slot.drive_id}",
+                           {"drive_id": slot.drive_id, "path_on_host": api_path})
+            slots.append({"drive_id": slot.drive_id, "owner": None, "api_path": api_path})
+        tmp_state, tmp_mem = f".{state.name}.tmp", f".{mem.name}.tmp"
         try:
             self.api.request("PUT", "/snapshot/create",
-                             {"snapshot_type": "Full", "snapshot_path": str(tmp_state),
-                              "mem_file_path": str(tmp_mem)}, timeout=120)
-            os.replace(tmp_mem, mem)
-            os.replace(tmp_state, state)
+                             {"snapshot_type": "Full",
+                              "snapshot_path": f"{stage_api}/{tmp_state}",
+                              "mem_file_path": f"{stage_api}/{tmp_mem}"}, timeout=120)
+            shutil.move(stage_host / tmp_mem, mem)
+            shutil.move(stage_host / tmp_state, state)
         finally:
-            tmp_state.unlink(missing_ok=True)
-            tmp_mem.unlink(missing_ok=True)
-        atomic_write_json(meta, {"hypervisor": "firecracker", "placeholders": slots,
+            (stage_host / tmp_state).unlink(missing_ok=True)
+            (stage_host / tmp_mem).unlink(missing_ok=True)
+        atomic_write_json(meta, {"hypervisor": "firecracker", "jailed": self.layout.jailed,
+                                 "placeholders": slots, "boot_drives": self._boot_drives,
                                  "boot_devices": {k: [v.kind, v.address]
                                                   for k, v in self._boot_devices.items()}})
 
-    def _restore(self, path: Path) -> None:
-        state, mem, meta_path = snapshot_files(Path(path))
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            raise VMError(f"{path} is not an Ember Firecracker snapshot "
-                          f"({meta_path.name} is missing or unreadable)") from None
-        self.pool = fc_drives.PlaceholderPool(self.pool.directory, len(meta["placeholders"]))
-        self._boot_devices = {k: GuestDevice(*v) for k, v in meta.get("boot_devices", {}).items()}
+    def _restore(self) -> None:
         self._put_logging()
         self.api.request("PUT", "/snapshot/load", {
-            "snapshot_path": str(state),
-            "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
+            "snapshot_path": self._paths["state"],
+            "mem_backend": {"backend_type": "File", "backend_path": self._paths["mem"]},
             "resume_vm": False,
-            "vsock_override": {"uds_path": str(self.spec.agent_socket)},
+            "vsock_override": {"uds_path": self.vsock_api},
         }, timeout=120)
-        self.pool.create_files()
-        for slot, saved in zip(self.pool.slots, meta["placeholders"], strict=True):
-            if saved.get("owner"):
-                slot.owner, slot.path = saved["owner"], Path(saved["path"])
-            else:
+        for slot in self.pool.slots:
+            if slot.owner is None:
                 self.api.patch(f"/drives/{slot.drive_id}",
-                               {"drive_id": slot.drive_id, "path_on_host": str(slot.placeholder)})
+                               {"drive_id": slot.drive_id, "path_on_host": slot.api_path})
         self.resume()
 
     # ----------------------------------------------------------------- stop
@@ -312,20 +370,29 @@ class FirecrackerVMM(VMM):
         self._cleanup()
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self._proc.kill()
-            self._proc.wait()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            if self.layout.jailed:  # the jailer supervisor removes the jail once its VMM dies
+                self.layout.kill_vmm()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    proc.kill()
+            proc.wait()
         self._cleanup()
 
     def _cleanup(self) -> None:
         """Remove what this driver created; only once the process is gone."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        for path in (self.api_socket, self.spec.agent_socket):
+        for path in (self.api_socket, self.vsock_host):
             path.unlink(missing_ok=True)
+        self.layout.cleanup()
         self.pool.remove_files()
 
     def wait(self, timeout: float | None = None) -> int | None:
