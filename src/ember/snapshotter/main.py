@@ -55,12 +55,13 @@ def _lock(root: Path) -> int:
               help="Directory for snapshot images and metadata.")
 @click.option("--address", type=click.Path(dir_okay=False, path_type=Path),
               help="Unix socket to serve gRPC on.")
-@click.option("--image-size", default=str(DEFAULT_IMAGE_SIZE), callback=_size,
+@click.option("--image-size", default=f"{DEFAULT_IMAGE_SIZE >> 30}g", callback=_size,
               show_default=True, help="Size of each (sparse) ext4 image, e.g. 10g.")
 @click.option("--pool-size", default=None, callback=_size,
               help="Size of the sparse XFS pool made when --root has no reflinks "
                    "(default: 90% of the free space).")
-@click.option("--min-free", default=str(DEFAULT_MIN_FREE), callback=_size, show_default=True,
+@click.option("--min-free", default=f"{DEFAULT_MIN_FREE >> 20}m", callback=_size,
+              show_default=True,
               help="Refuse new snapshots when less than this is free.")
 @click.option("--release", is_flag=True, help="Unmount the pool under --root and exit.")
 @click.option("--log-level", default="info",
