@@ -478,11 +478,18 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def write_fake_binary(directory: Path, name: str = "firecracker") -> Path:
-    """An executable ``firecracker`` that runs this fake with the current interpreter."""
+def write_fake_binary(directory: Path, name: str = "firecracker",
+                      env: dict[str, str] | None = None) -> Path:
+    """An executable ``firecracker`` that runs this fake with the current interpreter.
+
+    ``env`` is written into the script, for runs where the environment does
+    not reach it (ember-jailer execs the VMM with an empty one).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text(f"#!{sys.executable}\nimport sys\n"
+    preset = (f"import json, os\nos.environ.update(json.loads({json.dumps(env)!r}))\n"
+              if env else "")
+    path.write_text(f"#!{sys.executable}\nimport sys\n{preset}"
                     "from ember.testing.fc_fake import main\nsys.exit(main())\n")
     path.chmod(0o755)
     return path

@@ -1,0 +1,169 @@
+"""The Firecracker driver through ember-jailer, against the fake in a real jail.
+
+ember-jailer builds ``<base>/firecracker/<id>/root``, binds what the driver
+placed, drops to an unprivileged uid in a chroot and execs the fake
+``firecracker`` (whose interpreter and code are bound in read-only). So every
+path the driver sends must be a jail path that exists for that uid, the
+sockets must be reached through the jail directory, a container disk must be
+hard-linked in after start — and a snapshot taken in one jail must load in
+another. Seccomp is off: the allow-list is Firecracker's, not Python's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import ember
+from ember.agent.client import AgentClient
+from ember.errors import VMError
+from ember.jailer.api import JailSpec, Placement
+from ember.testing.fc_fake import read_log, write_fake_binary
+from ember.vmm import fc_drives
+from ember.vmm.base import Drive, VMSpec
+from ember.vmm.fc_contract import default_spec_path
+from ember.vmm.fc_contract import load as load_contract
+from ember.vmm.firecracker import FirecrackerVMM
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(os.geteuid() != 0, reason="ember-jailer needs root"),
+    pytest.mark.skipif(not default_spec_path().exists(),
+                       reason=f"Firecracker API description not found at {default_spec_path()}"),
+]
+
+UID = 100123
+
+
+def _ro(path: str, at: str | None = None) -> Placement:
+    return Placement(path, at or path, "bind")
+
+
+@pytest.fixture
+def jail_env(tmp_path_factory):
+    """A jail template able to run the Python fake, and a real agent behind its vsock."""
+    root = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))
+    os.chmod(root, 0o755)
+    logdir = root / "log"
+    logdir.mkdir()
+    agent_dir = root / "agent"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.agent", "--listen-unix", str(agent_dir / "a.sock"),
+         "--base-dir", str(agent_dir / "base")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline().strip() == b"EMBER-AGENT-READY"  # type: ignore[union-attr]
+        os.chmod(agent_dir / "a.sock", 0o666)
+        src = str(Path(ember.__file__).resolve().parents[1])
+        binary = write_fake_binary(root / "bin", env={
+            "EMBER_FC_FAKE_LOG": "/log/requests.jsonl",
+            "EMBER_FC_FAKE_GUEST": "1024=/guest/agent.sock",
+            "EMBER_FC_SPEC": "/spec/firecracker.yaml"})
+        template = JailSpec(
+            id="x", exec_file=str(binary), uid=UID, gid=UID, chroot_base_dir=str(root / "jails"),
+            seccomp="off", parent_cgroup="ember-test-fc",
+            files=[_ro("/usr"), _ro("/usr/lib", "/lib"), _ro("/usr/lib64", "/lib64"),
+                   _ro(str(Path(sys.prefix))), _ro(src),
+                   _ro(str(default_spec_path()), "/spec/firecracker.yaml"),
+                   _ro(str(agent_dir / "a.sock"), "/guest/agent.sock"),
+                   Placement(str(logdir), "/log", "bind", writable=True)])
+        for name in ("vmlinux", "initrd.img", "rootfs.ext4"):
+            (root / name).write_bytes((b"\x7fELF" if name == "vmlinux" else b"") + b"\0" * 8188)
+        yield root, template, binary
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        leftover = list((root / "jails").glob("*/*")) if (root / "jails").exists() else []
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+        assert leftover == [], f"jails left behind: {leftover}"
+
+
+def _spec(root: Path, template: JailSpec, name: str, **kw) -> VMSpec:
+    return VMSpec(vm_id=f"t-{name}", kernel=root / "vmlinux", initrd=root / "initrd.img",
+                  rootfs=root / "rootfs.ext4", cmdline="console=ttyS0",
+                  work_dir=root / name, jailer=template, **kw)
+
+
+def test_jailed_life_snapshot_and_restore(jail_env):
+    root, template, binary = jail_env
+    vm = FirecrackerVMM(_spec(root, template, "a"), binary=str(binary), placeholder_drives=2)
+    restored = None
+    try:
+        vm.start()
+        jail = root / "jails" / "firecracker" / "t-a" / "root"
+        assert vm.api_socket == jail / "run" / "firecracker.sock"
+        assert vm.pid and vm.pid != vm._proc.pid  # the VMM, not the jailer supervising it
+        assert os.stat(f"/proc/{vm.pid}").st_uid == UID
+        with AgentClient(vm.connect_agent(timeout=10)) as agent:
+            assert agent.wait_ready(10).agent_version
+
+        disk = root / "disk.img"
+        disk.write_bytes(b"\0" * (1 << 20))
+        dev = vm.add_drive(Drive("c1", disk))
+        assert dev.address == f"{fc_drives.disk_serial(disk)}:2048"  # hard link: same inode
+        assert disk.stat().st_uid == UID and disk.stat().st_nlink == 2
+        vm.remove_drive("c1")
+        assert disk.stat().st_uid == 0 and disk.stat().st_nlink == 1  # given back
+
+        snap = root / "snaps" / "a.snap"
+        vm.save_snapshot(snap)
+        assert snap.exists() and snap.with_name("a.snap.mem").exists()
+        vm.kill()
+        assert not jail.exists()  # the jailer removed its jail
+
+        restored = FirecrackerVMM(_spec(root, template, "b", restore_from=snap),
+                                  binary=str(binary), placeholder_drives=2)
+        restored.start()
+        with AgentClient(restored.connect_agent(timeout=10)) as agent:
+            assert agent.wait_ready(10).agent_version
+        restored.stop(timeout=5)
+        assert restored.exited()
+    finally:
+        vm.kill()
+        if restored is not None:
+            restored.kill()
+
+    reqs = read_log(root / "log" / "requests.jsonl")
+    refused = [(r["method"], r["path"], r["fault"]) for r in reqs if r["status"] >= 300]
+    assert refused == []
+    contract = load_contract()
+    for r in reqs:
+        contract.check(r["method"], r["path"], r["body"])
+    paths = [r["body"].get("path_on_host") for r in reqs if r["path"].startswith("/drives/")]
+    assert paths and all(p.startswith(("/rootfs", "/drives/", "/snapshot/")) for p in paths)
+    load = next(r["body"] for r in reqs if r["path"] == "/snapshot/load")
+    assert load["snapshot_path"] == "/snapshot/a.snap"
+    assert load["vsock_override"] == {"uds_path": "/run/agent.sock"}
+
+
+def test_jailed_disk_on_another_file_system_is_refused_clearly(jail_env):
+    root, template, binary = jail_env
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(root).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    vm = FirecrackerVMM(_spec(root, template, "x"), binary=str(binary), placeholder_drives=1)
+    other = Path(tempfile.mkdtemp(dir="/dev/shm")) / "disk.img"
+    other.write_bytes(b"\0" * 4096)
+    try:
+        vm.start()
+        with pytest.raises(VMError, match="same file system as jailer.chroot_base_dir"):
+            vm.add_drive(Drive("c1", other))
+        assert vm.pool.find("c1") is None
+    finally:
+        vm.kill()
+        shutil.rmtree(other.parent)
+
+
+def test_bad_jailer_settings_fail_at_start_with_the_jailers_words(jail_env):
+    root, template, binary = jail_env
+    template.uid = template.gid = 0  # the jailer refuses root unless allowed
+    vm = FirecrackerVMM(_spec(root, template, "r"), binary=str(binary), placeholder_drives=1)
+    with pytest.raises(VMError, match=r"exited with code 125: .*--uid 0"):
+        vm.start()
+    assert vm.exited()
