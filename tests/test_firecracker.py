@@ -135,9 +135,14 @@ def accepted(env: Env) -> list[str]:
 
 
 def test_whole_life_in_an_order_firecracker_accepts(env):
-    vm = env.vm(placeholders=2)
+    vm = FirecrackerVMM(env.spec("vm", vcpus=2), binary=env.binary, placeholder_drives=2)
+    env.vms.append(vm)
+    vm.spec.vm_id = "t_vm.1"  # Firecracker's --id takes letters, digits and '-' only
     vm.start()
     assert vm.pid and not vm.exited()
+    assert vm.api.get("/") == {"app_name": "Firecracker", "id": "t-vm-1", "state": "Running",
+                               "vmm_version": "1.16.1"}
+    assert vm.api.get("/machine-config")["vcpu_count"] == 2
     with AgentClient(vm.connect_agent(timeout=10)) as agent:
         details = agent.wait_ready(10)
         assert details.agent_version  # a real agent answered through CONNECT 1024 / OK
@@ -163,7 +168,7 @@ def test_whole_life_in_an_order_firecracker_accepts(env):
     assert set(calls[3:start]) >= {"PUT /machine-config", "PUT /boot-source",
                                    "PUT /drives/root", "PUT /drives/ph0", "PUT /drives/ph1",
                                    "PUT /vsock"}
-    assert all(c.startswith(("PATCH", "PUT /actions")) for c in calls[start:])
+    assert all(c.startswith(("PATCH", "PUT /actions", "GET")) for c in calls[start:])
     patches = [r for r in env.requests() if r["method"] == "PATCH"
                and r["path"].startswith("/drives/")]
     assert [(p["path"], Path(p["body"]["path_on_host"]).name) for p in patches] == [

@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"Firecracker v{VERSION} (ember test fake: serves the API, runs no VM)")
         return 0
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", args.id):
+        print(f"Invalid instance ID: {args.id}", file=sys.stderr)
+        return 1
     if not args.api_sock:
         print("Arguments parsing error: this fake needs --api-sock", file=sys.stderr)
         return 153

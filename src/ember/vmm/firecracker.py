@@ -18,6 +18,8 @@ network, balloon and MMDS, and finally ``InstanceStart``.
 Files in ``work_dir``: ``firecracker.sock`` (API), ``agent.sock`` (vsock),
 ``console.log`` (guest serial, Firecracker's stdout), ``vmm.log`` (its
 stderr), ``firecracker.log`` (its logger), ``metrics.json``, ``fc-drives/``.
+Under ember-jailer (``VMSpec.jailer``) the sockets live in the jail and every
+path Firecracker is given is a jail path (:mod:`ember.vmm.fc_jail`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ SNAPSHOT_META_SUFFIX = ".ember.json"
 
 
 def _fc_id(text: str) -> str:
-    """Firecracker resource ids: alphanumerics and underscores, at most 64."""
+    """Firecracker resource ids (drives, interfaces): alphanumerics and underscores, <= 64."""
     return re.sub(r"[^A-Za-z0-9_]", "_", text)[:64]
+
+
+def _instance_id(text: str) -> str:
+    """Firecracker's ``--id``: alphanumerics and hyphens, at most 64."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", text)[:64]
 
 
 def snapshot_files(path: Path) -> tuple[Path, Path, Path]:
@@ -102,7 +109,7 @@ class FirecrackerVMM(VMM):
         return self.layout.vmm_pid(self._proc) if self._proc is not None else None
 
     def argv(self) -> list[str]:
-        return self.layout.argv(_fc_id(self.spec.vm_id))
+        return self.layout.argv(_instance_id(self.spec.vm_id))
 
     def start(self) -> None:
         s = self.spec
