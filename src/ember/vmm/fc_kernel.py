@@ -71,10 +71,12 @@ def _decompress(payload: bytes, name: str) -> bytes:
 
 def loadable_kernel(kernel: Path, fallback_dir: Path) -> Path:
     """An ELF kernel Firecracker can load: ``kernel`` itself, or the ELF extracted from it."""
-    with open(kernel, "rb") as f:
-        if f.read(4) == ELF_MAGIC:
-            return kernel
-    image = kernel.read_bytes()
+    try:
+        image = kernel.read_bytes()
+    except OSError as exc:
+        raise VMError(f"kernel {kernel}: {exc.strerror}") from None
+    if image[:4] == ELF_MAGIC:
+        return kernel
     digest = hashlib.sha256(image).hexdigest()[:16]
     name = f"fc-vmlinux-{digest}"
     for directory in (kernel.parent, fallback_dir):

@@ -182,7 +182,9 @@ class FirecrackerVMM(VMM):
         state, mem, meta_path = snapshot_files(Path(s.restore_from))
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+            if not isinstance(meta.get("placeholders"), list):
+                raise ValueError("no placeholder layout")
+        except (OSError, ValueError, AttributeError):
             raise VMError(f"{s.restore_from} is not an Ember Firecracker snapshot "
                           f"({meta_path.name} is missing or unreadable)") from None
         if meta.get("jailed", False) != self.layout.jailed:
