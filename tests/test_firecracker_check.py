@@ -63,7 +63,7 @@ def test_the_test_fake_is_not_mistaken_for_firecracker(run_check, tmp_path):
 
 def test_kvm_check_opens_the_device_for_real(tmp_path):
     missing = check_kvm(str(tmp_path / "kvm"))
-    assert missing.status == "missing" and "No such file" in missing.detail
+    assert missing.status == "missing" and "does not exist" in missing.detail
     not_kvm = tmp_path / "not-kvm"
     not_kvm.write_bytes(b"")
     broken = check_kvm(str(not_kvm))

@@ -55,8 +55,10 @@ def check_kvm(device: str = "/dev/kvm") -> Check:
     """Open /dev/kvm and create (and drop) one VM: presence alone proves nothing."""
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Check("kvm", "missing", f"{device} does not exist")
     except OSError as exc:
-        return Check("kvm", "missing", f"{device}: {exc.strerror}")
+        return Check("kvm", "error", f"{device} cannot be opened: {exc.strerror}")
     try:
         api = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
         vm_fd = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
