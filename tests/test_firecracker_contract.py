@@ -210,3 +210,14 @@ def test_snapshot_create_needs_a_paused_vm_and_loads_fresh(contract, fake, files
 def test_garbage_json_is_refused(fake):
     status, answer = fake.handle("PUT", "/vm", b"{not json")
     assert status == 400 and "deserializing the json body" in answer["fault_message"]
+
+
+def test_mmds_needs_its_interface_first_and_balloon_fits_in_memory(fake):
+    assert "does not correspond to any existing network interface" in refused(
+        fake, "PUT", "/mmds/config", {"network_interfaces": ["eth0"]})
+    assert "is empty" in refused(fake, "PUT", "/mmds/config", {"network_interfaces": []})
+    assert "MMDS data store is not initialized" in refused(fake, "PATCH", "/mmds", {"a": 1})
+    ok(fake, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+    assert "too large" in refused(fake, "PUT", "/balloon", {"amount_mib": 512,
+                                                            "deflate_on_oom": True})
+    ok(fake, "PUT", "/balloon", {"amount_mib": 64, "deflate_on_oom": True})
