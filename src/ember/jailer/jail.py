@@ -176,6 +176,7 @@ def build(plan: Plan) -> None:
     try:
         root.mkdir(mode=0o755)
         (root / "dev").mkdir(mode=0o755)
+        (home / "ns").mkdir(mode=0o700)  # mount point of the namespace's tmpfs root
         exe_target = files.under(root, jailed_exec(spec))
         files.make_parents(root, exe_target)
         files.link_or_copy(spec.exec_file, exe_target)
@@ -263,12 +264,7 @@ def child(plan: Plan) -> None:
         linux.mount(None, str(target), None, flags | (0 if writable else linux.MS_RDONLY))
     linux.mount("tmpfs", f"{root}/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC,
                 "mode=755,size=64k")
-    os.chdir(root)
-    os.mkdir("old_root", 0o700)
-    linux.pivot_root(".", "old_root")
-    os.chdir("/")
-    linux.umount2("/old_root", linux.MNT_DETACH)
-    os.rmdir("/old_root")
+    _pivot_into(root, str(jail_dir(spec) / "ns"))
     for path, major, minor, mode, owned in plan.devices:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         os.mknod(path, stat.S_IFCHR | mode, os.makedev(major, minor))
@@ -288,6 +284,31 @@ def child(plan: Plan) -> None:
         argv[1:1] = ["--id", spec.id]  # what Firecracker's own jailer passes
     seccomp.load(plan.filt)
     os.execve(exe, argv, {})
+
+
+def _pivot_into(root: str, stage: str) -> None:
+    """Make ``root`` our ``/`` and drop every host mount from this namespace.
+
+    A bare pivot_root into the jail would do, but then /proc/PID/root reads
+    "/" from the host. Instead a small tmpfs becomes the namespace's root, the
+    jail's mount is moved to the same path inside it, the host's mounts are
+    detached, and we chroot into the jail: /proc/PID/root then names the jail
+    directory, and nothing of the host is left above it (an escape from the
+    chroot would need CAP_SYS_CHROOT, which the VMM no longer has, and would
+    find an empty tmpfs).
+    """
+    linux.mount("tmpfs", stage, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                "mode=700,size=16k")
+    inner = stage + root
+    os.makedirs(inner, mode=0o755)
+    linux.mount(root, inner, None, linux.MS_MOVE)
+    os.mkdir(f"{stage}/old_root", 0o700)
+    linux.pivot_root(stage, f"{stage}/old_root")
+    os.chdir("/")
+    linux.umount2("/old_root", linux.MNT_DETACH)
+    os.rmdir("/old_root")
+    os.chroot(root)
+    os.chdir("/")
 
 
 def _status_code(status: int) -> int:

@@ -1,0 +1,293 @@
+"""ember-jailer on small programs: confinement, seccomp, cgroups, files, failures.
+
+The jailed "VMMs" here are static busybox and a libc-free C program (whose
+only syscalls are the ones it spells out), so each test takes well under a
+second or two; tests/test_jailer_qemu.py does the same with a real QEMU boot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from test_jailer_support import cgroup_leaves, remove_cgroup_parent, status, wait_for
+
+from ember.jailer import cgroups, profiles
+from ember.jailer.api import JailSpec, Placement, build_argv, cleanup, jail_dir, jail_root, vmm_pid
+from ember.jailer.main import parse
+
+UID = GID = 4242
+PROG_C = r"""
+static long sys3(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile ("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c)
+                      : "rcx", "r11", "memory");
+    return r;
+}
+void _start(void) {
+    sys3(1, 1, (long)"before\n", 7);   /* write */
+    sys3(110, 0, 0, 0);                 /* getppid: not on the tiny list */
+    sys3(1, 1, (long)"after\n", 6);
+    sys3(60, 0, 0, 0);                  /* exit */
+}
+"""
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A chroot base, a unique parent cgroup and a config; all removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="jl-", dir="/tmp"))
+    parent = f"ember-test-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "config.toml"
+    config.write_text("[jailer]\nallow_root = false\n")
+    holder = {"base": base, "parent": parent, "specs": [],
+              "env": {**os.environ, "EMBER_CONFIG": str(config)}, "tmp": tmp_path}
+    try:
+        yield holder
+    finally:
+        for spec in holder["specs"]:
+            pid = vmm_pid(spec)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            cleanup(spec)
+        remove_cgroup_parent(parent)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def busybox_list(env) -> str:
+    """The generic VMM list plus the set*id calls busybox makes at start-up."""
+    path = env["tmp"] / "busybox.list"
+    path.write_text(" ".join(profiles.syscalls_for("generic") + ["setuid", "setgid"]))
+    return str(path)
+
+
+def make_spec(env, **kw) -> JailSpec:
+    kw.setdefault("id", f"t-{uuid.uuid4().hex[:10]}")
+    kw.setdefault("exec_file", "/bin/busybox")
+    spec = JailSpec(uid=UID, gid=GID, chroot_base_dir=str(env["base"]),
+                    parent_cgroup=env["parent"], **kw)
+    env["specs"].append(spec)
+    return spec
+
+
+def jailer(env, spec_or_argv, timeout: float = 30) -> subprocess.CompletedProcess:
+    argv = spec_or_argv if isinstance(spec_or_argv, list) else build_argv(spec_or_argv)
+    return subprocess.run(argv, capture_output=True, text=True, env=env["env"], timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def prog(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("prog")
+    (d / "prog.c").write_text(PROG_C)
+    subprocess.run(["gcc", "-static", "-nostdlib", "-O2", "-o", str(d / "prog"), str(d / "prog.c")],
+                   check=True)
+    return str(d / "prog")
+
+
+def test_build_argv_and_parse_agree():
+    spec = JailSpec(id="vm-1", exec_file="/usr/bin/qemu-system-x86_64", uid=1000, gid=1001,
+                    args=["-M", "microvm", "--", "x"], chroot_base_dir="/srv/j", netns="/run/netns/a",
+                    daemonize=True, new_pid_ns=True, cgroups={"memory.max": "1G", "pids.max": "9"},
+                    cgroup_version=2, parent_cgroup="ember/pods", resource_limits={"no-file": 99},
+                    files=[Placement("/a:b/k", "/vmlinuz", "hardlink"),
+                           Placement("/d", "/run", "bind", True)],
+                    dirs=["/sock"], seccomp="log", vmm_kind="qemu", kvm=False)
+    argv = build_argv(spec)
+    assert argv[argv.index("--") + 1:] == spec.args
+    again = parse(argv[1:])
+    spec.jailer_binary = None
+    assert again == spec
+    assert jail_root(spec) == Path("/srv/j/qemu-system-x86_64/vm-1/root")
+
+
+def test_seccomp_kill_stops_a_syscall_outside_the_list(env, prog):
+    allow = env["tmp"] / "tiny.list"
+    allow.write_text("# the program's own calls\nwrite exit\n")
+    spec = make_spec(env, exec_file=prog, seccomp="kill", seccomp_allow_file=str(allow))
+    res = jailer(env, spec)
+    assert res.stdout == "before\n"
+    assert res.returncode == 128 + signal.SIGSYS
+    assert not jail_dir(spec).exists()
+
+
+def test_seccomp_log_lets_the_syscall_through(env, prog):
+    allow = env["tmp"] / "tiny.list"
+    allow.write_text("write exit\n")
+    spec = make_spec(env, exec_file=prog, seccomp="log", seccomp_allow_file=str(allow))
+    res = jailer(env, spec)
+    assert (res.returncode, res.stdout) == (0, "before\nafter\n")
+
+
+def _ns(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+@pytest.mark.skipif(cgroups.v1_mount("memory") is None, reason="needs cgroup v1 memory")
+def test_jailed_process_is_confined_v1(env):
+    spec = make_spec(env, args=["sleep", "3"], new_pid_ns=True, seccomp_allow_file=busybox_list(env),
+                     cgroups={"memory.limit_in_bytes": str(64 << 20), "pids.max": "50"},
+                     cgroup_version=1, resource_limits={"no-file": 128})
+    proc = subprocess.Popen(build_argv(spec), env=env["env"], stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for(lambda: vmm_pid(spec), timeout=15)
+        st = status(pid)
+        assert st["Uid"].split() == [str(UID)] * 4 and st["Gid"].split() == [str(GID)] * 4
+        assert st["Groups"] == ""
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[cap], 16) == 0, cap
+        assert (st["NoNewPrivs"], st["Seccomp"]) == ("1", "2")
+        assert os.readlink(f"/proc/{pid}/root") == str(jail_root(spec))
+        assert _ns(pid, "mnt") != _ns("self", "mnt")
+        assert _ns(pid, "pid") != _ns("self", "pid")
+        assert st["NSpid"].split()[-1] == "1"
+        own = Path(f"/proc/{pid}/cgroup").read_text()
+        leaf = f"{env['parent']}/{spec.id}"
+        assert f":memory:/{leaf}\n" in own and f":pids:/{leaf}\n" in own
+        assert (cgroups.v1_mount("memory") / leaf / "memory.limit_in_bytes").read_text() == \
+            f"{64 << 20}\n"
+        assert (cgroups.v1_mount("pids") / leaf / "pids.max").read_text() == "50\n"
+        assert "Max open files            128" in Path(f"/proc/{pid}/limits").read_text()
+        assert sorted(os.listdir(jail_root(spec) / "dev")) == []  # nodes live in its tmpfs only
+        assert proc.wait(timeout=15) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not jail_dir(spec).exists()
+    assert cgroup_leaves(env["parent"], spec.id) == []
+
+
+@pytest.mark.skipif(cgroups.v2_mount() is None, reason="needs a cgroup2 mount")
+def test_cgroup_v2(env):
+    spec = make_spec(env, args=["sleep", "2"], cgroup_version=2, seccomp="off",
+                     cgroups={"cgroup.max.descendants": "3"})
+    proc = subprocess.Popen(build_argv(spec), env=env["env"])
+    try:
+        pid = wait_for(lambda: vmm_pid(spec), timeout=15)
+        leaf = cgroups.v2_mount() / env["parent"] / spec.id
+        assert f"0::/{env['parent']}/{spec.id}\n" in Path(f"/proc/{pid}/cgroup").read_text()
+        assert (leaf / "cgroup.max.descendants").read_text() == "3\n"
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cgroup_leaves(env["parent"], spec.id) == []
+
+
+def test_files_hardlink_copy_bind(env):
+    src = env["tmp"] / "in"
+    src.mkdir()
+    (src / "data").write_text("host data\n")
+    out = env["tmp"] / "out"
+    out.mkdir()
+    kernel = env["tmp"] / "kernel"
+    kernel.write_text("kernel bytes\n")
+    script = ("/busybox cat /k /c /in/data; echo written > /out/result; "
+              "(echo x > /in/data) 2>/dev/null || echo RO-OK; "
+              "(echo x > /k) 2>/dev/null || echo LINK-RO-OK; /busybox ls -ldn /sock")
+    spec = make_spec(env, args=["sh", "-c", script], seccomp="off",
+                     files=[Placement(str(kernel), "/k", "hardlink"),
+                            Placement(str(kernel), "/c", "copy"),
+                            Placement(str(src), "/in", "bind"),
+                            Placement(str(out), "/out", "bind", writable=True)],
+                     dirs=["/sock"])
+    res = jailer(env, spec)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:5] == ["kernel bytes", "kernel bytes", "host data", "RO-OK", "LINK-RO-OK"]
+    assert f" {UID} " in lines[5]  # /sock owned by the jail uid
+    assert (out / "result").read_text() == "written\n"
+    assert (out / "result").stat().st_uid == UID
+    assert (src / "data").read_text() == "host data\n"
+    assert kernel.exists() and not jail_dir(spec).exists()
+
+
+def test_daemonize_then_sigterm_removes_the_jail(env):
+    spec = make_spec(env, args=["sleep", "30"], daemonize=True, seccomp="off")
+    res = jailer(env, spec)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stderr
+    pid = vmm_pid(spec)
+    supervisor = int((jail_dir(spec) / "jailer.pid").read_text())
+    assert status(pid)["PPid"] == str(supervisor)
+    assert os.getsid(supervisor) == supervisor  # detached into its own session
+    os.kill(supervisor, signal.SIGTERM)  # forwarded to the VMM, then the jail goes
+    wait_for(lambda: not jail_dir(spec).exists(), timeout=10)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_vmm_dies_with_a_killed_jailer_and_cleanup_is_idempotent(env):
+    spec = make_spec(env, args=["sleep", "30"], cgroups={"pids.max": "10"}, seccomp="off")
+    proc = subprocess.Popen(build_argv(spec), env=env["env"])
+    pid = wait_for(lambda: vmm_pid(spec), timeout=15)
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or status(pid)["State"].startswith("Z"),
+             timeout=10)
+    assert jail_dir(spec).exists() and cgroup_leaves(env["parent"], spec.id)
+    cleanup(spec)
+    assert not jail_dir(spec).exists() and cgroup_leaves(env["parent"], spec.id) == []
+    cleanup(spec)
+
+
+def test_uid_0_runs_when_the_config_allows_it(env):
+    env["env"]["EMBER_CONFIG"] = str(env["tmp"] / "root.toml")
+    (env["tmp"] / "root.toml").write_text("[jailer]\nallow_root = true\n")
+    spec = make_spec(env, args=["true"], seccomp_allow_file=busybox_list(env))
+    spec.uid = spec.gid = 0
+    assert jailer(env, spec).returncode == 0
+
+
+def _bad_cases(tmp: Path):
+    notns = tmp / "not-a-netns"
+    notns.write_text("")
+    badlist = tmp / "bad.list"
+    badlist.write_text("write no_such_syscall\n")
+    return {
+        "missing flag": (["--id", "x1", "--exec-file", "/bin/busybox", "--gid", "5"], "--uid"),
+        "id with slash": ({"id": "a/b"}, "--id"),
+        "missing exec file": ({"exec_file": "/no/such/vmm"}, "no such file"),
+        "uid 0 forbidden": ({"uid": 0}, "forbidden"),
+        "missing cgroup file": ({"cgroups": {"pids.max": "5", "memory.no_such_knob": "1"}},
+                                "memory.no_such_knob"),
+        "missing placed file": ({"files": [Placement("/no/such/kernel", "/k")]}, "/no/such/kernel"),
+        "unknown syscall": ({"seccomp_allow_file": str(badlist)}, "no_such_syscall"),
+        "netns that is not one": ({"netns": str(notns), "cgroups": {"pids.max": "5"}}, "setns"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(Path(tempfile.gettempdir())).keys()))
+def test_bad_arguments_fail_cleanly(env, case):
+    what, expected = _bad_cases(env["tmp"])[case]
+    if isinstance(what, list):
+        argv = [build_argv(make_spec(env))[0], *what, "--chroot-base-dir", str(env["base"])]
+        spec_id = "x1"
+    else:
+        spec = make_spec(env, args=["true"])
+        for key, value in what.items():
+            setattr(spec, key, value)
+        argv, spec_id = build_argv(spec), spec.id
+    res = jailer(env, argv)
+    assert res.returncode != 0
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("ember-jailer: "), res.stderr
+    assert expected in res.stderr
+    assert os.listdir(env["base"]) == []  # not even <base>/<exec name>
+    assert cgroup_leaves(env["parent"], spec_id) == []
+    assert cgroup_leaves("", env["parent"]) == []  # nor the parent cgroup
+
+
+def test_existing_jail_is_refused_and_left_alone(env):
+    spec = make_spec(env, args=["true"])
+    jail_root(spec).mkdir(parents=True)
+    (jail_root(spec) / "keep").write_text("x")
+    res = jailer(env, spec)
+    assert res.returncode != 0 and "already exists" in res.stderr
+    assert (jail_root(spec) / "keep").exists()

@@ -1,0 +1,115 @@
+"""A real QEMU microvm (TCG) booted through ember-jailer, checked from the host."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from test_jailer_support import (
+    busybox_initrd,
+    cgroup_leaves,
+    guest_kernel,
+    qemu_args,
+    remove_cgroup_parent,
+    status,
+    wait_for,
+)
+
+from ember.jailer import cgroups
+from ember.jailer.api import JailSpec, Placement, build_argv, cleanup, jail_dir, jail_root, vmm_pid
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+@pytest.fixture(scope="module")
+def kernel(request) -> Path:
+    return guest_kernel() or request.getfixturevalue("guest_assets").kernel
+
+
+def _qmp(path: Path, *commands: str) -> list[dict]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+        f.readline()  # greeting
+        replies = []
+        for cmd in ("qmp_capabilities", *commands):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            replies.append(reply)
+        return replies
+
+
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(cgroups.v1_mount("memory") is None, reason="needs cgroup v1 (this host)")
+def test_qemu_boots_confined_and_leaves_nothing(kernel, tmp_path):
+    initrd = busybox_initrd(tmp_path / "initrd.img",
+                            "/bin/busybox echo EMBER-JAIL-UP\n/bin/busybox sleep 2\n"
+                            "/bin/busybox poweroff -f\n")
+    run = Path(tempfile.mkdtemp(prefix="jq-", dir="/tmp"))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    base = Path(tempfile.mkdtemp(prefix="jb-", dir="/tmp"))
+    parent = f"ember-test-{uuid.uuid4().hex[:8]}"
+    spec = JailSpec(
+        id=f"vm-{uuid.uuid4().hex[:8]}", exec_file=QEMU, uid=31337, gid=31337,
+        chroot_base_dir=str(base), vmm_kind="qemu", new_pid_ns=True, parent_cgroup=parent,
+        cgroup_version=1,
+        cgroups={"memory.limit_in_bytes": str(1 << 30), "pids.max": "200", "cpu.shares": "512"},
+        files=[Placement(str(kernel), "/vmlinuz", "hardlink"),
+               Placement(str(initrd), "/initrd.img", "copy"),
+               Placement(str(disk), "/disk.img", "bind", writable=True),
+               Placement(str(run), "/run", "bind", writable=True)],
+        args=qemu_args("/vmlinuz", "/initrd.img",
+                       "-qmp", "unix:/run/qmp.sock,server=on,wait=off",
+                       "-chardev", "socket,id=agent,path=/run/agent.sock,server=on,wait=off",
+                       "-device", "virtio-serial-device",
+                       "-device", "virtserialport,chardev=agent,name=agent.0",
+                       "-drive", "file=/disk.img,if=none,id=d0,format=raw",
+                       "-device", "virtio-blk-device,drive=d0"),
+    )
+    console = tmp_path / "console.log"
+    with open(console, "wb") as out:
+        proc = subprocess.Popen(build_argv(spec), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        pid = wait_for(lambda: vmm_pid(spec), timeout=30)
+        st = status(pid)
+        assert st["Name"].startswith("qemu-system")
+        assert st["Uid"].split() == ["31337"] * 4 and st["Gid"].split() == ["31337"] * 4
+        assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == int(st["CapBnd"], 16) == 0
+        assert (st["NoNewPrivs"], st["Seccomp"]) == ("1", "2")
+        assert os.readlink(f"/proc/{pid}/root") == str(jail_root(spec))
+        for ns in ("mnt", "pid"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        own = Path(f"/proc/{pid}/cgroup").read_text()
+        for ctl in ("memory", "pids", "cpu"):
+            assert f":{ctl}:/{parent}/{spec.id}\n" in own
+        leaf = cgroups.v1_mount("memory") / parent / spec.id
+        assert (leaf / "memory.limit_in_bytes").read_text() == f"{1 << 30}\n"
+        assert (cgroups.v1_mount("cpu") / parent / spec.id / "cpu.shares").read_text() == "512\n"
+        # The sockets QEMU made in its /run are reachable from the host.
+        wait_for(lambda: (run / "qmp.sock").exists(), timeout=20)
+        replies = _qmp(run / "qmp.sock", "query-status")
+        assert replies[-1]["return"]["status"] == "running"
+        assert (run / "agent.sock").stat().st_uid == 31337
+        assert proc.wait(timeout=120) == 0, console.read_text()[-2000:]
+        assert "EMBER-JAIL-UP" in console.read_text()
+        assert not jail_dir(spec).exists()
+        assert cgroup_leaves(parent, spec.id) == []
+        assert disk.exists() and kernel.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        cleanup(spec)
+        remove_cgroup_parent(parent)
+        subprocess.run(["rm", "-rf", str(base), str(run)], check=False)
