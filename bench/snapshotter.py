@@ -51,52 +51,66 @@ def fill(root: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def extents(path: Path) -> int:
+    """How many extents the image has: a clone's work grows with this, not size."""
+    out = subprocess.run(["xfs_io", "-r", "-c", "fiemap", str(path)], capture_output=True,
+                         text=True).stdout
+    return sum(1 for line in out.splitlines()[1:] if "hole" not in line)
+
+
 def prepare_latency(tmp: Path, sizes: list[int], runs: int) -> None:
     image_size = max(sizes) + (2 << 30)
     sn = SnapshotterProcess(tmp / "sn", pool_size=f"{max(sizes) * 3 + (4 << 30)}",
                             image_size=str(image_size))
     try:
         stub = sn.stub()
-        print(f"== prepare latency (median of {runs}), parent = committed layer holding N bytes")
-        rows = []
+        print(f"== prepare latency (median of {runs}, sizes interleaved), "
+              "parent = committed layer holding N bytes")
+        parents = {}
         for size in sizes:
             name = f"parent-{size}"
             m = stub.Prepare(pb.PrepareSnapshotRequest(key=f"{name}-a")).mounts
             with mounted(m, tmp / "mnt") as root:
                 fill(root, size)
             stub.Commit(pb.CommitSnapshotRequest(name=name, key=f"{name}-a"))
-            parent_img = Path(m[0].source)  # committing keeps the image
-            os.sync()  # measure prepare, not the writeback of the data just written
-            prep, stat, clone = [], [], []
-            for i in range(runs):
+            parents[size] = (name, Path(m[0].source))  # committing keeps the image
+        os.sync()  # measure prepare, not the writeback of the data just written
+        prep: dict[int, list[float]] = {s: [] for s in sizes}
+        stat: dict[int, list[float]] = {s: [] for s in sizes}
+        clone: dict[int, list[float]] = {s: [] for s in sizes}
+        # Round-robin over the sizes so that load from elsewhere hits all alike.
+        for i in range(runs):
+            for size, (name, img) in parents.items():
                 t = time.perf_counter()
                 stub.Prepare(pb.PrepareSnapshotRequest(key=f"c-{size}-{i}", parent=name))
-                prep.append(time.perf_counter() - t)
+                prep[size].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 stub.Stat(pb.StatSnapshotRequest(key=name))
-                stat.append(time.perf_counter() - t)
-                dst = parent_img.with_name(f".bench-{i}.tmp")
+                stat[size].append(time.perf_counter() - t)
+                dst = img.with_name(f".bench-{i}.tmp")
                 t = time.perf_counter()
-                clone_file(parent_img, dst)
-                clone.append(time.perf_counter() - t)
+                clone_file(img, dst)
+                clone[size].append(time.perf_counter() - t)
                 dst.unlink()
                 stub.Remove(pb.RemoveSnapshotRequest(key=f"c-{size}-{i}"))
-            floor = median_ms(stat) + median_ms(clone)
-            rows.append((size, median_ms(prep), floor))
-            print(f"  parent {size >> 20:>5} MiB: prepare {median_ms(prep):7.2f} ms | floor "
-                  f"(Stat RTT {median_ms(stat):.2f} + FICLONE {median_ms(clone):.2f}) "
-                  f"{floor:.2f} ms | ratio {median_ms(prep) / floor:.2f}")
-            if size == (1 << 30) or size == sizes[len(sizes) // 2]:
-                t = time.perf_counter()
-                subprocess.run(["cp", "--reflink=never", "--sparse=always", str(parent_img),
-                                str(parent_img.with_name(".bench-copy.tmp"))], check=True)
-                copy_s = time.perf_counter() - t
-                parent_img.with_name(".bench-copy.tmp").unlink()
-                print(f"  (for scale: a full copy of that {size >> 20} MiB parent takes "
-                      f"{copy_s * 1000:.0f} ms, {copy_s * 1000 / median_ms(prep):.0f}x a prepare)")
-        flat = rows[-1][1] / rows[0][1]
-        print(f"  flatness: prepare on {rows[-1][0] >> 20} MiB / on {rows[0][0] >> 20} MiB "
-              f"= {flat:.2f} (1.0 = perfectly flat)")
+        for size, (_, img) in parents.items():
+            p, floor = median_ms(prep[size]), median_ms(stat[size]) + median_ms(clone[size])
+            print(f"  parent {size >> 20:>5} MiB ({extents(img):>3} extents): prepare "
+                  f"{p:6.2f} ms (min {min(prep[size]) * 1000:.2f}) | floor: Stat RTT "
+                  f"{median_ms(stat[size]):.2f} + FICLONE {median_ms(clone[size]):.2f} = "
+                  f"{floor:.2f} ms | ratio {p / floor:.2f}")
+        small, big = sizes[0], sizes[-1]
+        print(f"  flatness: prepare on {big >> 20} MiB / on {small >> 20} MiB = "
+              f"{median_ms(prep[big]) / median_ms(prep[small]):.2f} (1.0 = perfectly flat)")
+        mid = sizes[len(sizes) // 2]
+        img = parents[mid][1]
+        t = time.perf_counter()
+        subprocess.run(["cp", "--reflink=never", "--sparse=always", str(img),
+                        str(img.with_name(".bench-copy.tmp"))], check=True)
+        copy_ms = (time.perf_counter() - t) * 1000
+        img.with_name(".bench-copy.tmp").unlink()
+        print(f"  for scale: a full copy of the {mid >> 20} MiB parent takes {copy_ms:.0f} ms, "
+              f"{copy_ms / median_ms(prep[mid]):.0f}x a prepare")
     finally:
         sn.close()
 
