@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_jailer_support import cgroup_leaves, remove_cgroup_parent, status, wait_for
 
+from ember.errors import EmberError
 from ember.jailer import cgroups, profiles
 from ember.jailer.api import JailSpec, Placement, build_argv, cleanup, jail_dir, jail_root, vmm_pid
 from ember.jailer.main import parse
@@ -291,3 +292,27 @@ def test_existing_jail_is_refused_and_left_alone(env):
     res = jailer(env, spec)
     assert res.returncode != 0 and "already exists" in res.stderr
     assert (jail_root(spec) / "keep").exists()
+
+
+def test_cleanup_stops_a_running_vmm(env):
+    spec = make_spec(env, args=["sleep", "30"], seccomp="off", daemonize=True)
+    assert jailer(env, spec).returncode == 0
+    pid = vmm_pid(spec)
+    cleanup(spec)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+    assert not jail_dir(spec).exists()
+
+
+def test_spec_from_config_and_uid_allocation():
+    from ember.config import Config
+    from ember.jailer.api import allocate_uid, spec_from_config
+
+    cfg = Config()
+    cfg.jailer.uid_base, cfg.jailer.uid_count = 200000, 1
+    assert allocate_uid(cfg.jailer, "sandbox-a") == 200000
+    spec = spec_from_config(cfg, id="a", exec_file="/bin/true", uid=1, gid=1)
+    assert (spec.chroot_base_dir, spec.seccomp, spec.parent_cgroup) == ("/srv/jailer", "kill", "ember")
+    assert spec.cgroup_version is None
+    cfg.jailer.uid_base = os.getuid()  # root is running: that uid is taken
+    with pytest.raises(EmberError, match="no free jailer uid"):
+        allocate_uid(cfg.jailer, "sandbox-b")

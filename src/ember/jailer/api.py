@@ -11,12 +11,16 @@ directory and cgroups, idempotently, for when the jailer itself could not
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.config import Config, JailerConfig
+from ember.errors import EmberError
 from ember.jailer import cgroups
 
 PLACE_MODES = ("hardlink", "bind", "copy")
@@ -156,11 +160,60 @@ def vmm_pid(spec: JailSpec) -> int | None:
         return None
 
 
+def _live_vmm(spec: JailSpec) -> int | None:
+    """The VMM's pid if it still runs in this jail (guards against pid reuse)."""
+    pid = vmm_pid(spec)
+    if pid is None:
+        return None
+    try:
+        return pid if os.readlink(f"/proc/{pid}/root") == str(jail_root(spec)) else None
+    except OSError:
+        return None
+
+
 def cleanup(spec: JailSpec) -> None:
-    """Remove the jail directory and its cgroups; safe to call any number of times.
+    """Stop a VMM still running in the jail, remove the jail directory and its
+    cgroups; safe to call any number of times.
 
     Removal never follows symlinks or crosses into mounts (binds exist only in
     the VMM's own mount namespace), so a hostile VMM cannot steer it.
     """
+    pid = _live_vmm(spec)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     shutil.rmtree(jail_dir(spec), ignore_errors=True)
     cgroups.remove_jail_cgroups(spec.cgroup_parent, spec.id)
+
+
+def allocate_uid(jcfg: JailerConfig, key: str) -> int:
+    """A uid (used as gid too) for one sandbox, from ``[uid_base, uid_base + uid_count)``.
+
+    Starts at a hash of ``key`` and skips uids that a running process already
+    has, so two live sandboxes never share a uid (a shared uid could signal
+    the other's VMM).
+    """
+    import psutil  # here: ember-jailer itself imports this module and must start fast
+
+    taken = set()
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            taken.add(proc.info["uids"].real)
+        except (psutil.Error, AttributeError):
+            continue
+    start = int(hashlib.sha256(key.encode()).hexdigest(), 16) % jcfg.uid_count
+    for i in range(jcfg.uid_count):
+        uid = jcfg.uid_base + (start + i) % jcfg.uid_count
+        if uid not in taken:
+            return uid
+    raise EmberError("no free jailer uid left (raise jailer.uid_count)")
+
+
+def spec_from_config(cfg: Config, **fields) -> JailSpec:
+    """A JailSpec with the ``[jailer]`` settings of the configuration filled in."""
+    j = cfg.jailer
+    defaults = {"chroot_base_dir": j.chroot_base_dir, "seccomp": j.seccomp,
+                "cgroup_version": j.cgroup_version or None, "parent_cgroup": j.parent_cgroup}
+    return JailSpec(**{**defaults, **fields})

@@ -25,25 +25,34 @@ _LDD_PATH = re.compile(r"(/\S+)\s+\(0x[0-9a-f]+\)")
 QEMU_DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios")
 
 
-def shared_libraries(binary: str) -> list[str]:
-    """Absolute paths of the libraries (and loader) ``binary`` needs; [] if static."""
+def shared_libraries(*binaries: str) -> list[str]:
+    """Absolute paths of the libraries (and loader) the binaries need; [] if static.
+
+    The ``ldd`` runs go in parallel: they sit on the path to every VM start.
+    """
     try:
-        out = subprocess.run(["/usr/bin/ldd", binary], capture_output=True, text=True,
-                             env={"PATH": "/usr/bin:/bin"}, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EmberError(f"cannot list the libraries of {binary}: {exc}") from None
-    if out.returncode != 0:
-        return []  # "not a dynamic executable"
-    return sorted({m.group(1) for m in _LDD_PATH.finditer(out.stdout)})
+        procs = [subprocess.Popen(["/usr/bin/ldd", b], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True,
+                                  env={"PATH": "/usr/bin:/bin"}) for b in binaries]
+    except OSError as exc:
+        raise EmberError(f"cannot list shared libraries: {exc}") from None
+    found: set[str] = set()
+    for proc in procs:
+        out, _ = proc.communicate(timeout=30)
+        if proc.returncode == 0:  # else "not a dynamic executable"
+            found.update(m.group(1) for m in _LDD_PATH.finditer(out))
+    return sorted(found)
 
 
-def qemu_modules() -> list[str]:
-    """QEMU's accelerator modules (Debian builds TCG as a loadable module)."""
+def qemu_modules(exec_file: str) -> list[str]:
+    """The TCG accelerator module for this QEMU's target (Debian builds it as a module)."""
+    target = os.path.basename(exec_file).removeprefix("qemu-system-")
     arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
-    found: list[str] = []
     for moddir in (f"/usr/lib/{arch}/qemu", "/usr/lib/qemu", "/usr/lib64/qemu"):
-        found += sorted(glob.glob(f"{moddir}/accel-*.so"))
-    return found
+        found = sorted(glob.glob(f"{moddir}/accel-*-{target}.so"))
+        if found:
+            return found
+    return []
 
 
 def under(root: Path, jail_path: str) -> Path:

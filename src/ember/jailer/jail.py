@@ -151,10 +151,8 @@ def validate(spec: JailSpec, allow_root: bool) -> Plan:
         if not os.path.exists("/dev/kvm"):
             raise EmberError("the VMM wants KVM but /dev/kvm does not exist")
         devices.append(_KVM)
-    libs = files.shared_libraries(exe)
-    if spec.vmm_kind == "qemu":
-        for module in files.qemu_modules():
-            libs = sorted(set(libs) | {module} | set(files.shared_libraries(module)))
+    modules = files.qemu_modules(exe) if spec.vmm_kind == "qemu" else []
+    libs = sorted(set(files.shared_libraries(exe, *modules)) | set(modules))
     return Plan(spec, filt, cg, libs, devices=devices, rlimits=rlimits,
                 last_cap=linux.last_capability())
 

@@ -9,10 +9,9 @@ so callers can turn failures into one-line messages.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would fork ldconfig
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
