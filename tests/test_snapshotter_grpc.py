@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from ember.snapshotter.mounts import BlockImage, block_image
 from ember.snapshotter.proto import snapshots_pb2 as pb
 from ember.testing.mounts import mounted, mounts_under, wait_loops_gone
 from ember.testing.snapshotter import SnapshotterProcess
@@ -172,6 +173,38 @@ def test_mounts_match_prepare_and_view(sn):
     assert Path(m.source).is_file() and m.source.startswith(str(sn.root))
     commit(stub, "c", "a")
     assert view(stub, "v", "c")[0].options == ["ro", "loop"]
+
+
+def test_mounts_are_block_images_for_the_shim(sn, tmp_path):
+    stub = sn.stub()
+    m = prepare(stub, "a")[0]
+    img = block_image(m.type, m.source, list(m.options))
+    assert img == BlockImage(m.source, "ext4", readonly=False)
+    commit(stub, "c", "a")
+    v = view(stub, "v", "c")[0]
+    assert block_image(v.type, v.source, list(v.options)).readonly
+    # Not block images: overlay mounts, an ext4 file without "loop", a missing file.
+    assert block_image("overlay", "overlay", ["lowerdir=/x"]) is None
+    assert block_image("ext4", v.source, ["ro"]) is None
+    assert block_image("ext4", str(tmp_path / "gone.ext4"), ["rw", "loop"]) is None
+
+
+def test_pool_grows_online_when_asked(sn):
+    stub = sn.stub()
+    prepare(stub, "a")
+    pool = sn.root / "pool"
+    before = os.statvfs(pool).f_blocks * os.statvfs(pool).f_frsize
+    sn.stop()
+    sn.args[sn.args.index("--pool-size") + 1] = "3g"
+    sn.start()
+    after = os.statvfs(pool).f_blocks * os.statvfs(pool).f_frsize
+    assert before < 2 << 30 < after <= 3 << 30
+    assert "grew the pool" in sn.log_tail()
+    assert stat(sn.stub(), "a").kind == ACTIVE
+    sn.stop()
+    sn.args[sn.args.index("--pool-size") + 1] = "1g"  # XFS cannot shrink: kept
+    sn.start()
+    assert os.statvfs(pool).f_blocks * os.statvfs(pool).f_frsize == after
 
 
 def test_view_is_read_only(sn, tmp_path):

@@ -171,6 +171,8 @@ def _ensure_loop_xfs(pool: Pool, pool_size: int | None) -> None:
     if source is not None:
         backing = loop_backing_file(source)
         if backing and Path(backing.removesuffix(" (deleted)")) == pool.image:
+            if pool_size:
+                _grow(pool, pool_size)
             return
         raise EmberError(f"{mnt} is already a mount of {source}, not of {pool.image}")
     if not pool.image.exists():
@@ -193,6 +195,27 @@ def _ensure_loop_xfs(pool: Pool, pool_size: int | None) -> None:
             raise
     run(["mount", "-t", "xfs", "-o", "loop", str(pool.image), str(mnt)],
         f"mounting the snapshot pool {pool.image}")
+    if pool_size:
+        _grow(pool, pool_size)
+
+
+def _grow(pool: Pool, size: int) -> None:
+    """Enlarge the pool online to ``size`` if asked for more than it has.
+
+    XFS grows but never shrinks, so a smaller ``--pool-size`` is ignored.
+    """
+    current = pool.image.stat().st_size
+    if size <= current:
+        if size < current:
+            log.info("pool %s stays %d MiB (XFS cannot shrink)", pool.image, current >> 20)
+        return
+    device = _mount_source(pool.data_dir)
+    if device is None:
+        raise EmberError(f"cannot grow {pool.image}: it is not mounted")
+    os.truncate(pool.image, size)
+    run(["losetup", "-c", device], f"resizing {device}")
+    run(["xfs_growfs", str(pool.data_dir)], f"growing the snapshot pool {pool.data_dir}")
+    log.info("grew the pool %s from %d to %d MiB", pool.image, current >> 20, size >> 20)
 
 
 def release(root: Path) -> bool:
