@@ -36,7 +36,7 @@ from ember.config import load_config
 from ember.errors import EmberError
 from ember.shim import cgroups
 from ember.shim.events import timestamp
-from ember.shim.pod import ANN_SANDBOX_ID, ANN_TYPE, read_record
+from ember.shim.pod import pod_identity, read_record
 from ember.shim.proto import options_pb2
 from ember.shim.proto import task_pb2 as pb
 from ember.shim.state import MAX_SOCKET_PATH, STOPPED, pod_dir, socket_path
@@ -97,9 +97,8 @@ def start(args: ShimArgs, options: bytes) -> str:
     config_path = config_path_from_options(options)
     cfg = load_config(config_path or None)
     bundle = Path.cwd()
-    ann = _annotations(bundle)
-    joining = ann.get(ANN_TYPE) == "container" and bool(ann.get(ANN_SANDBOX_ID))
-    group = ann[ANN_SANDBOX_ID] if joining else args.id
+    joining, sandbox = pod_identity(_annotations(bundle))
+    group = sandbox if joining else args.id
     pdir = pod_dir(cfg, args.address, args.namespace, group)
     sock = socket_path(pdir)
     if len(str(sock)) > MAX_SOCKET_PATH:
@@ -194,8 +193,7 @@ def delete(args: ShimArgs) -> bytes:
     except (OSError, ValueError, KeyError):
         pdir = None
         with contextlib.suppress(EmberError):
-            ann = _annotations(bundle)
-            group = ann.get(ANN_SANDBOX_ID) or args.id
+            group = pod_identity(_annotations(bundle))[1] or args.id
             pdir = pod_dir(load_config(), args.address, args.namespace, group)
     pid, status, at_ns = 0, 128 + signal.SIGKILL, time.time_ns()
     if pdir is not None and pdir.is_dir():

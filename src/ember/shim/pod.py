@@ -33,7 +33,17 @@ ANN_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 ANN_MEMORY = "io.kubernetes.cri.sandbox-memory"
 ANN_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
 ANN_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+# CRI-O says the same with its own names.
+CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
+CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
 MIB = 1 << 20
+
+
+def pod_identity(annotations: dict) -> tuple[bool, str]:
+    """(joins an existing pod?, sandbox id) from containerd's or CRI-O's annotations."""
+    ctype = annotations.get(ANN_TYPE) or annotations.get(CRIO_TYPE) or ""
+    sandbox = annotations.get(ANN_SANDBOX_ID) or annotations.get(CRIO_SANDBOX_ID) or ""
+    return ctype == "container" and bool(sandbox), sandbox
 
 
 class SizeError(ValueError):
@@ -59,7 +69,7 @@ def vm_size(cfg: Config, spec: dict, annotations: dict) -> tuple[int, int]:
     mem = _int_annotation(annotations, ANN_MEMORY)
     quota = _int_annotation(annotations, ANN_CPU_QUOTA)
     period = _int_annotation(annotations, ANN_CPU_PERIOD)
-    if ANN_SANDBOX_ID not in annotations:
+    if not pod_identity(annotations)[1]:
         res = ((spec.get("linux") or {}).get("resources") or {})
         mem = mem or int((res.get("memory") or {}).get("limit") or 0)
         quota = quota or int((res.get("cpu") or {}).get("quota") or 0)

@@ -42,7 +42,7 @@ from ember.errors import (
 )
 from ember.shim import guestspec, metrics, rootfs
 from ember.shim.events import Publisher, timestamp
-from ember.shim.pod import ANN_SANDBOX_ID, ANN_TYPE, Pod, SizeError
+from ember.shim.pod import Pod, SizeError, pod_identity
 from ember.shim.proto import events_pb2 as ev
 from ember.shim.proto import task_pb2 as pb
 from ember.shim.state import CREATED, PAUSED, RUNNING, STOPPED, Container, Proc, short_key
@@ -88,6 +88,7 @@ class TaskService:
         self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._shutting_down = False
+        self._vm_stopper: threading.Thread | None = None
 
     def register(self, server: Server) -> None:
         methods = {m.name: getattr(pb, m.input_type.name)
@@ -170,12 +171,12 @@ class TaskService:
         cid = req.id
         spec = self._read_spec(req.bundle)
         annotations = spec.get("annotations") or {}
-        joining = annotations.get(ANN_TYPE) == "container"
+        joining, sandbox = pod_identity(annotations)
         if joining:
-            if annotations.get(ANN_SANDBOX_ID) != self.pod.group_id:
+            if sandbox != self.pod.group_id:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
-                                 f"container {cid} belongs to sandbox "
-                                 f"{annotations.get(ANN_SANDBOX_ID)!r}, not this shim's pod")
+                                 f"container {cid} belongs to sandbox {sandbox!r}, "
+                                 "not this shim's pod")
             if not self.pod.running:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"sandbox {self.pod.group_id} has no running VM")
@@ -347,7 +348,10 @@ class TaskService:
             others = list(self._containers.values())
         if c.owner:
             # Stopping the sandbox stops the pod: whatever still runs in the VM ends with it.
-            self.pod.shutdown()
+            # The guest powers off in the background (containerd's Delete need not wait);
+            # teardown() joins it before the shim exits.
+            self._vm_stopper = threading.Thread(target=self.pod.shutdown, name="vm-stop")
+            self._vm_stopper.start()
             for other in others:
                 for proc in [other.init, *other.execs.values()]:
                     if proc.status in (RUNNING, PAUSED, CREATED) and not proc.exited.is_set():
@@ -529,6 +533,8 @@ class TaskService:
             for p in [c.init, *c.execs.values()]:
                 if p.pumps is not None:
                     p.pumps.close()
+        if self._vm_stopper is not None:
+            self._vm_stopper.join()
         self.pod.shutdown()
         self.events.flush(5.0)
         self.on_exit()

@@ -1,0 +1,144 @@
+"""Benchmark: Ember through containerd, against runc and against `ember run`.
+
+In one run, against one private containerd 1.6 (CRI plugin on):
+
+* ``ctr run --rm IMAGE ID true`` start-to-exit, median of N, for runc and for
+  ember (``io.containerd.ember.v2``);
+* ``ember run --rm IMAGE true`` for the same image: the ratio ember-via-
+  containerd / ember-run is what the shim adds;
+* a two-container pod through CRI (RunPodSandbox + 2 x CreateContainer +
+  StartContainer, as a kubelet does): time until both containers run, then
+  stop + remove.
+
+Usage: ``python bench/containerd.py [-n 5] [--json]`` (as root, guest assets
+built). Absolute times depend on the machine; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from shimtools import (  # noqa: E402
+    BUSYBOX,
+    RUNTIME,
+    VENV_BIN,
+    kill_all,
+    new_workdir,
+    remove_workdir,
+    start_containerd,
+)
+
+from ember.config import load_config  # noqa: E402
+from ember.testing.oci import build_oci_archive, busybox_layer  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def ctr_run(c, runtime: str, name: str) -> None:
+    c.ctr("run", "--rm", "--runtime", runtime, BUSYBOX, name, "true", timeout=600)
+
+
+def data_dir_for(work: Path) -> Path:
+    """A private data dir sharing the real guest assets and VM templates (no clobbering)."""
+    real = load_config().data_dir
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    for sub in ("guest", "templates"):
+        (real / sub).mkdir(parents=True, exist_ok=True)
+        (data / sub).symlink_to(real / sub)
+    return data
+
+
+def ember_run_setup(work: Path, env: dict[str, str]) -> None:
+    tar = build_oci_archive(work / "ember-bb.tar", BUSYBOX, [busybox_layer()], cmd=["/bin/sh"])
+    subprocess.run([f"{VENV_BIN}/ember", "image", "import", str(tar)], env=env, check=True,
+                   capture_output=True)
+
+
+def ember_run(env: dict[str, str]) -> None:
+    subprocess.run([f"{VENV_BIN}/ember", "run", "--rm", BUSYBOX, "true"], env=env, check=True,
+                   capture_output=True, timeout=600)
+
+
+def cri_pod(client, n: int) -> float:
+    t0 = time.monotonic()
+    pod = client.run_pod(f"bench-{n}", runtime_handler="ember")
+    try:
+        for name in ("a", "b"):
+            cid = client.create_container(pod, name, BUSYBOX, ["sleep", "1000"])
+            client.start_container(cid)
+        return time.monotonic() - t0
+    finally:
+        client.stop_pod(pod)
+        client.remove_pod(pod)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=5, help="runs per measurement (median)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    from ember.cri.client import CRIClient
+
+    work = new_workdir()
+    data = data_dir_for(work)
+    os.environ["EMBER_DATA_DIR"] = str(data)  # inherited by containerd and the shim
+    env = {**os.environ, "EMBER_STATE_DIR": str(work / "st")}
+    c = start_containerd(work, cri=True)
+    results: dict[str, object] = {}
+    try:
+        ctr_run(c, RUNTIME, "warm-ember")  # first use: flatten the image, build a VM template
+        ctr_run(c, "io.containerd.runc.v2", "warm-runc")
+        runc = [timed(lambda i=i: ctr_run(c, "io.containerd.runc.v2", f"runc-{i}"))
+                for i in range(args.n)]
+        ember = [timed(lambda i=i: ctr_run(c, RUNTIME, f"ember-{i}")) for i in range(args.n)]
+        ember_run_setup(work, env)
+        ember_run(env)  # warm: flatten into ember's own store
+        plain = [timed(lambda: ember_run(env)) for _ in range(args.n)]
+        with CRIClient(c.address) as client:
+            cri_pod(client, -1)
+            pods = [cri_pod(client, i) for i in range(max(1, args.n // 2))]
+        med = statistics.median
+        results = {
+            "runs": args.n,
+            "ctr_run_runc_s": round(med(runc), 3),
+            "ctr_run_ember_s": round(med(ember), 3),
+            "ember_run_s": round(med(plain), 3),
+            "cri_two_container_pod_s": round(med(pods), 3),
+            "ember_vs_runc": round(med(ember) / med(runc), 2),
+            "ember_ctr_vs_ember_run": round(med(ember) / med(plain), 2),
+            "samples": {"runc": runc, "ember": ember, "ember_run": plain, "cri_pod": pods},
+        }
+    finally:
+        c.stop()
+        kill_all(work)
+        remove_workdir(work)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"ctr run --rm true, runc             median {results['ctr_run_runc_s']:.3f} s")
+        print(f"ctr run --rm true, ember            median {results['ctr_run_ember_s']:.3f} s"
+              f"   ({results['ember_vs_runc']}x runc)")
+        print(f"ember run --rm true                 median {results['ember_run_s']:.3f} s"
+              f"   (ctr+shim / ember run = {results['ember_ctr_vs_ember_run']})")
+        print(f"CRI pod, 2 containers running       median {results['cri_two_container_pod_s']:.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Shared set-up for the shim's end-to-end tests (test_shim_containerd, test_cri) and
+bench/containerd.py: a private containerd that finds containerd-shim-ember-v2,
+busybox images imported into it, and checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from ember.testing.containerd import ContainerdInstance
+from ember.testing.mounts import loops_under, mounts_under
+from ember.testing.oci import Entry, build_oci_archive, busybox_layer
+
+RUNTIME = "io.containerd.ember.v2"
+BUSYBOX = "localhost/ember-test/busybox:1"
+PAUSE = "localhost/ember-test/pause:1"
+VENV_BIN = str(Path(sys.executable).parent)
+CNI_BIN = "/usr/lib/cni"
+
+
+def shim_env(state_dir: Path) -> dict[str, str]:
+    """containerd's environment: the shim on PATH, Ember's state in a test folder."""
+    env = {"EMBER_STATE_DIR": str(state_dir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    for key in ("EMBER_DATA_DIR", "EMBER_CONFIG", "EMBER_ACCEL"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def cri_config(work: Path, config_path: str = "") -> str:
+    """CRI plugin settings for these machines (see DESIGN.md §3) plus the ember handler."""
+    conf_dir = work / "cni-conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "10-ember-test.conflist").write_text("""{
+  "cniVersion": "1.0.0", "name": "ember-test",
+  "plugins": [
+    {"type": "ptp", "ipMasq": false,
+     "ipam": {"type": "host-local", "subnet": "10.77.0.0/24",
+              "dataDir": "%s"}},
+    {"type": "loopback"}
+  ]
+}
+""" % (work / "cni-ipam"))
+    options = f'  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember.options]\n' \
+              f'    ConfigPath = "{config_path}"\n' if config_path else ""
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN}"
+    conf_dir = "{conf_dir}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember]
+    runtime_type = "{RUNTIME}"
+    pod_annotations = ["ember.io/*"]
+{options}"""
+
+
+def import_images(c: ContainerdInstance, work: Path) -> None:
+    """busybox (sh as command) and a pause image for CRI sandboxes."""
+    bb = build_oci_archive(work / "busybox.tar", BUSYBOX, [busybox_layer()], cmd=["/bin/sh"])
+    pause = build_oci_archive(work / "pause.tar", PAUSE,
+                              [busybox_layer(), [Entry("/etc/pause-image", b"ember\n")]],
+                              cmd=["/bin/sleep", "2147483647"])
+    for tar in (bb, pause):
+        c.ctr("images", "import", str(tar))
+        os.unlink(tar)
+
+
+def start_containerd(work: Path, cri: bool = False, config_path: str = "") -> ContainerdInstance:
+    state = work / "st"
+    state.mkdir(parents=True, exist_ok=True)
+    extra = cri_config(work, config_path) if cri else ""
+    c = ContainerdInstance(work / "ctrd", extra, cri=cri, env=shim_env(state),
+                           namespace="k8s.io" if cri else "ember-test")
+    try:
+        import_images(c, work)
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+def new_workdir() -> Path:
+    """Short paths: Unix sockets below it must stay under 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="emb-ct-", dir="/tmp"))
+
+
+def ember_processes(work: Path) -> list[psutil.Process]:
+    """QEMU and shim processes that belong to this test folder."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # dead already; its parent reaps it
+        if str(work) in cmd and ("qemu-system" in cmd or "ember.shim" in cmd):
+            p.info["cmd"] = cmd
+            found.append(p)
+    return found
+
+
+def leftovers(work: Path) -> list[str]:
+    """What the code under test left running or mounted below work."""
+    out = [f"process {p.pid}: {p.info['cmd'][:120]}" for p in ember_processes(work)]
+    out += [f"mount {m}" for m in mounts_under(work)]
+    out += [f"loop {d}" for d in loops_under(work)]
+    shim_dir = work / "st" / "shim"
+    if shim_dir.is_dir():
+        out += [f"pod folder {p}" for p in shim_dir.iterdir()]
+    return out
+
+
+def kill_all(work: Path) -> None:
+    for p in ember_processes(work):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def remove_workdir(work: Path) -> None:
+    subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -1,0 +1,161 @@
+"""Kubernetes' path: a CRI client (as a kubelet) -> containerd's CRI plugin -> our shim.
+
+RunPodSandbox with runtime handler ``ember`` boots one VM for the pod; two
+containers join it (same guest boot id), ExecSync runs in each, and after
+StopPodSandbox + RemovePodSandbox nothing is left: no QEMU, no shim, no mount,
+no loop device, no pod cgroup the shim made. A second pod checks the crash
+path: the shim SIGKILLed mid-pod, containerd's `delete` cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from shimtools import (
+    BUSYBOX,
+    ember_processes,
+    kill_all,
+    leftovers,
+    new_workdir,
+    remove_workdir,
+    start_containerd,
+)
+
+from ember.config import load_config
+from ember.cri import api_pb2 as api
+from ember.cri.client import CRIClient
+
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.containerd,
+              pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cri(guest_assets):
+    work = new_workdir()
+    c = start_containerd(work, cri=True)
+    client = CRIClient(c.address)
+    try:
+        yield c, work, client
+    finally:
+        for pod in client.runtime.ListPodSandbox(api.ListPodSandboxRequest()).items:
+            for step in (client.stop_pod, client.remove_pod):
+                try:
+                    step(pod.id)
+                except Exception:  # noqa: BLE001 - best-effort cleanup of a failed test
+                    pass
+        client.close()
+        c.stop()
+        kill_all(work)
+        remove_workdir(work)
+
+
+def _cgroup_of(pid: int, controller: str) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if controller in ctrls.split(","):
+            return path
+    return ""
+
+
+def _wait(cond, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return cond()
+
+
+def test_pod_with_two_containers_runs_in_one_vm(cri, guest_assets) -> None:
+    c, work, client = cri
+    assert client.version().runtime_name == "containerd"
+    parent = f"/ember-cri-{uuid.uuid4().hex[:8]}"
+    mem_cgroup_root = Path("/sys/fs/cgroup/memory")
+    pod = client.run_pod("ember-pod", runtime_handler="ember", cgroup_parent=parent,
+                         memory_bytes=256 << 20, cpu_quota=100000, cpu_period=100000)
+    try:
+        procs = ember_processes(work)
+        qemu = [p for p in procs if "qemu-system" in p.info["cmd"]]
+        shim = [p for p in procs if "ember.shim" in p.info["cmd"]]
+        assert len(qemu) == 1 and len(shim) == 1, procs
+        # Pod Overhead pays for the VM: the VMM and the shim live in the pod's cgroup.
+        if mem_cgroup_root.is_dir():
+            assert _cgroup_of(qemu[0].pid, "memory") == parent
+            assert _cgroup_of(shim[0].pid, "memory") == parent
+
+        ids = []
+        for name in ("one", "two"):
+            cid = client.create_container(pod, name, BUSYBOX, ["sleep", "1000"],
+                                          env={"WHO": name})
+            client.start_container(cid)
+            ids.append(cid)
+        assert len(ember_processes(work)) == 2, "the containers must join the pod's VM"
+
+        boot_ids, who = [], []
+        for cid in ids:
+            r = client.exec_sync(cid, ["sh", "-c",
+                                       "cat /proc/sys/kernel/random/boot_id; echo $WHO; uname -r"])
+            assert r.exit_code == 0, r.stderr
+            boot_id, name, release = r.stdout.decode().split()
+            boot_ids.append(boot_id)
+            who.append(name)
+            assert release == guest_assets.kernel_release
+        assert boot_ids[0] == boot_ids[1], "both containers must run in the same VM"
+        assert who == ["one", "two"]
+        bad = client.exec_sync(ids[0], ["sh", "-c", "exit 4"])
+        assert bad.exit_code == 4
+
+        # The VM is sized from the pod's resources on top of the configured base.
+        mem = client.exec_sync(ids[0], ["cat", "/proc/meminfo"]).stdout.decode()
+        total_kib = int(mem.split("MemTotal:")[1].split()[0])
+        assert total_kib > load_config().vm.memory_mib * 1024, total_kib
+        cpus = client.exec_sync(ids[0], ["sh", "-c", "cat /proc/cpuinfo"]).stdout.decode()
+        assert cpus.count("processor") == min(load_config().vm.vcpus + 1,
+                                              max(os.cpu_count() or 1, load_config().vm.vcpus))
+
+        st = client.container_status(ids[1])
+        assert st.state == api.CONTAINER_RUNNING and st.metadata.name == "two"
+        assert client.pod_status(pod).state == api.SANDBOX_READY
+
+        client.stop_pod(pod)
+        assert client.container_status(ids[0]).state == api.CONTAINER_EXITED
+        assert client.pod_status(pod).state == api.SANDBOX_NOTREADY
+        client.remove_pod(pod)
+    finally:
+        try:
+            client.stop_pod(pod)
+            client.remove_pod(pod)
+        except Exception:  # noqa: BLE001 - already removed on the happy path
+            pass
+    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
+    assert not (mem_cgroup_root / parent.lstrip("/")).exists(), "pod cgroup left behind"
+
+
+def test_shim_killed_mid_pod_is_cleaned_up_by_containerd(cri) -> None:
+    c, work, client = cri
+    pod = client.run_pod("ember-crash", runtime_handler="ember")
+    try:
+        cid = client.create_container(pod, "app", BUSYBOX, ["sleep", "1000"])
+        client.start_container(cid)
+        procs = ember_processes(work)
+        shim = [p for p in procs if "ember.shim" in p.info["cmd"]]
+        qemu = [p for p in procs if "qemu-system" in p.info["cmd"]]
+        assert len(shim) == 1 and len(qemu) == 1
+        os.kill(shim[0].pid, signal.SIGKILL)
+        assert _wait(lambda: not psutil.pid_exists(qemu[0].pid), 60), "VM survived its shim"
+        assert _wait(lambda: client.container_status(cid).state == api.CONTAINER_EXITED, 30)
+        client.stop_pod(pod)
+        client.remove_pod(pod)
+    finally:
+        try:
+            client.stop_pod(pod)
+            client.remove_pod(pod)
+        except Exception:  # noqa: BLE001 - already removed on the happy path
+            pass
+    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
