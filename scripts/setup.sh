@@ -14,6 +14,7 @@ APT_PACKAGES=(
   busybox-static python3 python3-venv python3-dev gcc
   containerd runc crun docker-registry iproute2 openssl ca-certificates
   libseccomp2 lvm2 thin-provisioning-tools zstd lz4
+  containernetworking-plugins
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
