@@ -116,10 +116,15 @@ def test_runtimeclasses_and_installer_agree_with_the_code():
     runtimes = tomllib.loads(toml_text)["plugins"]["io.containerd.grpc.v1.cri"][
         "containerd"]["runtimes"]
     assert set(runtimes) == {c.handler for c in CLASSES}
-    assert runtimes["ember"]["runtime_type"] == "io.containerd.ember.v2"
-    # io.containerd.ember-fc.v2 -> containerd looks for containerd-shim-ember-fc-v2
-    assert runtimes["ember-fc"]["runtime_type"] == "io.containerd.ember-fc.v2"
-    assert "containerd-shim-ember-fc-v2" in script
+    configs = {"qemu": "/etc/ember/config.toml", "firecracker": "/etc/ember/firecracker.toml"}
+    for info in CLASSES:
+        rt = runtimes[info.handler]
+        assert rt["runtime_type"] == "io.containerd.ember.v2"
+        assert rt["privileged_without_host_devices"] is True
+        path = rt["options"]["ConfigPath"]
+        assert path == configs[info.backend]
+        # the script writes that config, selecting the backend
+        assert f"hypervisor = \"{info.backend}\"\\n' > $H{path}" in script
     for label in {k for c in CLASSES for k in c.node_selector}:
         assert f'\\"{label}\\"' in script or f'"{label}"' in script
     ds = docs[("DaemonSet", "ember-installer")]["spec"]["template"]["spec"]
