@@ -57,6 +57,8 @@ def cri_config(work: Path, config_path: str = "") -> str:
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN}"
     conf_dir = "{conf_dir}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember]
     runtime_type = "{RUNTIME}"
     pod_annotations = ["ember.io/*"]
