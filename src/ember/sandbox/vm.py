@@ -56,9 +56,9 @@ class SandboxVM:
         from ember.vmm.accel import resolve_accel
 
         assets = current_assets(self.cfg)
-        accel = resolve_accel(self.cfg.vm.accel, self.cfg.vm.qemu_binary, assets.kernel,
-                              self.cfg.data_dir)
         cmdline = assets.cmdline
+        accel = resolve_accel(self.cfg.vm.accel, self.cfg.vm.qemu_binary, assets.kernel,
+                              self.cfg.data_dir, cmdline)
         if self.cfg.guest.extra_cmdline:
             cmdline += " " + self.cfg.guest.extra_cmdline
         return VMSpec(

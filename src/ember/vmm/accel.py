@@ -22,13 +22,13 @@ from ember.util import atomic_write_json
 PROBE_TIMEOUT = 20.0
 
 
-def _probe(binary: str, kernel: Path, accel: str, timeout: float) -> float | None:
+def _probe(binary: str, kernel: Path, accel: str, timeout: float, cmdline: str) -> float | None:
     cpu = "host" if accel == "kvm" else "max"
     argv = [
         binary, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
         "-accel", accel, "-cpu", cpu, "-m", "128", "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-serial", "null", "-kernel", str(kernel),
-        "-append", "console=ttyS0 panic=-1 rdinit=/ember-none root=/dev/ember-none quiet",
+        "-append", f"{cmdline} panic=-1 rdinit=/ember-none root=/dev/ember-none",
     ]
     start = time.monotonic()
     try:
@@ -50,15 +50,21 @@ def _kvm_usable() -> bool:
     return True
 
 
-def resolve_accel(setting: str, binary: str, kernel: Path, cache_dir: Path) -> str:
-    """Return "kvm" or "tcg" for setting "auto" | "kvm" | "tcg"."""
+def resolve_accel(setting: str, binary: str, kernel: Path, cache_dir: Path,
+                  cmdline: str = "console=ttyS0 quiet") -> str:
+    """Return "kvm" or "tcg" for setting "auto" | "kvm" | "tcg".
+
+    cmdline is the guest's own kernel command line (its clock settings matter:
+    without them a TCG guest can hang calibrating the TSC); the probe appends
+    what makes the kernel give up at once.
+    """
     if setting in ("kvm", "tcg"):
         return setting
     if not _kvm_usable():
         return "tcg"
     st = kernel.stat()
     key = hashlib.sha256(
-        f"{os.uname().release}|{binary}|{kernel}|{st.st_size}|{st.st_mtime_ns}".encode()
+        f"{os.uname().release}|{binary}|{kernel}|{st.st_size}|{st.st_mtime_ns}|{cmdline}".encode()
     ).hexdigest()[:16]
     cache = cache_dir / "accel-probe.json"
     try:
@@ -67,8 +73,8 @@ def resolve_accel(setting: str, binary: str, kernel: Path, cache_dir: Path) -> s
             return cached["accel"]
     except (OSError, ValueError, KeyError):
         pass
-    tcg = _probe(binary, kernel, "tcg", PROBE_TIMEOUT * 3)
-    kvm = _probe(binary, kernel, "kvm", min(PROBE_TIMEOUT, (tcg or PROBE_TIMEOUT) * 1.5))
+    tcg = _probe(binary, kernel, "tcg", PROBE_TIMEOUT * 3, cmdline)
+    kvm = _probe(binary, kernel, "kvm", min(PROBE_TIMEOUT, (tcg or PROBE_TIMEOUT) * 1.5), cmdline)
     accel = "kvm" if kvm is not None and (tcg is None or kvm < tcg) else "tcg"
     atomic_write_json(cache, {"key": key, "accel": accel, "tcg_s": tcg, "kvm_s": kvm})
     return accel
