@@ -19,8 +19,8 @@ import pytest
 
 from ember.snapshotter.proto import snapshots_pb2 as pb
 from ember.snapshotter.proto import snapshots_pb2_grpc
-from ember.testing.mounts import mounted, wait_loops_gone
-from ember.testing.snapshotter import SnapshotterProcess
+from ember.testing.mounts import mounted
+from ember.testing.snapshotter import running_snapshotter
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mount)")]
@@ -28,12 +28,8 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180),
 
 @pytest.fixture
 def sn(tmp_path):
-    proc = SnapshotterProcess(tmp_path / "sn")
-    try:
+    with running_snapshotter(tmp_path) as proc:
         yield proc
-    finally:
-        proc.close()
-        assert not wait_loops_gone(tmp_path)
 
 
 def listing(stub):

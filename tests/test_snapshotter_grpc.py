@@ -17,8 +17,8 @@ from google.protobuf import field_mask_pb2
 
 from ember.snapshotter.mounts import BlockImage, block_image
 from ember.snapshotter.proto import snapshots_pb2 as pb
-from ember.testing.mounts import mounted, mounts_under, wait_loops_gone
-from ember.testing.snapshotter import SnapshotterProcess
+from ember.testing.mounts import mounted, wait_loops_gone
+from ember.testing.snapshotter import SnapshotterProcess, running_snapshotter
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mount)")]
@@ -28,12 +28,8 @@ VIEW, ACTIVE, COMMITTED = pb.VIEW, pb.ACTIVE, pb.COMMITTED
 
 @pytest.fixture
 def sn(tmp_path):
-    proc = SnapshotterProcess(tmp_path / "sn")
-    try:
+    with running_snapshotter(tmp_path) as proc:
         yield proc
-    finally:
-        proc.close()
-        assert not wait_loops_gone(tmp_path) and not mounts_under(tmp_path)
 
 
 def prepare(stub, key, parent="", labels=None):

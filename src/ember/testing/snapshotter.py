@@ -12,18 +12,20 @@ script is installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from ember.snapshotter.proto import snapshots_pb2_grpc
-from ember.testing.mounts import cleanup_under
+from ember.testing.mounts import cleanup_under, mounts_under, wait_loops_gone
 
 
 class SnapshotterProcess:
@@ -118,3 +120,16 @@ class SnapshotterProcess:
         """Stop, then unmount the pool and detach every loop device under it."""
         self.stop()
         return cleanup_under(self.dir)
+
+
+@contextlib.contextmanager
+def running_snapshotter(tmpdir: str | os.PathLike, *args: str, **kw) -> Iterator[SnapshotterProcess]:
+    """A SnapshotterProcess in ``tmpdir/sn``, closed on exit; then checks that
+    nothing is left mounted or attached under ``tmpdir``."""
+    proc = SnapshotterProcess(Path(tmpdir) / "sn", *args, **kw)
+    try:
+        yield proc
+    finally:
+        proc.close()
+        left = list(wait_loops_gone(Path(tmpdir))) + mounts_under(Path(tmpdir))
+        assert not left, f"left behind: {left}"
