@@ -384,5 +384,11 @@ def test_cli_errors_leave_nothing_behind(tmp_path):
         r = run("--root", str(proc.root), "--address", str(tmp_path / "other.sock"))
         assert r.returncode == 125 and "already serving" in r.stderr
         assert not (tmp_path / "other.sock").exists()
+        assert run("--root", str(proc.root), "--release").returncode == 125  # still serving
+        proc.stop()
+        r = run("--root", str(proc.root), "--release")
+        assert r.returncode == 0 and r.stdout.startswith("released")
+        assert not os.path.ismount(proc.root / "pool") and not wait_loops_gone(tmp_path)
+        assert run("--root", str(proc.root), "--release").stdout == "nothing mounted\n"
     finally:
         proc.close()
