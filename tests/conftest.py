@@ -41,9 +41,10 @@ def qemu_pids(marker: str = "") -> list[int]:
 
 
 def loop_devices() -> set[str]:
+    """Loop devices as "NAME BACKING-FILE" strings (other tests may run beside us)."""
     out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "--noheadings"],
                          capture_output=True, text=True, check=False).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    return {" ".join(line.split()[:2]) for line in out.splitlines() if line.strip()}
 
 
 def mounts() -> set[str]:
@@ -112,5 +113,8 @@ def ember_env(guest_assets):
                 pass
         shutil.rmtree(state, ignore_errors=True)
         assert not leaked_qemu, f"QEMU processes left behind: {leaked_qemu}"
-        assert loop_devices() <= before_loops, "loop devices left behind"
-        assert mounts() <= before_mounts, f"mounts left behind: {mounts() - before_mounts}"
+        ours = ("/var/lib/ember", str(state))
+        new_loops = [d for d in loop_devices() - before_loops if any(o in d for o in ours)]
+        new_mounts = [m for m in mounts() - before_mounts if m.startswith(ours)]
+        assert not new_loops, f"loop devices left behind: {new_loops}"
+        assert not new_mounts, f"mounts left behind: {new_mounts}"

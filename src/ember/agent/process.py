@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import select
 import socket
 import struct
+import tempfile
 import termios
 import threading
 import time
@@ -149,7 +151,9 @@ def launch(crun: Crun, proc: Process, args: Sequence[str], pid_file: str, work_d
     ours: list[int] = []  # fds the agent keeps on success
     theirs: list[int] = []  # fds only crun should hold
     listener = None
-    sock_path = os.path.join(work_dir, f"console-{proc.exec_id or 'init'}.sock")
+    # Not in work_dir: a 64-hex container id makes that path longer than a
+    # Unix socket address may be (108 bytes).
+    sock_path = os.path.join(tempfile.gettempdir(), f"ember-console-{secrets.token_hex(8)}.sock")
     stdin = stdout = stderr = None
     try:
         if proc.terminal:

@@ -93,10 +93,11 @@ class ImageStore:
     def _find_id(self, ref: str, images: dict) -> str:
         if ref in images:
             return ref
+        bad_ref: ImageError | None = None
         try:
             parsed = parse_reference(ref)
-        except ImageError:
-            parsed = None
+        except ImageError as exc:
+            parsed, bad_ref = None, exc
         if parsed is not None:
             full = str(parsed)
             for image_id, entry in images.items():
@@ -117,6 +118,8 @@ class ImageStore:
                 return matches[0]
             if len(matches) > 1:
                 raise ImageError(f"image id prefix {ref!r} is ambiguous ({len(matches)} images)")
+        if bad_ref is not None and not m:
+            raise bad_ref
         raise ImageError(f"image not found: {ref}")
 
     def resolve(self, ref: str) -> Image:
