@@ -87,6 +87,17 @@ class QemuBoot:
         return elapsed
 
 
+    def fixed_cost(self) -> tuple[float, float]:
+        """QEMU's ``-version`` bare and jailed: the jailer's own start/stop cost."""
+        spec = JailSpec(id=f"bench-{uuid.uuid4().hex[:8]}", exec_file=QEMU, uid=40000, gid=40000,
+                        chroot_base_dir=str(self.base), vmm_kind="qemu", new_pid_ns=True,
+                        args=["-version"])
+        try:
+            return _timed([QEMU, "-version"])[0], _timed(build_argv(spec))[0]
+        finally:
+            cleanup(spec)
+
+
 class EmberRun:
     """``ember run --rm IMAGE true`` with the jailer off, then on."""
 
@@ -126,11 +137,17 @@ def main() -> None:
             os.rmdir("/sys/fs/cgroup/memory/ember-bench")
         except OSError:
             pass
+        fixed = [scenario.fixed_cost() for _ in range(args.runs)] \
+            if isinstance(scenario, QemuBoot) else []
     p, j = statistics.median(plain), statistics.median(jailed)
     print(f"scenario {args.scenario}, {args.runs} runs each, alternating")
-    print(f"without jailer: median {p:.3f}s  {[round(x, 2) for x in plain]}")
-    print(f"with jailer:    median {j:.3f}s  {[round(x, 2) for x in jailed]}")
-    print(f"ratio jailed/plain: {j / p:.3f}  (goal <= 1.05)")
+    print(f"without jailer: median {p:.3f}s  min {min(plain):.3f}s  {[round(x, 2) for x in plain]}")
+    print(f"with jailer:    median {j:.3f}s  min {min(jailed):.3f}s  {[round(x, 2) for x in jailed]}")
+    print(f"ratio jailed/plain: median {j / p:.3f}, min {min(jailed) / min(plain):.3f}  "
+          "(goal <= 1.05)")
+    if fixed:
+        cost = statistics.median(b - a for a, b in fixed)
+        print(f"jailer fixed cost (qemu -version jailed minus bare): median {cost * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -316,3 +316,31 @@ def test_spec_from_config_and_uid_allocation():
     cfg.jailer.uid_base = os.getuid()  # root is running: that uid is taken
     with pytest.raises(EmberError, match="no free jailer uid"):
         allocate_uid(cfg.jailer, "sandbox-b")
+
+
+def test_a_dynamic_binary_gets_its_libraries(env):
+    spec = make_spec(env, exec_file="/usr/bin/true")  # glibc, ld.so, no ld.so.cache in the jail
+    res = jailer(env, spec)
+    assert res.returncode == 0, res.stderr
+    cache = env["base"] / ".libs-true.json"
+    assert "/libc.so.6" in cache.read_text()
+
+
+def test_library_cache_is_reused_until_the_binary_changes(tmp_path, monkeypatch):
+    from ember.jailer import files
+
+    binary = tmp_path / "true"
+    binary.write_bytes(Path("/usr/bin/true").read_bytes())
+    cache = files.LibraryCache(tmp_path / "libs.json")
+    libs = cache.libraries(str(binary))
+    assert any(p.endswith("/libc.so.6") for p in libs)
+    cache.save()
+    calls = []
+    real = files._ldd
+    monkeypatch.setattr(files, "_ldd", lambda b: calls.append(b) or real(b))
+    assert files.LibraryCache(tmp_path / "libs.json").libraries(str(binary)) == libs
+    assert calls == []
+    binary.unlink()
+    binary.write_bytes(Path("/usr/bin/true").read_bytes())  # new inode: an upgrade
+    assert files.LibraryCache(tmp_path / "libs.json").libraries(str(binary)) == libs
+    assert len(calls) == 1

@@ -12,24 +12,21 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.util import atomic_write
 
 _LDD_PATH = re.compile(r"(/\S+)\s+\(0x[0-9a-f]+\)")
 QEMU_DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios")
 
 
-def shared_libraries(*binaries: str) -> list[str]:
-    """Absolute paths of the libraries (and loader) the binaries need; [] if static.
-
-    The ``ldd`` runs go in parallel: they sit on the path to every VM start.
-    """
+def _ldd(binaries: tuple[str, ...]) -> list[str]:
     try:
         procs = [subprocess.Popen(["/usr/bin/ldd", b], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True,
@@ -44,12 +41,54 @@ def shared_libraries(*binaries: str) -> list[str]:
     return sorted(found)
 
 
+def _fingerprint(paths: list[str] | tuple[str, ...]) -> list[list]:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([p, st.st_ino, st.st_size, st.st_mtime_ns])
+    return out
+
+
+class LibraryCache:
+    """The libraries ``ldd`` listed for a set of binaries, kept between VM starts.
+
+    ``ldd`` on QEMU costs ~100 ms on every start, so the answer is kept in a
+    root-owned JSON file and reused while neither the binaries nor any listed
+    library has changed (an upgrade changes inode or mtime). ``save()`` is
+    called only once the VMM runs, so a refused start creates nothing.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.pending: str | None = None
+
+    def libraries(self, *binaries: str) -> list[str]:
+        if self.path is not None:
+            try:
+                saved = json.loads(self.path.read_text())
+                if saved["binaries"] == _fingerprint(binaries) and \
+                        saved["libraries"] == _fingerprint(saved["paths"]):
+                    return saved["paths"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        paths = _ldd(binaries)
+        self.pending = json.dumps({"binaries": _fingerprint(binaries), "paths": paths,
+                                   "libraries": _fingerprint(paths)})
+        return paths
+
+    def save(self) -> None:
+        if self.path is not None and self.pending is not None:
+            try:
+                atomic_write(self.path, self.pending, mode=0o600)
+            except OSError:
+                pass  # a cache, nothing more
+
+
 def qemu_modules(exec_file: str) -> list[str]:
     """The TCG accelerator module for this QEMU's target (Debian builds it as a module)."""
     target = os.path.basename(exec_file).removeprefix("qemu-system-")
-    arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
-    for moddir in (f"/usr/lib/{arch}/qemu", "/usr/lib/qemu", "/usr/lib64/qemu"):
-        found = sorted(glob.glob(f"{moddir}/accel-*-{target}.so"))
+    for pattern in ("/usr/lib/*/qemu", "/usr/lib/qemu", "/usr/lib64/qemu"):
+        found = sorted(glob.glob(f"{pattern}/accel-*-{target}.so"))
         if found:
             return found
     return []

@@ -59,6 +59,7 @@ class Plan:
     rlimits: list[tuple[int, int]] = field(default_factory=list)
     created_dirs: list[Path] = field(default_factory=list)
     last_cap: int = 40
+    lib_cache: files.LibraryCache | None = None
 
 
 def jailed_exec(spec: JailSpec) -> str:
@@ -152,9 +153,10 @@ def validate(spec: JailSpec, allow_root: bool) -> Plan:
             raise EmberError("the VMM wants KVM but /dev/kvm does not exist")
         devices.append(_KVM)
     modules = files.qemu_modules(exe) if spec.vmm_kind == "qemu" else []
-    libs = sorted(set(files.shared_libraries(exe, *modules)) | set(modules))
+    cache = files.LibraryCache(Path(spec.chroot_base_dir) / f".libs-{spec.exec_name}.json")
+    libs = sorted(set(cache.libraries(exe, *modules)) | set(modules))
     return Plan(spec, filt, cg, libs, devices=devices, rlimits=rlimits,
-                last_cap=linux.last_capability())
+                last_cap=linux.last_capability(), lib_cache=cache)
 
 
 def build(plan: Plan) -> None:
@@ -396,6 +398,8 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
         os.waitpid(child_pid, 0)
         raise EmberError(failure)
     pid = child_pid
+    if plan.lib_cache is not None:
+        plan.lib_cache.save()  # only now: a start that failed leaves nothing behind
     home = jail_dir(spec)
     atomic_write(home / "vmm.pid", f"{pid}\n")
     atomic_write(home / "jailer.pid", f"{os.getpid()}\n")
