@@ -344,3 +344,56 @@ def test_library_cache_is_reused_until_the_binary_changes(tmp_path, monkeypatch)
     binary.write_bytes(Path("/usr/bin/true").read_bytes())  # new inode: an upgrade
     assert files.LibraryCache(tmp_path / "libs.json").libraries(str(binary)) == libs
     assert len(calls) == 1
+
+
+FAKE_FC_C = r"""
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+/* Stands in for the Firecracker binary this machine cannot run: reports what
+   Firecracker would find in its jail. */
+int main(int argc, char **argv) {
+    struct stat kvm, tun;
+    for (int i = 0; i < argc; i++) printf("%s ", argv[i]);
+    printf("\n");
+    if (stat("/dev/kvm", &kvm) == 0)
+        printf("kvm %u:%u uid %u\n", major(kvm.st_rdev), minor(kvm.st_rdev), kvm.st_uid);
+    if (stat("/dev/net/tun", &tun) == 0) printf("tun %u:%u\n", major(tun.st_rdev), minor(tun.st_rdev));
+    printf("uid %u\n", getuid());
+    return 0;
+}
+"""
+
+
+def test_firecracker_kind_gets_its_id_kvm_and_tun(env, tmp_path):
+    src = tmp_path / "fc.c"
+    src.write_text(FAKE_FC_C)
+    binary = tmp_path / "firecracker"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(src)], check=True)
+    spec = make_spec(env, exec_file=str(binary), vmm_kind="firecracker",
+                     args=["--api-sock", "/run/api.sock"])
+    res = jailer(env, spec)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["/firecracker", "--id", spec.id, "--api-sock", "/run/api.sock"]
+    assert f"kvm 10:232 uid {UID}" in lines
+    if os.path.exists("/dev/net/tun"):
+        assert "tun 10:200" in lines
+    assert lines[-1] == f"uid {UID}"
+
+
+def test_kvm_node_only_when_qemu_asks_for_kvm():
+    from ember.jailer.jail import _wants_kvm
+
+    def qemu(*args):
+        return JailSpec(id="k", exec_file="/usr/bin/qemu-system-x86_64", uid=1, gid=1,
+                        vmm_kind="qemu", args=list(args))
+
+    assert not _wants_kvm(qemu("-accel", "tcg"))
+    assert _wants_kvm(qemu("-accel", "kvm"))
+    assert _wants_kvm(qemu("-M", "microvm,accel=kvm"))
+    assert _wants_kvm(qemu("-enable-kvm"))
+    spec = qemu("-accel", "kvm")
+    spec.kvm = False
+    assert not _wants_kvm(spec)

@@ -88,6 +88,8 @@ def _wants_kvm(spec: JailSpec) -> bool:
 
 def validate(spec: JailSpec, allow_root: bool) -> Plan:
     """Check every argument; raise a one-line EmberError before anything exists."""
+    if os.geteuid() != 0:
+        raise EmberError("must run as root (it builds namespaces, cgroups and device nodes)")
     if not _ID_RE.match(spec.id):
         raise EmberError(f"--id {spec.id!r}: use 1-64 letters, digits or '-'")
     exe = spec.exec_file
