@@ -152,10 +152,13 @@ class Monitor:
             return  # the VM went away: stop() records why
         for t in streams:
             t.join(timeout=5)
-        self.store.update(self.id, status="exited", exit_code=resp.exit_status,
-                          finished=time.time())
+        result = {"status": "exited", "exit_code": resp.exit_status, "finished": time.time()}
         if auto_stop:
-            self.stop(None)
+            # Stop the VM before saying "exited": whoever waits on the status may
+            # then count on the VM being gone.
+            self.stop(None, final=result)
+        else:
+            self.store.update(self.id, **result)
 
     def _watch_vmm(self) -> None:
         """Record a VMM that dies on its own (crash, kill -9) and stop serving."""
@@ -166,7 +169,7 @@ class Monitor:
             self.stop("dead", error=f"VMM exited unexpectedly (code {code}); console: {tail}")
 
     # ----------------------------------------------------------- lifecycle
-    def stop(self, status: str | None, error: str = "") -> None:
+    def stop(self, status: str | None, error: str = "", final: dict | None = None) -> None:
         with self._stopping:
             if self.done.is_set():
                 return
@@ -174,7 +177,7 @@ class Monitor:
         try:
             self.vm.shutdown(timeout=5)
         finally:
-            changes: dict[str, object] = {"vmm_pid": None, "monitor_pid": None}
+            changes: dict[str, object] = {"vmm_pid": None, "monitor_pid": None, **(final or {})}
             try:
                 st = self.store.load(self.id)
                 if status == "dead" or (status and st.status not in ("exited",)):
