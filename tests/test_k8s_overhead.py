@@ -195,10 +195,12 @@ def test_measure_a_real_sandbox(tmp_path):
         pytest.skip(reason)
     from ember.config import load_config
 
-    shared = load_config().guest_dir  # the shared guest-asset cache
+    shared = load_config()  # the shared guest-asset (and VM template) cache
     data = tmp_path / "data"
     data.mkdir()
-    (data / "guest").symlink_to(shared)
+    (data / "guest").symlink_to(shared.guest_dir)
+    if shared.templates_dir.is_dir():  # else a template is made in tmp_path (slower)
+        (data / "templates").symlink_to(shared.templates_dir)
     # Unix socket paths are short (108 bytes): the state dir cannot live in tmp_path.
     state = Path(tempfile.mkdtemp(prefix="ek8s-", dir="/tmp"))
     try:

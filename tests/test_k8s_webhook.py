@@ -581,6 +581,9 @@ def test_namespace_labels_from_the_api_server(tls, tmp_path, kube_api):
             assert patched(pod, post(url, tls, make_review(pod)))["spec"][
                 "runtimeClassName"] == "ember-qemu"
         assert api.seen == ["/api/v1/namespaces/team-a"]  # the second pod hit the cache
+        pod = make_pod(namespace="kube-system")
+        assert "patch" not in post(url, tls, make_review(pod))
+        assert api.seen == ["/api/v1/namespaces/team-a"]  # excluded: nothing to look up
         pod = make_pod(namespace="plain")
         assert patched(pod, post(url, tls, make_review(pod)))["spec"][
             "runtimeClassName"] == "ember-fc"

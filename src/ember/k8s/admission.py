@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ember.k8s.decide import ADMISSION_ANNOTATION, Decision, decide
@@ -113,9 +114,13 @@ def respond(review: Review, allowed: bool, *, message: str = "", code: int = 0,
     return {"apiVersion": review.api_version, "kind": "AdmissionReview", "response": response}
 
 
-def review_pod(review: Review, ns_labels: dict[str, str], policy: Policy, mutate: bool
-               ) -> tuple[dict, Decision | None]:
-    """Answer a parsed review; the Decision is returned for metrics and logs."""
+def review_pod(review: Review, labels_of: Callable[[str], dict[str, str]], policy: Policy,
+               mutate: bool) -> tuple[dict, Decision | None]:
+    """Answer a parsed review; the Decision is returned for metrics and logs.
+
+    ``labels_of(namespace)`` is only called when the answer depends on it, so
+    excluded namespaces and malformed reviews cost no API request.
+    """
     problem = _pod_problem(review.request)
     if problem:
         return respond(review, False, message=problem, code=400), None
@@ -123,8 +128,9 @@ def review_pod(review: Review, ns_labels: dict[str, str], policy: Policy, mutate
         # runtimeClassName is immutable once the pod exists: nothing to decide.
         return respond(review, True), Decision(True, "unchanged", why="not a CREATE")
     pod = review.request["object"]
-    namespace = review.request.get("namespace") or pod.get("metadata", {}).get(
-        "namespace", "default")
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    namespace = str(review.request.get("namespace") or meta.get("namespace") or "default")
+    ns_labels = {} if namespace in policy.exclude_namespaces else labels_of(namespace)
     decision = decide(pod, namespace, ns_labels, policy)
     if not decision.allowed:
         return respond(review, False, message=decision.message, code=403), decision

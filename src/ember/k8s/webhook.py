@@ -72,6 +72,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _describe(request: dict) -> str:
+    """namespace/name of the reviewed object, for the log, whatever its shape."""
+    obj = request.get("object")
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") or meta.get("generateName") if isinstance(meta, dict) else None
+    return f"{request.get('namespace') or '?'}/{name or '?'}"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: WebhookServer
     protocol_version = "HTTP/1.1"
@@ -134,9 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(endpoint, 400, str(exc))
             return
         try:
-            labels = self.server.namespace_labels(review.request)
-            answer, decision = review_pod(review, labels, self.server.policy,
-                                          mutate=endpoint == "mutate")
+            answer, decision = review_pod(review, self.server.labels_source.labels,
+                                          self.server.policy, mutate=endpoint == "mutate")
             result = decision.result if decision else "invalid"
         except NamespaceLookupError as exc:
             answer, result = respond(review, False, message=str(exc), code=500), "error"
@@ -146,9 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
             result = "error"
         self.server.metrics.reviews.labels(endpoint, result).inc()
         self.server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-        log.info("%s %s/%s: %s", endpoint, review.request.get("namespace", "?"),
-                 (review.request.get("object") or {}).get("metadata", {}).get("name", "?")
-                 if isinstance(review.request.get("object"), dict) else "?", result)
+        log.info("%s %s: %s", endpoint, _describe(review.request), result)
         self._send(200, json.dumps(answer).encode())
 
 
@@ -169,12 +174,6 @@ class WebhookServer(ThreadingHTTPServer):
         self.policy = policy
         self.labels_source = labels_source
         self.metrics = Metrics()
-
-    def namespace_labels(self, request: dict) -> dict[str, str]:
-        obj = request.get("object") if isinstance(request.get("object"), dict) else {}
-        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        ns = request.get("namespace") or meta.get("namespace") or "default"
-        return self.labels_source.labels(str(ns))
 
     def finish_request(self, request, client_address) -> None:  # type: ignore[override]
         request.settimeout(SOCKET_TIMEOUT)
