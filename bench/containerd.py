@@ -70,8 +70,10 @@ def ember_run_setup(work: Path, env: dict[str, str]) -> None:
 
 
 def ember_run(env: dict[str, str]) -> None:
-    subprocess.run([f"{VENV_BIN}/ember", "run", "--rm", BUSYBOX, "true"], env=env, check=True,
-                   capture_output=True, timeout=600)
+    res = subprocess.run([f"{VENV_BIN}/ember", "run", "--rm", BUSYBOX, "true"], env=env,
+                         capture_output=True, timeout=600)
+    if res.returncode != 0:
+        raise SystemExit(f"ember run failed ({res.returncode}): {res.stderr.decode().strip()}")
 
 
 def cri_pod(client, n: int) -> float:
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ember.cri.client import CRIClient
 
+    from ember.guest.build import build_guest
+
+    build_guest(load_config(), progress=False)  # cached; rebuilt only if the agent changed
     work = new_workdir()
     data = data_dir_for(work)
     os.environ["EMBER_DATA_DIR"] = str(data)  # inherited by containerd and the shim

@@ -76,11 +76,28 @@ def import_images(c: ContainerdInstance, work: Path) -> None:
         os.unlink(tar)
 
 
-def start_containerd(work: Path, cri: bool = False, config_path: str = "") -> ContainerdInstance:
+def ember_config_file(work: Path, state: Path) -> Path:
+    """An Ember config naming the test's state dir (plus whatever $EMBER_CONFIG says)."""
+    base = ""
+    if os.environ.get("EMBER_CONFIG"):
+        base = Path(os.environ["EMBER_CONFIG"]).read_text()
+    path = work / "ember.toml"
+    path.write_text(f'state_dir = "{state}"\n{base}')
+    return path
+
+
+def start_containerd(work: Path, cri: bool = False) -> ContainerdInstance:
+    """ctr tests pass Ember's state dir in the environment; CRI passes it through
+    the runtime options' ConfigPath, as a cluster would."""
     state = work / "st"
     state.mkdir(parents=True, exist_ok=True)
-    extra = cri_config(work, config_path) if cri else ""
-    c = ContainerdInstance(work / "ctrd", extra, cri=cri, env=shim_env(state),
+    env = shim_env(state)
+    extra = ""
+    if cri:
+        extra = cri_config(work, str(ember_config_file(work, state)))
+        for key in ("EMBER_STATE_DIR", "EMBER_CONFIG"):
+            env.pop(key, None)
+    c = ContainerdInstance(work / "ctrd", extra, cri=cri, env=env,
                            namespace="k8s.io" if cri else "ember-test")
     try:
         import_images(c, work)

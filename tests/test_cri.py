@@ -84,6 +84,9 @@ def test_pod_with_two_containers_runs_in_one_vm(cri, guest_assets) -> None:
         qemu = [p for p in procs if "qemu-system" in p.info["cmd"]]
         shim = [p for p in procs if "ember.shim" in p.info["cmd"]]
         assert len(qemu) == 1 and len(shim) == 1, procs
+        # The runtime's options.ConfigPath was honoured: its state_dir holds the pod.
+        assert "EMBER_STATE_DIR" not in os.environ
+        assert len(list((work / "st" / "shim").iterdir())) == 1
         # Pod Overhead pays for the VM: the VMM and the shim live in the pod's cgroup.
         if mem_cgroup_root.is_dir():
             assert _cgroup_of(qemu[0].pid, "memory") == parent

@@ -30,6 +30,7 @@ from ember.ttrpc import Client, ConnectionClosed, TTRPCError
 log = logging.getLogger("ember.shim.events")
 
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+TTRPC_RETRY_AFTER = 30.0  # seconds on the fallback after $TTRPC_ADDRESS failed
 
 TOPICS: dict[type[Message], str] = {
     ev.TaskCreate: "/tasks/create",
@@ -66,6 +67,7 @@ class Publisher:
         self.publish_binary = publish_binary
         self._queue: queue.Queue[tuple[str, any_pb2.Any, int] | None] = queue.Queue()
         self._client: Client | None = None
+        self._ttrpc_down_until = 0.0
         self._idle = threading.Condition()
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="shim-events", daemon=True)
@@ -118,14 +120,14 @@ class Publisher:
                     self._idle.notify_all()
 
     def _send(self, topic: str, any_msg: any_pb2.Any, t_ns: int) -> None:
-        if self.ttrpc_address:
+        if self.ttrpc_address and time.monotonic() >= self._ttrpc_down_until:
             env = forward_pb2.Envelope(timestamp=timestamp(t_ns), namespace=self.namespace,
                                        topic=topic, event=any_msg)
             req = forward_pb2.ForwardRequest(envelope=env)
             for _attempt in range(2):
                 try:
                     if self._client is None or self._client.closed:
-                        self._client = Client.connect_unix(self.ttrpc_address, timeout=2.0)
+                        self._client = Client.connect_unix(self.ttrpc_address, timeout=0.5)
                     self._client.call(EVENTS_SERVICE, "Forward", req, timeout=10.0)
                     return
                 except (ConnectionClosed, OSError) as exc:
@@ -134,6 +136,8 @@ class Publisher:
                 except TTRPCError as exc:
                     log.warning("containerd refused %s: %s", topic, exc)
                     break
+            # Unreachable: use the publish binary for a while instead of waiting each time.
+            self._ttrpc_down_until = time.monotonic() + TTRPC_RETRY_AFTER
         self._publish_binary(topic, any_msg)
 
     def _publish_binary(self, topic: str, any_msg: any_pb2.Any) -> None:
