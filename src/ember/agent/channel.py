@@ -23,8 +23,28 @@ VSOCK_PORT = 1024
 RETRY_S = 0.05
 
 
-def find_virtio_port(name: str = PORT_NAME, timeout: float = 2.0) -> str | None:
-    """/dev/vportNpM of the virtio-serial port called name, if there is one."""
+VIRTIO_ID_CONSOLE = 0x0003
+
+
+def has_virtio_console() -> bool:
+    """Is there a virtio-serial device at all (QEMU yes, Firecracker no)?"""
+    for path in glob.glob("/sys/bus/virtio/devices/*/device"):
+        try:
+            with open(path) as f:
+                if int(f.read().strip(), 16) == VIRTIO_ID_CONSOLE:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def find_virtio_port(name: str = PORT_NAME, timeout: float = 10.0) -> str | None:
+    """/dev/vportNpM of the virtio-serial port called name, if there is one.
+
+    Ports are announced by the device after the driver binds, so they can lag
+    behind module loading: wait for one, but only if a virtio-serial device
+    exists (under Firecracker there is none and vsock is used at once).
+    """
     deadline = time.monotonic() + timeout
     while True:
         for path in glob.glob("/sys/class/virtio-ports/*/name"):
@@ -36,7 +56,7 @@ def find_virtio_port(name: str = PORT_NAME, timeout: float = 2.0) -> str | None:
                             return dev
             except OSError:
                 continue
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or not has_virtio_console():
             return None
         time.sleep(0.05)
 
