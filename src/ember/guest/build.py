@@ -340,41 +340,62 @@ def build_guest(cfg: Config, progress: bool = True, force: bool = False) -> Gues
     if len(_overrides(cfg)) == 3:
         return _apply_overrides(cfg, None)
     with _locked(cfg):
-        kernel_pkg, packages = debs.resolve(
-            ROOTFS_PACKAGES, cfg.guest.kernel_package, cfg.guest_dir / "resolve.json"
-        )
-        local = local_digest()
-        key = build_key(local, packages)
-        final = cfg.guest_dir / key
-        manifest = _read_manifest(cfg, key)
-        if manifest is None or force:
-            started = time.time()
-            with _Steps(progress) as steps:
-                deb_paths = debs.download(list(packages.values()), cfg.guest_dir / "debs")
-                tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cfg.guest_dir))
-                try:
-                    os.chmod(tmp, 0o755)
-                    built = _build_into(tmp, kernel_pkg, packages, deb_paths, steps)
-                    manifest = {
-                        "key": key,
-                        "local_digest": local,
-                        "builder_version": BUILDER_VERSION,
-                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "build_seconds": round(time.time() - started, 1),
-                        "kernel_package": kernel_pkg,
-                        "packages": {n: p.version for n, p in sorted(packages.items())},
-                        "initrd_compressed": COMPRESS_INITRD,
-                        **built,
-                    }
-                    atomic_write_json(tmp / "manifest.json", manifest)
-                    if final.exists():
-                        os.replace(final, cfg.guest_dir / f".old-{key}-{os.getpid()}")
-                    os.replace(tmp, final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        atomic_write_json(cfg.guest_dir / "current", {"key": key})
-        _collect_garbage(cfg, key, {p.deb_name for p in packages.values()})
-        return _apply_overrides(cfg, _assets_from(cfg, key, manifest))
+        try:
+            return _build_locked(cfg, progress, force)
+        except debs.ListsRefreshed:
+            # Versions moved on the mirror; the new lists give a new resolution.
+            return _build_locked(cfg, progress, force)
+
+
+def _build_locked(cfg: Config, progress: bool, force: bool) -> GuestAssets:
+    kernel_pkg, packages = debs.resolve(
+        ROOTFS_PACKAGES, cfg.guest.kernel_package, cfg.guest_dir / "resolve.json"
+    )
+    local = local_digest()
+    key = build_key(local, packages)
+    manifest = _read_manifest(cfg, key)
+    if manifest is None or force:
+        manifest = _build_new(cfg, key, local, kernel_pkg, packages, progress)
+    atomic_write_json(cfg.guest_dir / "current", {"key": key})
+    _collect_garbage(cfg, key, {p.deb_name for p in packages.values()})
+    return _apply_overrides(cfg, _assets_from(cfg, key, manifest))
+
+
+def _build_new(
+    cfg: Config,
+    key: str,
+    local: str,
+    kernel_pkg: str,
+    packages: dict[str, debs.Package],
+    progress: bool,
+) -> dict:
+    """Build into a temp folder, then rename it to ``<key>`` in one step."""
+    started = time.time()
+    final = cfg.guest_dir / key
+    with _Steps(progress) as steps:
+        deb_paths = debs.download(list(packages.values()), cfg.guest_dir / "debs")
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cfg.guest_dir))
+        try:
+            os.chmod(tmp, 0o755)
+            built = _build_into(tmp, kernel_pkg, packages, deb_paths, steps)
+            manifest = {
+                "key": key,
+                "local_digest": local,
+                "builder_version": BUILDER_VERSION,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.time() - started, 1),
+                "kernel_package": kernel_pkg,
+                "packages": {n: p.version for n, p in sorted(packages.items())},
+                "initrd_compressed": COMPRESS_INITRD,
+                **built,
+            }
+            atomic_write_json(tmp / "manifest.json", manifest)
+            if final.exists():  # --force: move the old build aside, GC removes it
+                os.replace(final, cfg.guest_dir / f".old-{key}-{os.getpid()}")
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
 
 
 def guest_info(cfg: Config) -> dict:

@@ -48,6 +48,10 @@ EXCLUDED_PREFIXES = ("perl-modules-", "libperl")
 _DEP_RE = re.compile(r"^ (\||\s)(PreDepends|Depends): (.+)$")
 
 
+class ListsRefreshed(GuestError):
+    """A download failed on stale package lists, now refreshed: resolve again."""
+
+
 @dataclass(frozen=True)
 class Package:
     """One resolved binary package: what apt would download for a name."""
@@ -141,6 +145,16 @@ def _apt_update() -> None:
     _run(["apt-get", "update", "-qq"], "apt-get update")
 
 
+def _lists_missing() -> bool:
+    """No package lists at all (a fresh container or a cleaned image)."""
+    return not any(APT_LISTS.glob("*_Packages*"))
+
+
+def _stale_lists(stderr: str) -> bool:
+    """apt asked a mirror for a version the mirror no longer has: lists are old."""
+    return "Failed to fetch" in stderr or "404" in stderr
+
+
 def _show(names: list[str]) -> dict[str, Package]:
     out = _run(["apt-cache", "show", "--no-all-versions", *names], "apt-cache show")
     found: dict[str, Package] = {}
@@ -200,7 +214,7 @@ def resolve(
                 raise GuestError(f"apt has no package {', '.join(missing)}")
             break
         except GuestError:
-            if attempt == 2:
+            if attempt == 2 or not _lists_missing():
                 raise
             _apt_update()
     atomic_write_json(
@@ -249,20 +263,19 @@ def download(packages: list[Package], cache_dir: Path) -> dict[str, Path]:
     try:
         os.chmod(tmp, 0o755)
         specs = [f"{p.name}={p.version}" for p in wanted]
-        for attempt in (1, 2):
-            proc = subprocess.run(
-                ["apt-get", "download", "-q", *specs],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode == 0:
-                break
-            if attempt == 2:
-                errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("E:")]
-                raise GuestError(f"apt-get download: {(errors or ['failed'])[-1]}")
-            _apt_update()
+        proc = subprocess.run(
+            ["apt-get", "download", "-q", *specs],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            if _stale_lists(proc.stderr):
+                _apt_update()
+                raise ListsRefreshed("apt-get download: the package lists were out of date")
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("E:")]
+            raise GuestError(f"apt-get download: {(errors or ['failed'])[-1].removeprefix('E: ')}")
         for p in wanted:
             got = list(tmp.glob(f"{p.name}_*.deb"))
             if len(got) != 1 or _sha256(got[0]) != p.sha256:

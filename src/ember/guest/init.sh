@@ -10,7 +10,7 @@
 # Kernel command line knobs:  ember.debug=1 (stage timestamps on the console),
 # ember.hostname=NAME, root=DEV (default /dev/vda), and `-- CMD ARGS...` to
 # run CMD in the new root instead of the agent, then power off (diagnostics).
-# The builder fills in @MODULES@ (load order) and @PYTHONPATH@.
+# The builder fills in the module list (in load order) and PYTHONPATH.
 
 export PATH=/bin
 DEBUG=
