@@ -102,7 +102,7 @@ def test_build_argv_and_parse_agree():
                     cgroup_version=2, parent_cgroup="ember/pods", resource_limits={"no-file": 99},
                     files=[Placement("/a:b/k", "/vmlinuz", "hardlink"),
                            Placement("/d", "/run", "bind", True)],
-                    dirs=["/sock"], seccomp="log", vmm_kind="qemu", kvm=False)
+                    dirs=["/sock"], seccomp="log", vmm_kind="qemu", kvm=False, keep_fds=[3, 7])
     argv = build_argv(spec)
     assert argv[argv.index("--") + 1:] == spec.args
     again = parse(argv[1:])
@@ -260,6 +260,9 @@ def _bad_cases(tmp: Path):
         "missing cgroup file": ({"cgroups": {"pids.max": "5", "memory.no_such_knob": "1"}},
                                 "memory.no_such_knob"),
         "missing placed file": ({"files": [Placement("/no/such/kernel", "/k")]}, "/no/such/kernel"),
+        "placed under /dev": ({"files": [Placement("/bin/busybox", "/dev/x")]}, "/dev"),
+        "jail path escaping": ({"dirs": ["/a/../../b"]}, ".."),
+        "fd that is not open": ({"keep_fds": [987]}, "--keep-fd 987"),
         "unknown syscall": ({"seccomp_allow_file": str(badlist)}, "no_such_syscall"),
         "netns that is not one": ({"netns": str(notns), "cgroups": {"pids.max": "5"}}, "setns"),
     }
@@ -397,3 +400,25 @@ def test_kvm_node_only_when_qemu_asks_for_kvm():
     spec = qemu("-accel", "kvm")
     spec.kvm = False
     assert not _wants_kvm(spec)
+
+
+def test_place_picks_unique_jail_paths():
+    spec = JailSpec(id="p", exec_file="/bin/true", uid=1, gid=1)
+    assert spec.place("/a/vmlinuz") == "/vmlinuz"
+    assert spec.place("/b/vmlinuz", "copy") == "/2-vmlinuz"
+    assert spec.place("/run/ember/sb1/", "bind", writable=True, jail_path="/run") == "/run"
+    assert spec.files[-1] == Placement("/run/ember/sb1/", "/run", "bind", True)
+
+
+def test_keep_fd_passes_an_open_file_to_the_vmm(env):
+    data = env["tmp"] / "snapshot"
+    data.write_text("state bytes\n")
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        spec = make_spec(env, args=["sh", "-c", f"/busybox cat <&{fd}"], keep_fds=[fd],
+                         seccomp="off")
+        res = subprocess.run(build_argv(spec), capture_output=True, text=True,
+                             env=env["env"], pass_fds=(fd,), timeout=30)
+    finally:
+        os.close(fd)
+    assert (res.returncode, res.stdout) == (0, "state bytes\n"), res.stderr

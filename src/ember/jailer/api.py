@@ -87,6 +87,7 @@ class JailSpec:
     seccomp_allow_file: str | None = None  # overrides the vmm_kind list
     vmm_kind: str = "generic"
     kvm: bool | None = None  # None: qemu → from its args, firecracker → yes, generic → no
+    keep_fds: list[int] = field(default_factory=list)  # open fds the VMM inherits
     jailer_binary: str | None = None
 
     @property
@@ -96,6 +97,23 @@ class JailSpec:
     @property
     def cgroup_parent(self) -> str:
         return self.parent_cgroup or self.exec_name
+
+    def place(self, host_path: str | os.PathLike, mode: str = "hardlink", writable: bool = False,
+              jail_path: str | None = None) -> str:
+        """Add a placement and return the path the VMM must use for it.
+
+        Without ``jail_path`` the file lands at ``/<basename>`` (made unique), so
+        a caller can write ``"-kernel", spec.place(kernel)``.
+        """
+        if jail_path is None:
+            name = os.path.basename(os.fspath(host_path).rstrip("/")) or "file"
+            taken = {p.jail_path for p in self.files} | set(self.dirs)
+            jail_path, n = f"/{name}", 1
+            while jail_path in taken:
+                n += 1
+                jail_path = f"/{n}-{name}"
+        self.files.append(Placement(os.fspath(host_path), jail_path, mode, writable))
+        return jail_path
 
 
 def jailer_command() -> str:
@@ -135,6 +153,8 @@ def build_argv(spec: JailSpec) -> list[str]:
         argv += ["--seccomp-allow-file", spec.seccomp_allow_file]
     if spec.kvm is not None:
         argv.append("--kvm" if spec.kvm else "--no-kvm")
+    for fd in spec.keep_fds:
+        argv += ["--keep-fd", str(fd)]
     return argv + ["--", *spec.args]
 
 

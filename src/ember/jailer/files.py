@@ -101,6 +101,8 @@ def under(root: Path, jail_path: str) -> Path:
     parts = Path(jail_path).parts[1:]
     if ".." in parts or not parts:
         raise EmberError(f"jail path {jail_path!r} must name a file below / without '..'")
+    if parts[0] == "dev":
+        raise EmberError(f"jail path {jail_path!r}: /dev is the jailer's own (device nodes)")
     return root.joinpath(*parts)
 
 

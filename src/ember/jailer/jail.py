@@ -400,6 +400,11 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
         os.waitpid(child_pid, 0)
         raise EmberError(failure)
     pid = child_pid
+    for fd in spec.keep_fds:  # the VMM has them now; a pipe's reader must see its EOF
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     if plan.lib_cache is not None:
         plan.lib_cache.save()  # only now: a start that failed leaves nothing behind
     home = jail_dir(spec)

@@ -48,6 +48,8 @@ def _parser() -> _Parser:
                    help="MODE is hardlink, bind or copy; -rw makes it writable by uid/gid")
     p.add_argument("--mkdir", action="append", default=[], metavar="JAIL_PATH",
                    help="an empty directory in the jail owned by uid/gid (for sockets)")
+    p.add_argument("--keep-fd", action="append", default=[], type=int, metavar="FD",
+                   help="pass this open descriptor on to the VMM (repeatable)")
     kvm = p.add_mutually_exclusive_group()
     kvm.add_argument("--kvm", dest="kvm", action="store_true", default=None)
     kvm.add_argument("--no-kvm", dest="kvm", action="store_false")
@@ -91,17 +93,27 @@ def parse(argv: list[str]) -> JailSpec:
         cgroup_version=ns.cgroup_version, parent_cgroup=ns.parent_cgroup,
         resource_limits=limits, files=files, dirs=ns.mkdir, seccomp=ns.seccomp_level,
         seccomp_allow_file=ns.seccomp_allow_file, vmm_kind=ns.vmm_kind, kvm=ns.kvm,
+        keep_fds=ns.keep_fd,
     )
 
 
-def _close_inherited_fds() -> None:
-    """Nothing the caller had open may leak into the VMM (Firecracker does the same)."""
+def _close_inherited_fds(keep: list[int]) -> None:
+    """Nothing the caller had open may leak into the VMM (Firecracker does the
+    same), except what ``--keep-fd`` names (e.g. ``-incoming fd:3``)."""
+    for fd in keep:
+        if fd <= 2:
+            raise EmberError(f"--keep-fd {fd}: stdin, stdout and stderr are always passed on")
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise EmberError(f"--keep-fd {fd}: not an open file descriptor") from None
+        os.set_inheritable(fd, True)
     try:
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:
         fds = list(range(3, 1024))
     for fd in fds:
-        if fd > 2:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -114,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        _close_inherited_fds()
         spec = parse(argv)
+        _close_inherited_fds(spec.keep_fds)
         allow_root = load_config().jailer.allow_root
         os.environ.clear()
         code = run(spec, allow_root=allow_root)
