@@ -336,3 +336,21 @@ def test_stdin_close_is_not_stuck_behind_a_blocked_write(client, rootfs, base_sp
     assert not t.is_alive() and time.monotonic() - start < 2
     assert errors and "closed" in errors[0].message
     client.remove_container("nr")
+
+
+def test_extra_disk_and_readonly_rootfs(client, agent, rootfs, base_image, base_spec, tmp_path):
+    extra = tmp_path / "extra.ext4"
+    shutil.copy(base_image, extra)
+    spec = make_spec(base_spec, ["sh", "-c", "ls /home/etc/passwd; touch /home/new; touch /x"])
+    spec["mounts"].append({"destination": "/home", "source": "ember-disk:0"})
+    ro = dict(rootfs, readonly=True)
+    client.create_container("xd", spec, ro, extra_disks=[{"kind": "path", "address": str(extra)}])
+    client.start_container("xd")
+    assert client.wait_process("xd").exit_status == 1  # the last touch fails
+    assert b"".join(client.iter_output("xd")) == b"/home/etc/passwd\n"
+    assert b"Read-only file system" in b"".join(client.iter_output("xd", stream="stderr"))
+    assert len(agent.mounts()) == 2
+    client.remove_container("xd")
+    assert agent.mounts() == []
+    out = subprocess.run(["debugfs", "-R", "ls -l /", str(extra)], capture_output=True, text=True)
+    assert " new" in out.stdout  # written through to the extra disk

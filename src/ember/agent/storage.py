@@ -64,6 +64,15 @@ def _scsi_device(address: str) -> str | None:
     return None
 
 
+def _scan_scsi_hosts() -> None:
+    for scan in glob.glob("/sys/class/scsi_host/host*/scan"):
+        try:
+            with open(scan, "w") as f:
+                f.write("- - -")
+        except OSError as e:
+            log.debug("scanning %s: %s", scan, e)
+
+
 def _serial_device(serial: str) -> str | None:
     for path in sorted(glob.glob("/sys/block/vd*/serial")):
         try:
@@ -85,7 +94,18 @@ def resolve(kind: str, address: str, timeout: float = RESOLVE_TIMEOUT) -> str:
         if not all(p.isdigit() for p in address.split(":")) or address.count(":") not in (1, 3):
             raise TTRPCError(Code.INVALID_ARGUMENT,
                              f"bad SCSI address {address!r} (want T:L or H:C:T:L)")
-        return _poll(lambda: _scsi_device(address), timeout, f"SCSI disk {address}")
+        started = time.monotonic()
+        scanned = False
+
+        def find() -> str | None:
+            nonlocal scanned
+            dev = _scsi_device(address)
+            if dev is None and not scanned and time.monotonic() - started > 1.0:
+                scanned = True  # a hot-plug event may have been missed: ask once
+                _scan_scsi_hosts()
+            return dev
+
+        return _poll(find, timeout, f"SCSI disk {address}")
     if kind == "serial":
         return _poll(lambda: _serial_device(address), timeout, f"virtio-blk disk {address!r}")
     if kind == "path":
