@@ -86,7 +86,7 @@ class Agent:
         cmd = ["unshare", "-m", "--propagation", "slave", "sh", "-c",
                'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"', "sh",
                sys.executable, "-m", "ember.agent", "--listen-unix", self.sock,
-               "--base-dir", str(self.base)]
+               "--base-dir", str(self.base), "--disk-timeout", "0.5"]
         env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                      stderr=open(tmp / "agent.log", "wb"))
@@ -236,7 +236,7 @@ def test_command_errors_map_to_exit_codes(client, agent, rootfs, base_spec, args
         client.wait_process("bad")
 
 
-def test_bad_requests(client, agent, rootfs, base_spec):
+def test_bad_requests(client, agent, rootfs, base_spec, tmp_path):
     with pytest.raises(AgentError) as e:
         client.create_container("j", b"{not json", rootfs)
     assert e.value.code == 3 and "JSON" in e.value.message
@@ -247,6 +247,15 @@ def test_bad_requests(client, agent, rootfs, base_spec):
         client.create_container("k", make_spec(base_spec, ["true"]),
                                 {"kind": "floppy", "address": "a"})
     assert e.value.code == 3 and "floppy" in e.value.message
+    with pytest.raises(NotFoundError, match="did not appear"):
+        client.create_container("m", make_spec(base_spec, ["true"]),
+                                {"kind": "path", "address": "/no/such/disk.img"})
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\0" * (1 << 20))
+    with pytest.raises(AgentError) as e:  # not an ext4 disk
+        client.create_container("n", make_spec(base_spec, ["true"]),
+                                {"kind": "path", "address": str(junk)})
+    assert "mount" in e.value.message and loop_devices(str(junk)) == ""
     client.create_container("dup", make_spec(base_spec, ["true"]), rootfs)
     with pytest.raises(AgentError) as e:
         client.create_container("dup", make_spec(base_spec, ["true"]), rootfs)

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where bundles, mounts and crun state live")
     p.add_argument("--crun", default="crun", help="crun binary")
     p.add_argument("--cgroup-manager", default="", help="passed to crun (cgroupfs, disabled)")
+    p.add_argument("--disk-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for a (hot-plugged) disk to appear")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     reaper.start()
     server = Server()
     service = AgentService(args.base_dir, reaper, args.crun, args.cgroup_manager, pid1,
-                           on_destroy=server.shutdown)
+                           on_destroy=server.shutdown, disk_timeout=args.disk_timeout)
     service.register(server)
     log.info("agent %s starting (pid %d)", __import__("ember").__version__, os.getpid())
     while True:

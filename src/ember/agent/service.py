@@ -43,8 +43,10 @@ class AgentService:
 
     def __init__(self, base_dir: str, reaper: Reaper, crun_binary: str = "crun",
                  cgroup_manager: str = "", pid1: bool = False,
-                 on_destroy: Callable[[], None] | None = None) -> None:
+                 on_destroy: Callable[[], None] | None = None,
+                 disk_timeout: float = storage.RESOLVE_TIMEOUT) -> None:
         self.base = os.path.abspath(base_dir)
+        self.disk_timeout = disk_timeout
         self.reaper = reaper
         self.pid1 = pid1
         self.on_destroy = on_destroy
@@ -101,7 +103,7 @@ class AgentService:
                       for i, d in enumerate(req.extra_disks)]
             for dev, target in disks:
                 storage.mount_disk(dev.kind, dev.address, target, dev.fstype, dev.readonly,
-                                   list(dev.options), self.reaper.run_command)
+                                   list(dev.options), self.reaper.run_command, self.disk_timeout)
                 mounts.append(target)
             config = spec.prepare(req.oci_spec, cid, mounts[0], req.rootfs.readonly,
                                   mounts[1:])

@@ -158,13 +158,14 @@ def umount(target: str, lazy_fallback: bool = True) -> None:
 
 
 def mount_disk(kind: str, address: str, target: str, fstype: str = "", readonly: bool = False,
-               options: list[str] | None = None, run: Callable | None = None) -> None:
+               options: list[str] | None = None, run: Callable | None = None,
+               timeout: float = RESOLVE_TIMEOUT) -> None:
     """Resolve, flush and mount one disk at target (created if missing).
 
     ``run`` runs a helper command (the reaper's run_command); it is only
     needed for an image file, which is attached to a loop device first.
     """
-    src = resolve(kind, address)
+    src = resolve(kind, address, timeout)
     os.makedirs(target, exist_ok=True)
     flags, data = _split_options(list(options or []), readonly)
     loopdev = None
