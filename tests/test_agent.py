@@ -363,3 +363,30 @@ def test_extra_disk_and_readonly_rootfs(client, agent, rootfs, base_image, base_
     assert agent.mounts() == []
     out = subprocess.run(["debugfs", "-R", "ls -l /", str(extra)], capture_output=True, text=True)
     assert " new" in out.stdout  # written through to the extra disk
+
+
+def test_signal_all_processes(client, rootfs, base_spec):
+    client.create_container("all", make_spec(base_spec, ["sleep", "30"]), rootfs)
+    client.start_container("all")
+    client.exec_process("all", "e1", {"args": ["sleep", "30"], "cwd": "/", "env": ["PATH=/bin"]})
+    client.signal_process("all", signal=signal.SIGKILL, all=True)
+    assert client.wait_process("all", "e1").exit_status == 137
+    assert client.wait_process("all").exit_status == 137
+
+
+def test_output_is_drained_and_bounded(client, rootfs, base_spec):
+    """Nobody reads while 12 MiB are written: the container does not block, the
+    agent keeps the newest 8+ MiB, and a reader from 0 is told where data starts."""
+    total = 12 << 20
+    spec = make_spec(base_spec, ["sh", "-c", f"head -c {total} /dev/zero; echo end"])
+    client.create_container("big", spec, rootfs)
+    client.start_container("big")
+    assert client.wait_process("big").exit_status == 0
+    first = client.read_stdout("big", offset=0, max_bytes=16)
+    assert 0 < first.offset <= total + 4 - (8 << 20)
+    got = first.offset
+    data = b""
+    for chunk in client.iter_output("big", offset=first.offset):
+        got += len(chunk)
+        data = (data + chunk)[-4:]
+    assert got == total + 4 and data == b"end\n"
