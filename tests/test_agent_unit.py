@@ -154,3 +154,27 @@ def test_reaper_dispatches_exits():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=30, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("kind,address,words", [
+    ("floppy", "a", "unknown block device kind"),
+    ("scsi", "x:y", "bad SCSI address"),
+    ("fcdisk", "no-sectors", "SERIAL:SECTORS"),
+    ("path", "", "no address"),
+])
+def test_bad_disk_addresses_are_invalid(kind, address, words):
+    from ember.agent import storage
+
+    with pytest.raises(TTRPCError) as e:
+        storage.resolve(kind, address, timeout=0.1)
+    assert e.value.code == Code.INVALID_ARGUMENT and words in e.value.message
+
+
+def test_missing_disk_is_not_found_after_the_timeout():
+    from ember.agent import storage
+
+    start = time.monotonic()
+    with pytest.raises(TTRPCError) as e:
+        storage.resolve("serial", "no-such-serial", timeout=0.3)
+    assert e.value.code == Code.NOT_FOUND and "no-such-serial" in e.value.message
+    assert 0.3 <= time.monotonic() - start < 3

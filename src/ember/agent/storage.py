@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from ember.agent import fcdevices
 from ember.ttrpc import Code, TTRPCError
 
 log = logging.getLogger("ember.agent.storage")
@@ -108,11 +109,18 @@ def resolve(kind: str, address: str, timeout: float = RESOLVE_TIMEOUT) -> str:
         return _poll(find, timeout, f"SCSI disk {address}")
     if kind == "serial":
         return _poll(lambda: _serial_device(address), timeout, f"virtio-blk disk {address!r}")
+    if kind in fcdevices.KINDS:
+        try:
+            fcdevices.parse_address(address)
+        except ValueError as e:
+            raise TTRPCError(Code.INVALID_ARGUMENT, str(e)) from e
+        return _poll(lambda: fcdevices.find_device(kind, address), timeout,
+                     f"Firecracker disk {address}")
     if kind == "path":
         return _poll(lambda: address if os.path.exists(address) else None, timeout,
                      f"disk {address}")
     raise TTRPCError(Code.INVALID_ARGUMENT,
-                     f"unknown block device kind {kind!r} (want scsi, serial or path)")
+                     f"unknown block device kind {kind!r} (want scsi, serial, fcdisk or path)")
 
 
 def flush_buffers(dev: str) -> None:
