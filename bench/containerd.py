@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +43,9 @@ from ember.config import load_config  # noqa: E402
 from ember.testing.oci import build_oci_archive, busybox_layer  # noqa: E402
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     t0 = time.monotonic()
-    fn()
+    fn(*args)
     return time.monotonic() - t0
 
 
@@ -96,43 +97,51 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ember.cri.client import CRIClient
-
     from ember.guest.build import build_guest
 
     build_guest(load_config(), progress=False)  # cached; rebuilt only if the agent changed
     work = new_workdir()
     data = data_dir_for(work)
     os.environ["EMBER_DATA_DIR"] = str(data)  # inherited by containerd and the shim
-    env = {**os.environ, "EMBER_STATE_DIR": str(work / "st")}
+    # `ember run` keeps sockets in <state>/sandboxes/<64-hex id>/: keep the prefix short.
+    run_state = Path(tempfile.mkdtemp(prefix="e", dir="/tmp"))
+    env = {**os.environ, "EMBER_STATE_DIR": str(run_state)}
     c = start_containerd(work, cri=True)
-    results: dict[str, object] = {}
+    samples: dict[str, list[float]] = {"runc": [], "ember": [], "ember_run": [], "cri_pod": []}
     try:
         ctr_run(c, RUNTIME, "warm-ember")  # first use: flatten the image, build a VM template
         ctr_run(c, "io.containerd.runc.v2", "warm-runc")
-        runc = [timed(lambda i=i: ctr_run(c, "io.containerd.runc.v2", f"runc-{i}"))
-                for i in range(args.n)]
-        ember = [timed(lambda i=i: ctr_run(c, RUNTIME, f"ember-{i}")) for i in range(args.n)]
         ember_run_setup(work, env)
         ember_run(env)  # warm: flatten into ember's own store
-        plain = [timed(lambda: ember_run(env)) for _ in range(args.n)]
+        for i in range(args.n):
+            # Interleaved, so that all three see the same machine load.
+            build_guest(load_config(), progress=False)  # others may have changed the agent
+            samples["runc"].append(timed(ctr_run, c, "io.containerd.runc.v2", f"r{i}"))
+            samples["ember"].append(timed(ctr_run, c, RUNTIME, f"e{i}"))
+            samples["ember_run"].append(timed(ember_run, env))
+            print(f"run {i}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in samples.items()
+                                          if len(v) > i), file=sys.stderr)
         with CRIClient(c.address) as client:
-            cri_pod(client, -1)
-            pods = [cri_pod(client, i) for i in range(max(1, args.n // 2))]
-        med = statistics.median
-        results = {
-            "runs": args.n,
-            "ctr_run_runc_s": round(med(runc), 3),
-            "ctr_run_ember_s": round(med(ember), 3),
-            "ember_run_s": round(med(plain), 3),
-            "cri_two_container_pod_s": round(med(pods), 3),
-            "ember_vs_runc": round(med(ember) / med(runc), 2),
-            "ember_ctr_vs_ember_run": round(med(ember) / med(plain), 2),
-            "samples": {"runc": runc, "ember": ember, "ember_run": plain, "cri_pod": pods},
-        }
+            cri_pod(client, -1)  # warm: the pause image, a template for the pod's size
+            for i in range(max(1, args.n // 2)):
+                samples["cri_pod"].append(cri_pod(client, i))
+                print(f"pod {i}: {samples['cri_pod'][-1]:.2f}s", file=sys.stderr)
     finally:
         c.stop()
         kill_all(work)
         remove_workdir(work)
+        remove_workdir(run_state)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    results = {
+        "runs": args.n,
+        "ctr_run_runc_s": round(med["runc"], 3),
+        "ctr_run_ember_s": round(med["ember"], 3),
+        "ember_run_s": round(med["ember_run"], 3),
+        "cri_two_container_pod_s": round(med["cri_pod"], 3),
+        "ember_vs_runc": round(med["ember"] / med["runc"], 2),
+        "ember_ctr_vs_ember_run": round(med["ember"] / med["ember_run"], 2),
+        "samples": samples,
+    }
     if args.json:
         print(json.dumps(results))
     else:

@@ -5,10 +5,12 @@ busybox images imported into it, and checks that nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -146,3 +148,27 @@ def kill_all(work: Path) -> None:
 
 def remove_workdir(work: Path) -> None:
     subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+@contextlib.contextmanager
+def private_containerd(cri: bool = False) -> Iterator[tuple[ContainerdInstance, Path]]:
+    """A containerd with the test images; afterwards everything below its folder is gone."""
+    work = new_workdir()
+    try:
+        c = start_containerd(work, cri=cri)
+        try:
+            yield c, work
+        finally:
+            c.stop()
+    finally:
+        kill_all(work)
+        remove_workdir(work)
+
+
+def discard_pod(client, pod_id: str) -> None:
+    """Stop and remove a CRI pod, ignoring errors (cleanup after a failed test)."""
+    for step in (client.stop_pod, client.remove_pod):
+        try:
+            step(pod_id)
+        except Exception:  # noqa: BLE001 - best effort
+            pass

@@ -17,15 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from shimtools import (
-    BUSYBOX,
-    ember_processes,
-    kill_all,
-    leftovers,
-    new_workdir,
-    remove_workdir,
-    start_containerd,
-)
+from shimtools import BUSYBOX, discard_pod, ember_processes, leftovers, private_containerd
 
 from ember.config import load_config
 from ember.cri import api_pb2 as api
@@ -37,22 +29,12 @@ pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.containerd,
 
 @pytest.fixture(scope="module")
 def cri(guest_assets):
-    work = new_workdir()
-    c = start_containerd(work, cri=True)
-    client = CRIClient(c.address)
-    try:
-        yield c, work, client
-    finally:
-        for pod in client.runtime.ListPodSandbox(api.ListPodSandboxRequest()).items:
-            for step in (client.stop_pod, client.remove_pod):
-                try:
-                    step(pod.id)
-                except Exception:  # noqa: BLE001 - best-effort cleanup of a failed test
-                    pass
-        client.close()
-        c.stop()
-        kill_all(work)
-        remove_workdir(work)
+    with private_containerd(cri=True) as (c, work), CRIClient(c.address) as client:
+        try:
+            yield c, work, client
+        finally:
+            for pod in client.runtime.ListPodSandbox(api.ListPodSandboxRequest()).items:
+                discard_pod(client, pod.id)
 
 
 def _cgroup_of(pid: int, controller: str) -> str:
@@ -131,11 +113,7 @@ def test_pod_with_two_containers_runs_in_one_vm(cri, guest_assets) -> None:
         assert client.pod_status(pod).state == api.SANDBOX_NOTREADY
         client.remove_pod(pod)
     finally:
-        try:
-            client.stop_pod(pod)
-            client.remove_pod(pod)
-        except Exception:  # noqa: BLE001 - already removed on the happy path
-            pass
+        discard_pod(client, pod)  # already removed on the happy path
     assert _wait(lambda: not leftovers(work), 30), leftovers(work)
     assert not (mem_cgroup_root / parent.lstrip("/")).exists(), "pod cgroup left behind"
 
@@ -156,9 +134,5 @@ def test_shim_killed_mid_pod_is_cleaned_up_by_containerd(cri) -> None:
         client.stop_pod(pod)
         client.remove_pod(pod)
     finally:
-        try:
-            client.stop_pod(pod)
-            client.remove_pod(pod)
-        except Exception:  # noqa: BLE001 - already removed on the happy path
-            pass
+        discard_pod(client, pod)  # already removed on the happy path
     assert _wait(lambda: not leftovers(work), 30), leftovers(work)

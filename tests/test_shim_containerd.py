@@ -26,8 +26,8 @@ from shimtools import (
     kill_all,
     leftovers,
     new_workdir,
+    private_containerd,
     remove_workdir,
-    start_containerd,
 )
 
 from ember.shim.proto import task_pb2
@@ -39,14 +39,8 @@ pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.containerd,
 
 @pytest.fixture(scope="module")
 def ctrd(guest_assets):
-    work = new_workdir()
-    c = start_containerd(work)
-    try:
-        yield c, work
-    finally:
-        c.stop()
-        kill_all(work)
-        remove_workdir(work)
+    with private_containerd() as env:
+        yield env
 
 
 def wait_until(cond, timeout: float = 60, step: float = 0.1) -> bool:
