@@ -135,7 +135,7 @@ def closure(roots: list[str], graph: dict[str, list[list[str]]]) -> list[str]:
 def _lists_fingerprint() -> str:
     h = hashlib.sha256()
     for p in sorted(APT_LISTS.glob("*")):
-        if p.is_file():
+        if p.is_file() and ("_Packages" in p.name or p.name.endswith("Release")):
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
