@@ -93,7 +93,8 @@ class AgentService:
         bundle = os.path.join(self.base, "containers", cid)
         mounts: list[str] = []
         try:
-            spec.parse_json(req.oci_spec, "OCI spec")  # fail fast, before mounting anything
+            # Fail fast on a bad spec, before anything is mounted.
+            spec.prepare(req.oci_spec, cid, "/", False, ["/"] * len(req.extra_disks))
             if not req.HasField("rootfs") or not req.rootfs.kind:
                 raise TTRPCError(Code.INVALID_ARGUMENT, "CreateContainer needs a rootfs disk")
             storage.remove_tree(bundle)
