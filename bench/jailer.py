@@ -11,7 +11,9 @@ seconds), so the measurement loop does not care what is timed:
   then true (the issue's benchmark; meaningful once sandboxes honour the flag).
 
 Runs alternate between the two so a busy host slows both alike; the medians
-and their ratio are printed (goal <= 1.05).
+and their ratio are printed (goal <= 1.05), with the CPU time of each (the
+steadier figure on a shared machine) and, for ``qemu``, the jailer's fixed
+cost measured on ``qemu -version``.
 
     python bench/jailer.py [--scenario qemu|ember-run] [--runs 5] [--image ember-demo:latest]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,11 +41,22 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 GUEST_UP = "EMBER-BENCH-UP"
 
 
-def _timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
-    start = time.monotonic()
+CPU: dict[str, list[float]] = {"plain": [], "jailed": []}
+
+
+def _cpu_children() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def _timed(argv: list[str], env: dict | None = None, kind: str = "") -> tuple[float, str]:
+    """Wall seconds (and, by kind, the CPU seconds of it and all it waited for)."""
+    cpu0, start = _cpu_children(), time.monotonic()
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=600, env=env)
     elapsed = time.monotonic() - start
+    if kind:
+        CPU[kind].append(_cpu_children() - cpu0)
     if proc.returncode != 0:
         raise SystemExit(f"{argv[0]} exited {proc.returncode}: {proc.stderr[-500:]}")
     return elapsed, proc.stdout
@@ -68,7 +82,8 @@ class QemuBoot:
             raise SystemExit(f"guest did not come up: {out[-500:]}")
 
     def plain(self) -> float:
-        elapsed, out = _timed([QEMU, *qemu_args(str(self.kernel), str(self.initrd))])
+        elapsed, out = _timed([QEMU, *qemu_args(str(self.kernel), str(self.initrd))],
+                              kind="plain")
         self._check(out)
         return elapsed
 
@@ -80,7 +95,7 @@ class QemuBoot:
                                Placement(str(self.initrd), "/initrd.img")],
                         args=qemu_args("/vmlinuz", "/initrd.img"))
         try:
-            elapsed, out = _timed(build_argv(spec))
+            elapsed, out = _timed(build_argv(spec), kind="jailed")
         finally:
             cleanup(spec)
         self._check(out)
@@ -111,7 +126,8 @@ class EmberRun:
         self.plain()  # warm-up: flattens the image, builds the template if needed
 
     def _run(self, enabled: bool) -> float:
-        return _timed(["ember", "run", "--rm", self.image, "true"], env=self.envs[enabled])[0]
+        return _timed(["ember", "run", "--rm", self.image, "true"], env=self.envs[enabled],
+                      kind="jailed" if enabled else "plain")[0]
 
     def plain(self) -> float:
         return self._run(False)
@@ -145,6 +161,9 @@ def main() -> None:
     print(f"with jailer:    median {j:.3f}s  min {min(jailed):.3f}s  {[round(x, 2) for x in jailed]}")
     print(f"ratio jailed/plain: median {j / p:.3f}, min {min(jailed) / min(plain):.3f}  "
           "(goal <= 1.05)")
+    cp, cj = statistics.median(CPU["plain"]), statistics.median(CPU["jailed"])
+    print(f"CPU time (all processes, insensitive to a busy host): median {cp:.3f}s vs {cj:.3f}s, "
+          f"ratio {cj / cp:.3f}")
     if fixed:
         cost = statistics.median(b - a for a, b in fixed)
         print(f"jailer fixed cost (qemu -version jailed minus bare): median {cost * 1000:.0f} ms")
