@@ -399,3 +399,37 @@ def test_interop_with_containerd_go_ttrpc(tmp_path):
             os.kill(shim_pid, signal.SIGKILL)
         if os.path.exists(address):
             os.unlink(address)
+
+
+def test_after_response_hook_runs_once_the_answer_is_sent(pair):
+    client, server, _ = pair
+    seen = []
+
+    def handler(data, ctx):
+        ctx.call_after_response(lambda: seen.append("after"))
+        seen.append("handler")
+        return b"ok"
+
+    server.register(SVC, "Hook", handler)
+    assert client.call(SVC, "Hook", b"") == b"ok"
+    deadline = time.monotonic() + 2
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["handler", "after"]
+
+
+def test_concurrent_large_answers_do_not_interleave(pair):
+    client, server, _ = pair
+    server.register(SVC, "Blob", lambda data, ctx: data * (1 << 20))
+    results = {}
+
+    def call(c: bytes):
+        results[c] = client.call(SVC, "Blob", c, timeout=30)
+
+    threads = [threading.Thread(target=call, args=(bytes([65 + i]),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert {k: v == k * (1 << 20) for k, v in results.items()} == {bytes([65 + i]): True
+                                                                  for i in range(4)}

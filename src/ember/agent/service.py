@@ -326,7 +326,7 @@ class AgentService:
         # Answer first, then go: the host is waiting for this response.
         then = system.power_off if self.pid1 else self.on_destroy
         if then is not None:
-            threading.Timer(0.2, then).start()
+            ctx.call_after_response(then)
         log.info("sandbox destroyed")
         return EMPTY
 

@@ -46,6 +46,11 @@ class Context:
     timeout_nano: int = 0
     received_at: float = field(default_factory=time.monotonic)
     transport: Transport | None = None
+    after_response: list[Callable[[], None]] = field(default_factory=list)
+
+    def call_after_response(self, fn: Callable[[], None]) -> None:
+        """Run fn once the answer is on the wire (e.g. power off after replying)."""
+        self.after_response.append(fn)
 
     @property
     def deadline(self) -> float | None:
@@ -186,10 +191,21 @@ class Server:
         self.serve_transport(Transport(sock=conn))
 
     def _serve_request(self, tr: Transport, stream_id: int, payload: bytes) -> None:
-        self._answer(tr, stream_id, self.dispatch(payload, stream_id, tr))
+        after: list[Callable[[], None]] = []
+        self._answer(tr, stream_id, self.dispatch(payload, stream_id, tr, after))
+        for fn in after:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                log.exception("ttrpc: after-response hook failed")
 
-    def dispatch(self, payload: bytes, stream_id: int = 0, tr: Transport | None = None) -> bytes:
-        """Decode a Request, run its handler, return the encoded Response."""
+    def dispatch(self, payload: bytes, stream_id: int = 0, tr: Transport | None = None,
+                 after: list[Callable[[], None]] | None = None) -> bytes:
+        """Decode a Request, run its handler, return the encoded Response.
+
+        Hooks the handler registers with ctx.call_after_response are appended
+        to ``after`` for the caller to run once the response is sent.
+        """
         req = ttrpc_pb2.Request()
         try:
             req.ParseFromString(payload)
@@ -204,7 +220,9 @@ class Server:
         md: dict[str, list[str]] = {}
         for kv in req.metadata:
             md.setdefault(kv.key, []).append(kv.value)
-        ctx = Context(req.service, req.method, stream_id, md, req.timeout_nano, transport=tr)
+        ctx = Context(req.service, req.method, stream_id, md, req.timeout_nano, transport=tr,
+                      after_response=after if after is not None else [])
+        log.debug("ttrpc: %s/%s (stream %d)", req.service, req.method, stream_id)
         try:
             out = handler(req.payload, ctx)
         except TTRPCError as e:
