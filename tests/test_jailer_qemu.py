@@ -113,3 +113,51 @@ def test_qemu_boots_confined_and_leaves_nothing(kernel, tmp_path):
         cleanup(spec)
         remove_cgroup_parent(parent)
         subprocess.run(["rm", "-rf", str(base), str(run)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.timeout(240)
+def test_ember_guest_agent_answers_from_a_jailed_qemu(guest_assets, tmp_path):
+    """The project's own guest (rootfs, agent over virtio-serial, virtio-scsi,
+    virtio-rng, console file) under the QEMU allow-list in kill mode."""
+    from ember.agent.client import AgentClient
+
+    run = Path(tempfile.mkdtemp(prefix="jg-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="jb-", dir="/tmp"))
+    spec = JailSpec(id=f"vm-{uuid.uuid4().hex[:8]}", exec_file=QEMU, uid=31338, gid=31338,
+                    chroot_base_dir=str(base), vmm_kind="qemu", new_pid_ns=True)
+    spec.place(str(run), "bind", writable=True, jail_path="/run")
+    spec.args = [
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "tcg", "-cpu", "max",
+        "-m", "512", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", spec.place(guest_assets.kernel), "-initrd", spec.place(guest_assets.initrd),
+        "-append", guest_assets.cmdline,
+        "-chardev", "file,id=con,path=/run/console.log", "-serial", "chardev:con",
+        "-qmp", "unix:/run/qmp.sock,server=on,wait=off",
+        "-drive", f"id=root,file={spec.place(guest_assets.rootfs, 'bind')},format=raw,"
+                  "if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        "-chardev", "socket,id=agent,path=/run/agent.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent.0",
+        "-device", "virtio-scsi-device,id=scsi0",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
+    ]
+    proc = subprocess.Popen(build_argv(spec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (run / "agent.sock").exists(), timeout=30)
+        assert status(vmm_pid(spec))["Seccomp"] == "2"
+        with AgentClient.connect_unix(str(run / "agent.sock")) as agent:
+            agent.wait_ready(timeout=150)
+            agent.destroy_sandbox()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out.decode(errors="replace")[-1500:]
+        assert (run / "console.log").stat().st_size > 0
+        assert not jail_dir(spec).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        cleanup(spec)
+        subprocess.run(["rm", "-rf", str(base), str(run)], check=False)

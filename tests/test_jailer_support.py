@@ -13,27 +13,17 @@ import subprocess
 import time
 from pathlib import Path
 
+from ember.guest.build import host_tsc_khz
+
 BUSYBOX = "/bin/busybox"
 MICROVM = ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "tcg",
            "-cpu", "max", "-m", "256", "-nodefaults", "-no-user-config", "-nographic",
            "-serial", "stdio", "-no-reboot"]
 
 
-def host_tsc_khz() -> int:
-    """The host's clock rate; under TCG the guest's TSC runs at the host's rate.
-
-    Passing it as ``tsc_early_khz`` spares the guest kernel its TSC calibration
-    against the PIT, which fails on a loaded host (the vCPU thread gets
-    descheduled mid-measurement) and then leaves the boot hanging at 0.000000.
-    """
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":")[1]) * 1000)
-    return 0
-
-
 def cmdline() -> str:
+    """Busybox guest command line; tsc_early_khz spares a loaded host the hang
+    that the guest's own TSC calibration meets (see ember.guest.build)."""
     khz = host_tsc_khz()
     return "console=ttyS0 quiet panic=-1" + (f" tsc_early_khz={khz}" if khz else "")
 
