@@ -85,6 +85,11 @@ def test_translate_to_ember_errors():
     assert isinstance(translate(TTRPCError(5, 'exec: "x": executable file not found in $PATH')),
                       CommandNotFound)
     assert isinstance(translate(TTRPCError(7, 'exec: "x": permission denied')), CommandNotRunnable)
+    assert isinstance(translate(TTRPCError(5, 'exec: "/x": no such file or directory')),
+                      CommandNotFound)
+    crun_nf = translate(TTRPCError(5, "crun kill: error opening file `/run/c/status`: "
+                                      "No such file or directory"))
+    assert type(crun_nf) is NotFoundError
     nf = translate(TTRPCError(5, "container 'c' not found"))
     assert isinstance(nf, NotFoundError) and nf.exit_code == 125
     other = translate(TTRPCError(6, "container 'c' already exists"))

@@ -19,13 +19,15 @@ from ember.ttrpc import Client, Code, ConnectionClosed, Transport, TTRPCError
 
 SERVICE = "ember.agent.v1.Agent"
 
-_NOT_FOUND_WORDS = ("executable file not found", "no such file")
-
 
 def translate(err: TTRPCError) -> Exception:
     """The ember error for an agent status."""
     msg = err.message
-    if err.code == Code.NOT_FOUND and any(w in msg.lower() for w in _NOT_FOUND_WORDS):
+    low = msg.lower()
+    # Only the agent's exec errors ('exec: "cmd": ...') mean the command is
+    # missing; other NotFound statuses name containers, execs or disks.
+    if err.code == Code.NOT_FOUND and ("executable file not found" in low or (
+            low.startswith("exec:") and "no such file" in low)):
         return CommandNotFound(msg)
     if err.code == Code.PERMISSION_DENIED and msg.startswith("exec:"):
         return CommandNotRunnable(msg)
