@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
@@ -32,20 +33,40 @@ def kernel(request) -> Path:
     return guest_kernel() or request.getfixturevalue("guest_assets").kernel
 
 
+class _QMP:
+    """Just enough QMP for these tests, including passing an fd (``getfd``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.file.readline()  # greeting
+        self("qmp_capabilities")
+
+    def __call__(self, cmd: str, fd: int | None = None, **args) -> dict:
+        data = json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n"
+        if fd is None:
+            self.sock.sendall(data)
+        else:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", [fd]))])
+        while "event" in (reply := json.loads(self.file.readline())):
+            pass
+        assert "error" not in reply, reply
+        return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
 def _qmp(path: Path, *commands: str) -> list[dict]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(20)
-        s.connect(str(path))
-        f = s.makefile("rwb")
-        f.readline()  # greeting
-        replies = []
-        for cmd in ("qmp_capabilities", *commands):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-            f.flush()
-            while "event" in (reply := json.loads(f.readline())):
-                pass
-            replies.append(reply)
-        return replies
+    qmp = _QMP(path)
+    try:
+        return [qmp(cmd) for cmd in commands]
+    finally:
+        qmp.close()
 
 
 @pytest.mark.root
@@ -99,8 +120,7 @@ def test_qemu_boots_confined_and_leaves_nothing(kernel, tmp_path):
         assert (cgroups.v1_mount("cpu") / parent / spec.id / "cpu.shares").read_text() == "512\n"
         # The sockets QEMU made in its /run are reachable from the host.
         wait_for(lambda: (run / "qmp.sock").exists(), timeout=20)
-        replies = _qmp(run / "qmp.sock", "query-status")
-        assert replies[-1]["return"]["status"] == "running"
+        assert _qmp(run / "qmp.sock", "query-status")[0]["status"] == "running"
         assert (run / "agent.sock").stat().st_uid == 31337
         assert proc.wait(timeout=120) == 0, console.read_text()[-2000:]
         assert "EMBER-JAIL-UP" in console.read_text()
@@ -151,6 +171,30 @@ def test_ember_guest_agent_answers_from_a_jailed_qemu(guest_assets, tmp_path):
         assert status(vmm_pid(spec))["Seccomp"] == "2"
         with AgentClient.connect_unix(str(run / "agent.sock")) as agent:
             agent.wait_ready(timeout=150)
+            qmp = _QMP(run / "qmp.sock")
+            try:
+                # Hot-plug: a disk made visible in the running jail by a hard link.
+                disk = tmp_path / "hot.img"
+                disk.write_bytes(b"\0" * (4 << 20))
+                os.chown(disk, 31338, 31338)
+                os.link(disk, jail_root(spec) / "hot.img")
+                qmp("blockdev-add", **{"driver": "raw", "node-name": "n-hot",
+                                       "file": {"driver": "file", "filename": "/hot.img"}})
+                qmp("device_add", driver="scsi-hd", id="d-hot", bus="scsi0.0", drive="n-hot")
+                # Snapshot: migrate to a file descriptor passed over QMP.
+                qmp("stop")
+                with open(tmp_path / "snap.bin", "wb") as snap:
+                    qmp("getfd", fd=snap.fileno(), fdname="snap")
+                qmp("migrate", uri="fd:snap")
+                wait_for(lambda: qmp("query-migrate").get("status") in ("completed", "failed"),
+                         timeout=60, interval=0.1)
+                assert qmp("query-migrate")["status"] == "completed"
+                assert (tmp_path / "snap.bin").stat().st_size > 1 << 20
+                qmp("cont")
+                assert qmp("query-status")["status"] == "running"
+            finally:
+                qmp.close()
+            agent.guest_details()
             agent.destroy_sandbox()
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out.decode(errors="replace")[-1500:]
