@@ -94,11 +94,12 @@ class Events:
 
 def test_ctr_run_rm_prints_guest_kernel_and_passes_exit_code(ctrd, guest_assets) -> None:
     c, work = ctrd
-    res = c.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-run", "sh", "-c",
-                "uname -r; echo to-stderr >&2; exit 7", check=False)
+    res = c.ctr("run", "-i", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-run", "sh", "-c",
+                "uname -r; cat; echo to-stderr >&2; exit 7", input=b"from-stdin\n", check=False)
     assert res.returncode == 7, res.stderr
-    assert res.stdout.strip() == guest_assets.kernel_release
-    assert res.stdout.strip() != os.uname().release
+    release, piped = res.stdout.split()
+    assert release == guest_assets.kernel_release and piped == "from-stdin"
+    assert release != os.uname().release
     assert "to-stderr" in res.stderr
     assert_clean(c, work)
 
@@ -149,7 +150,7 @@ def test_ctr_task_exec_ps_metrics_pause_resume_kill(ctrd) -> None:
         again = c.ctr("task", "exec", "--exec-id", "e3", cid, "echo", "after-resume")
         assert again.stdout.strip() == "after-resume"
 
-        c.ctr("task", "kill", "-s", "SIGKILL", cid)
+        c.ctr("task", "kill", "--all", "-s", "SIGKILL", cid)
         assert wait_until(lambda: task_status(c, cid) == "STOPPED", 30)
         twice = c.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
         assert twice.returncode != 0 and "failed precondition" in twice.stderr, twice
