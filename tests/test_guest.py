@@ -101,7 +101,8 @@ def test_initrd_is_a_newc_archive_cpio_reads(tmp_path):
     ko = tmp_path / "virtio.ko"
     ko.write_bytes(b"\x7fELF fake module")
     out = tmp_path / "initrd.img"
-    initrd.build_initrd(out, busybox, [ko], "/usr/lib/ember")
+    groups = {"transport": ["virtio"], "0x0002": ["virtio", "virtio_blk"], "always": []}
+    initrd.build_initrd(out, busybox, [ko], groups, "/usr/lib/ember")
     listing = subprocess.run(
         ["cpio", "-itv"], input=out.read_bytes(), capture_output=True, check=True
     ).stdout.decode()
@@ -118,7 +119,8 @@ def test_initrd_is_a_newc_archive_cpio_reads(tmp_path):
     subprocess.run(["cpio", "-id", "--quiet"], input=out.read_bytes(), cwd=extracted, check=True)
     assert (extracted / "bin/busybox").read_bytes() == busybox.read_bytes()
     init = (extracted / "init").read_text()
-    assert "for mod in virtio; do" in init and "PYTHONPATH=/usr/lib/ember" in init
+    assert "\nload virtio\n" in init and "\t0x0002) load virtio virtio_blk ;;\n" in init
+    assert "PYTHONPATH=/usr/lib/ember" in init
     assert "@MODULES@" not in init and "@PYTHONPATH@" not in init
     # The script is valid sh.
     subprocess.run(["busybox", "sh", "-n", str(extracted / "init")], check=True)

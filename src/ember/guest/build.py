@@ -315,6 +315,7 @@ def _build_into(
         out / "initrd.img",
         work / "busybox/bin/busybox",
         parts.modules,
+        parts.groups,
         rootfs.PYTHONPATH,
         compress=COMPRESS_INITRD,
     )
@@ -327,7 +328,7 @@ def _build_into(
     rootfs.finish_tree(tree)
     rootfs.make_image(tree, out / "rootfs.ext4")
     shutil.rmtree(work)
-    return {"kernel_release": parts.release, "modules": [m.stem for m in parts.modules]}
+    return {"kernel_release": parts.release, "modules": parts.groups}
 
 
 def build_guest(cfg: Config, progress: bool = True, force: bool = False) -> GuestAssets:

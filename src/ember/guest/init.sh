@@ -45,10 +45,16 @@ stamp "init started"
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "cannot mount /sys"
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev || die "cannot mount devtmpfs on /dev"
 
-for mod in @MODULES@; do
-	insmod "/lib/modules/$mod.ko" || die "cannot load kernel module $mod"
-done
-stamp "modules loaded"
+LOADED=" "
+load() {
+	for mod in "$@"; do
+		case "$LOADED" in *" $mod "*) continue ;; esac
+		insmod "/lib/modules/$mod.ko" || die "cannot load kernel module $mod"
+		LOADED="$LOADED$mod "
+	done
+}
+@MODULE_LOADING@
+stamp "modules loaded:$LOADED"
 
 i=0
 while [ ! -b "$ROOT" ]; do

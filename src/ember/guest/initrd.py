@@ -69,17 +69,39 @@ class NewcWriter:
         return b"".join(self._parts)
 
 
-def init_script(module_order: list[str], pythonpath: str) -> str:
+def module_loading(groups: dict[str, list[str]]) -> str:
+    """Shell lines that load the transport, then the drivers of the devices present."""
+    lines = [
+        f"load {' '.join(groups['transport'])}",
+        "for dev in /sys/bus/virtio/devices/*/device; do",
+        '\tcase "$(cat "$dev" 2>/dev/null)" in',
+    ]
+    for device_id, names in groups.items():
+        if device_id.startswith("0x"):
+            lines.append(f"\t{device_id}) load {' '.join(names)} ;;")
+    lines += ["\tesac", "done"]
+    if groups.get("always"):
+        lines.append(f"load {' '.join(groups['always'])}")
+    return "\n".join(lines)
+
+
+def init_script(groups: dict[str, list[str]], pythonpath: str) -> str:
     template = resources.files("ember.guest").joinpath("init.sh").read_text()
-    return template.replace("@MODULES@", " ".join(module_order)).replace(
+    return template.replace("@MODULE_LOADING@", module_loading(groups)).replace(
         "@PYTHONPATH@", shlex.quote(pythonpath)
     )
 
 
 def build_initrd(
-    out: Path, busybox: Path, modules: list[Path], pythonpath: str, compress: bool = False
+    out: Path,
+    busybox: Path,
+    modules: list[Path],
+    groups: dict[str, list[str]],
+    pythonpath: str,
+    compress: bool = False,
 ) -> None:
-    """Write the initrd to ``out``; ``modules`` are .ko files in load order."""
+    """Write the initrd to ``out``: ``modules`` are the .ko files, ``groups``
+    which of them to load for which virtio device (see kernel.DEVICE_MODULES)."""
     w = NewcWriter()
     for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
         w.dir(d)
@@ -90,7 +112,7 @@ def build_initrd(
         w.symlink(f"bin/{applet}", "busybox")
     for ko in modules:
         w.file(f"lib/modules/{ko.name}", ko.read_bytes())
-    w.file("init", init_script([ko.stem for ko in modules], pythonpath).encode(), 0o755)
+    w.file("init", init_script(groups, pythonpath).encode(), 0o755)
     data = w.finish()
     if compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)

@@ -15,19 +15,21 @@ from pathlib import Path
 
 from ember.errors import GuestError
 
-# What every micro-VM may need, by the job it does:
-MODULES = (
-    "virtio_mmio",  # microvm's only transport
-    "virtio_blk",  # the read-only rootfs (/dev/vda) and block container disks
-    "virtio_console",  # the agent channel (virtio-serial port agent.0)
-    "virtio_scsi",  # hot-plugged container disks ...
-    "sd_mod",  # ... which show up as /dev/sdX
-    "vsock",  # the agent channel under Firecracker (hybrid vsock)
-    "vmw_vsock_virtio_transport",
-    "virtio_net",  # sandbox networking
-    "virtio_rng",  # entropy, so getrandom() never blocks
-    "overlay",  # writable layers over read-only container images
-)
+# Modules by the virtio device that needs them, keyed by the device id as
+# /sys/bus/virtio/devices/*/device shows it. /init loads the transport, looks
+# at the devices the VMM gave this VM and loads only their drivers: under TCG
+# every insmod costs tens of milliseconds, and most VMs have no NIC or vsock.
+TRANSPORT = ("virtio_mmio",)  # microvm's and Firecracker's only transport
+DEVICE_MODULES = {
+    "0x0001": ("virtio_net",),  # sandbox networking
+    "0x0002": ("virtio_blk",),  # the read-only rootfs (/dev/vda), block container disks
+    "0x0003": ("virtio_console",),  # the agent channel (virtio-serial port agent.0)
+    "0x0004": ("virtio_rng",),  # entropy, so getrandom() never blocks
+    "0x0008": ("virtio_scsi", "sd_mod"),  # hot-plugged container disks as /dev/sdX
+    "0x0013": ("vsock", "vmw_vsock_virtio_transport"),  # the agent channel under Firecracker
+}
+ALWAYS = ("overlay",)  # writable layers over read-only container images
+MODULES = TRANSPORT + tuple(m for group in DEVICE_MODULES.values() for m in group) + ALWAYS
 
 _COMPRESSORS = {".xz": ["xz", "-dc"], ".zst": ["zstd", "-dc"], ".gz": ["gzip", "-dc"]}
 
@@ -37,6 +39,7 @@ class KernelParts:
     vmlinuz: Path
     release: str
     modules: list[Path]  # uncompressed .ko files, in load order
+    groups: dict[str, list[str]]  # "transport", device ids, "always" -> names in load order
 
 
 def _module_name(path: str) -> str:
@@ -78,9 +81,9 @@ def load_order(modules_dep: str, wanted: tuple[str, ...], builtin: str = "") -> 
     return order
 
 
-def prepare(tree: Path, out_dir: Path, wanted: tuple[str, ...] = MODULES) -> KernelParts:
+def prepare(tree: Path, out_dir: Path) -> KernelParts:
     """From an unpacked linux-image package in ``tree``, put the bzImage and
-    the wanted modules (uncompressed, load order kept) into ``out_dir``."""
+    the modules we use (uncompressed) into ``out_dir``."""
     images = sorted((tree / "boot").glob("vmlinuz-*"))
     if len(images) != 1:
         raise GuestError(f"kernel package: expected one /boot/vmlinuz-*, found {len(images)}")
@@ -91,12 +94,15 @@ def prepare(tree: Path, out_dir: Path, wanted: tuple[str, ...] = MODULES) -> Ker
     proc = subprocess.run(["depmod", "-b", str(tree), release], capture_output=True, text=True)
     if proc.returncode != 0:
         raise GuestError(f"depmod: {proc.stderr.strip() or 'failed'}")
-    builtin = moddir / "modules.builtin"
-    order = load_order(
-        (moddir / "modules.dep").read_text(),
-        wanted,
-        builtin.read_text() if builtin.exists() else "",
-    )
+    builtin_file = moddir / "modules.builtin"
+    dep = (moddir / "modules.dep").read_text()
+    builtin = builtin_file.read_text() if builtin_file.exists() else ""
+    order = load_order(dep, MODULES, builtin)
+    wanted = {"transport": TRANSPORT, **DEVICE_MODULES, "always": ALWAYS}
+    groups = {
+        key: [_module_name(rel) for rel in load_order(dep, names, builtin)]
+        for key, names in wanted.items()
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = []
     for rel in order:
@@ -112,7 +118,7 @@ def prepare(tree: Path, out_dir: Path, wanted: tuple[str, ...] = MODULES) -> Ker
         modules.append(dest)
     vmlinuz = out_dir / "vmlinuz"
     shutil.copyfile(images[0], vmlinuz)
-    return KernelParts(vmlinuz, release, modules)
+    return KernelParts(vmlinuz, release, modules, groups)
 
 
 def bzimage_release(path: Path) -> str:
