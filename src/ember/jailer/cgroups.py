@@ -11,12 +11,11 @@ and cgroup2 at /sys/fs/cgroup/unified).
 from __future__ import annotations
 
 import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.jailer.waiter import rmdir_cgroup
 
 
 def _mounts() -> list[tuple[str, str, list[str]]]:
@@ -162,7 +161,7 @@ class CgroupPlan:
         """Undo create(): the leaf for sure, parents this run made if they are empty."""
         for path in reversed(self.created):
             if path.name == self.jail_id:
-                _rmdir_cgroup(path)
+                rmdir_cgroup(path)
             else:
                 try:
                     os.rmdir(path)
@@ -171,27 +170,10 @@ class CgroupPlan:
         self.created.clear()
 
 
-def _rmdir_cgroup(path: Path, timeout: float = 3.0) -> None:
-    """Remove a cgroup, killing stragglers first; a cgroup with tasks cannot be removed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        try:
-            for pid in (path / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        except OSError:
-            pass
-        time.sleep(0.02)
+def jail_cgroup_dirs(parent: str, jail_id: str) -> list[Path]:
+    """Every ``<mount>/<parent>/<id>`` that exists, whatever the hierarchy."""
+    return [Path(target) / parent / jail_id for _f, target, _o in _mounts()
+            if (Path(target) / parent / jail_id).is_dir()]
 
 
 def remove_jail_cgroups(parent: str, jail_id: str) -> list[Path]:
@@ -200,10 +182,7 @@ def remove_jail_cgroups(parent: str, jail_id: str) -> list[Path]:
     Scanning all hierarchies means cleanup needs no record of which controllers
     a jail used — it works after a crash of the jailer too.
     """
-    removed = []
-    for _fstype, target, _opts in _mounts():
-        leaf = Path(target) / parent / jail_id
-        if leaf.is_dir():
-            _rmdir_cgroup(leaf)
-            removed.append(leaf)
+    removed = jail_cgroup_dirs(parent, jail_id)
+    for leaf in removed:
+        rmdir_cgroup(leaf)
     return removed

@@ -24,17 +24,17 @@ import resource
 import shutil
 import signal
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.jailer import cgroups, files, linux, profiles, seccomp
+from ember.jailer import cgroups, files, linux, profiles, seccomp, waiter
 from ember.jailer.api import JailSpec, jail_dir, jail_root
 from ember.util import atomic_write
 
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-              signal.SIGUSR1, signal.SIGUSR2)
+_FORWARDED = waiter.FORWARDED
 _DEVICES = [  # (jail path, major, minor, mode, owned by the jail uid)
     ("/dev/null", 1, 3, 0o666, False),
     ("/dev/zero", 1, 5, 0o666, False),
@@ -313,12 +313,6 @@ def _pivot_into(root: str, stage: str) -> None:
     os.chdir("/")
 
 
-def _status_code(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
 def _daemonize() -> int | None:
     """Fork; the foreground process waits for word that the VMM runs, then exits.
 
@@ -415,6 +409,23 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
         os.close(report)
     for signum in pending:
         forward(signum, None)
-    _, status = os.waitpid(pid, 0)
+    _become_waiter(plan, pid)
+    _, status = os.waitpid(pid, 0)  # only if the lean waiter could not be exec'd
     unbuild(plan, rollback=False)
-    return _status_code(status)
+    return waiter.status_code(status)
+
+
+def _become_waiter(plan: Plan, pid: int) -> None:
+    """Exec the small stdlib-only waiter in place of this process (same pid).
+
+    The full jailer holds ~11 MiB for the whole life of the VMM; the waiter
+    ~4 MiB. Forwarded signals are blocked across the exec and stay pending
+    until the waiter has its handlers, so none is lost.
+    """
+    leaves = [str(p) for p in cgroups.jail_cgroup_dirs(plan.cgroups.parent, plan.spec.id)]
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    try:
+        os.execv(sys.executable, [sys.executable, "-I", "-S", waiter.__file__, str(pid),
+                                  str(jail_dir(plan.spec)), *leaves])
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
