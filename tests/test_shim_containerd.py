@@ -94,7 +94,7 @@ class Events:
 
 def test_ctr_run_rm_prints_guest_kernel_and_passes_exit_code(ctrd, guest_assets) -> None:
     c, work = ctrd
-    res = c.ctr("run", "-i", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-run", "sh", "-c",
+    res = c.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-run", "sh", "-c",
                 "uname -r; cat; echo to-stderr >&2; exit 7", input=b"from-stdin\n", check=False)
     assert res.returncode == 7, res.stderr
     release, piped = res.stdout.split()
