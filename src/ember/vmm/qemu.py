@@ -60,7 +60,7 @@ class QemuVMM(VMM):
     def _accel_args(self) -> list[str]:
         if self.spec.accel == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
-        return ["-accel", "tcg", "-cpu", "max"]
+        return ["-accel", "tcg,tb-size=64", "-cpu", "max"]
 
     def _scsi_device(self, drive: Drive, target: int) -> dict:
         return {
