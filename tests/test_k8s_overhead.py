@@ -89,6 +89,7 @@ def test_qemu_guest_ram_mapping_is_found():
                 break
             psutil.wait_procs([proc], timeout=0.1)
         r = overhead.sample([qemu.pid], 64 * MIB, 0.3)
+        assert overhead.vmm_accel([qemu.pid]) == "tcg"
         assert r["guest_touched_bytes"] == 64 * MIB
         assert 1 * MIB < r["memory_bytes"] < 200 * MIB
     finally:
@@ -232,6 +233,7 @@ def _measure(tmp_path: Path, data: Path, state: Path) -> None:
     assert 0 < r["memory_bytes"] < 512 * MIB
     assert r["memory_bytes"] == sum(p["pss"] for p in r["processes"]) - r["guest_touched_bytes"]
     assert r["cpu_millicores"] >= 0
+    assert r["accel"] in ("tcg", "kvm")
     cached = json.loads((data / overhead.CACHE_NAME).read_text())["qemu"]
     assert cached["podFixed"] == overhead.recommended(r)
     # The sandbox is gone: no process of it is left, no state.

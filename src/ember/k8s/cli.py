@@ -103,7 +103,7 @@ def overhead_cmd(measure: bool, image: str, memory: str, cpus: int, seconds: flo
     for backend, r in sorted(results.items()):
         click.echo(f"{backend}: memory {r['memory_bytes'] / overhead.MIB:.1f} MiB beyond "
                    f"{r['guest_memory_bytes'] / overhead.MIB:.0f} MiB guest RAM, "
-                   f"cpu {r['cpu_millicores']}m idle; podFixed memory "
+                   f"cpu {r['cpu_millicores']}m idle ({r.get('accel', '?')}); podFixed memory "
                    f"{r['podFixed']['memory']} cpu {r['podFixed']['cpu']} "
                    f"(measured {r.get('measured_at', '?')})")
 

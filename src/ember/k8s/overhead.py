@@ -96,6 +96,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def vmm_accel(pids: list[int]) -> str | None:
+    """The accelerator a QEMU among ``pids`` runs with: TCG costs far more than KVM,
+    so a measurement says which one it saw."""
+    for pid in pids:
+        try:
+            args = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        for flag, value in zip(args, args[1:], strict=False):
+            if flag == "-accel":
+                return value.split(",", 1)[0]
+    return None
+
+
 def sample(pids: list[int], guest_bytes: int, seconds: float) -> dict:
     """Measure live processes: memory now, CPU averaged over ``seconds``."""
     if not pids:
@@ -138,10 +152,11 @@ def measure(cfg: Config, image: str, memory: str, cpus: int, seconds: float,
         pids = list(sb.host_pids())
         guest = int(sb.guest_memory_bytes())
         time.sleep(settle)
+        accel = vmm_accel(pids) or cfg.vm.accel
         result = sample(pids, guest, seconds)
     finally:
         sb.remove(force=True)
-    result.update(backend=cfg.vm.hypervisor, accel=cfg.vm.accel, image=image,
+    result.update(backend=cfg.vm.hypervisor, accel=accel, image=image,
                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result["podFixed"] = recommended(result)
     return result
