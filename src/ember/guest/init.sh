@@ -7,9 +7,10 @@
 # and powers the VM off, so a broken guest fails fast instead of hanging until
 # the host's boot timeout.
 #
-# Kernel command line knobs:  ember.debug=1 (stage timestamps on the console),
-# ember.hostname=NAME, root=DEV (default /dev/vda), and `-- CMD ARGS...` to
-# run CMD in the new root instead of the agent, then power off (diagnostics).
+# Kernel command line knobs: ember.debug=1 (stage timestamps on the console,
+# and the agent's --debug), ember.hostname=NAME, root=DEV (default /dev/vda),
+# and `-- CMD ARGS...` to run CMD in the new root instead of the agent, then
+# power off (diagnostics).
 # The builder fills in the module list (in load order) and PYTHONPATH.
 
 export PATH=/bin
@@ -95,7 +96,8 @@ stamp "mounts ready"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=linux
 export PYTHONPATH=@PYTHONPATH@ PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-[ -n "$DEBUG" ] && export EMBER_DEBUG=1
+AGENT_DEBUG=
+[ -n "$DEBUG" ] && AGENT_DEBUG=--debug
 case " $CMDLINE " in
 *" -- "*)
 	[ $# -gt 0 ] || die "nothing to run after -- on the kernel command line"
@@ -104,5 +106,5 @@ case " $CMDLINE " in
 	;;
 esac
 stamp "starting agent"
-exec switch_root $N /usr/bin/python3.11 -m ember.agent --channel auto
+exec switch_root $N /usr/bin/python3.11 -m ember.agent --channel auto $AGENT_DEBUG
 die "switch_root to $ROOT failed"

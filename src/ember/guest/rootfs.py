@@ -176,6 +176,9 @@ def finish_tree(tree: Path) -> None:
     install_busybox(tree)
     copy_python_packages(tree)
     compile_python(tree)
+    # A loader cache saves every program start a walk over the library dirs.
+    # Needs chroot (root); without it the loader still finds everything.
+    subprocess.run(["ldconfig", "-r", str(tree)], capture_output=True, check=False)
 
 
 def tree_bytes(tree: Path) -> int:
