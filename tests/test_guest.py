@@ -227,7 +227,7 @@ def test_second_build_is_a_no_op(guest_assets):
     before = {p.name: p.stat().st_mtime_ns for p in guest_assets.kernel.parent.iterdir()}
     started = time.monotonic()
     again = build.build_guest(cfg, progress=False)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # no apt, no unpacking: milliseconds
     assert again == guest_assets == build.current_assets(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in again.kernel.parent.iterdir()} == before
     info = build.guest_info(cfg)

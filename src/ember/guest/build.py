@@ -60,8 +60,9 @@ BASE_CMDLINE = (
     " initcall_blacklist=cmos_init cryptomgr.notests"
 )
 
-# Uncompressed: under TCG, gunzip in the guest costs more than copying the
-# bigger file (measured, see tests/test_guest_boot.py notes in the report).
+# Uncompressed (3.8 MB; 1.5 MB gzipped). Measured under TCG, booting to /init
+# cost the same QEMU CPU time either way (5.3 s vs 5.3 s, three runs each):
+# the guest's gunzip and QEMU copying 2 MB more cancel out, so the simpler wins.
 COMPRESS_INITRD = False
 
 NOT_BUILT = "guest assets not built: run `ember guest build`"
