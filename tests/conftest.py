@@ -118,3 +118,25 @@ def ember_env(guest_assets):
         new_mounts = [m for m in mounts() - before_mounts if m.startswith(ours)]
         assert not new_loops, f"loop devices left behind: {new_loops}"
         assert not new_mounts, f"mounts left behind: {new_mounts}"
+
+
+E2E_IMAGE = "localhost/ember-e2e:1"
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory, guest_assets):
+    """A busybox image built here as an OCI layout tar and imported with `ember image import`."""
+    from imagetools import busybox_rootfs, write_oci_layout_tar
+
+    tmp = tmp_path_factory.mktemp("img")
+    root = busybox_rootfs(tmp / "rootfs")
+    tar = write_oci_layout_tar(
+        tmp / "image.tar", [root], ref=E2E_IMAGE,
+        config={"Env": ["PATH=/bin:/usr/bin", "GREETING=from-image"], "WorkingDir": "/srv",
+                "Cmd": ["sh", "-c", "echo default-cmd"]},
+    )
+    proc = subprocess.run([ember_bin(), "image", "import", str(tar)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    yield E2E_IMAGE
+    subprocess.run([ember_bin(), "image", "rm", E2E_IMAGE], capture_output=True, check=False)

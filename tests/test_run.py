@@ -16,31 +16,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ember_bin, qemu_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(600)]
-
-IMAGE = "localhost/ember-e2e:1"
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory, guest_assets):
-    from imagetools import busybox_rootfs, write_oci_layout_tar
-
-    tmp = tmp_path_factory.mktemp("img")
-    root = busybox_rootfs(tmp / "rootfs")
-    tar = write_oci_layout_tar(
-        tmp / "image.tar", [root], ref=IMAGE,
-        config={"Env": ["PATH=/bin:/usr/bin", "GREETING=from-image"], "WorkingDir": "/srv",
-                "Cmd": ["sh", "-c", "echo default-cmd"]},
-    )
-    proc = subprocess.run([ember_bin(), "image", "import", str(tar)], capture_output=True,
-                          text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    yield IMAGE
-    subprocess.run([ember_bin(), "image", "rm", IMAGE], capture_output=True, check=False)
-
 
 def test_run_prints_guest_kernel_and_passes_exit_codes(ember_env, image, guest_assets):
     proc = ember_env.run("run", "--rm", image, "uname", "-r")

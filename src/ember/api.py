@@ -415,6 +415,13 @@ class Sandbox:
             kill_pid(st.monitor_pid, self.id)
         kill_pid(st.vmm_pid, self.id[:12])
         _wait_gone(st.vmm_pid, self.id[:12], 5)
+        if st.jail:
+            from ember.jailer.api import JailSpec, cleanup
+
+            j = st.jail
+            cleanup(JailSpec(id=j["id"], exec_file=j["exec_file"], uid=j["uid"], gid=j["uid"],
+                             chroot_base_dir=j["chroot_base_dir"],
+                             parent_cgroup=j.get("parent_cgroup")))
         self.close()
         with self.store.lock():
             shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)

@@ -20,7 +20,7 @@ Example::
     initrd = ""
     rootfs = ""
     [jailer]
-    enabled = false
+    enabled = true                  # run every VMM through ember-jailer
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class GuestConfig:
 
 @dataclass
 class JailerConfig:
-    enabled: bool = False
+    enabled: bool = True
     chroot_base_dir: str = "/srv/jailer"
     uid_base: int = 100000
     uid_count: int = 65536
@@ -108,6 +108,8 @@ class Config:
 def _apply(obj: object, values: dict, where: str) -> None:
     known = {f.name: f for f in fields(obj)}  # type: ignore[arg-type]
     for key, value in values.items():
+        if key == "jailer" and isinstance(value, bool):  # `jailer = true` shorthand
+            value = {"enabled": value}
         if key not in known:
             raise EmberError(f"config {where}: unknown key {key!r}")
         current = getattr(obj, key)

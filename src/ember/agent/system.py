@@ -109,8 +109,17 @@ def copy_file(path: str, data: bytes, mode: int, uid: int, gid: int, append: boo
         raise TTRPCError(Code.PERMISSION_DENIED, f"cannot write {path}: {e.strerror}") from e
 
 
+RB_AUTOBOOT = 0x01234567
+
+
 def power_off() -> None:
-    """Stop the VM (PID 1 only): sync, then reboot(RB_POWER_OFF)."""
+    """Stop the VM (PID 1 only): sync, then reboot(RB_AUTOBOOT).
+
+    A reset, not a power-off: Firecracker on x86 exits only when the guest
+    resets, and QEMU runs with -no-reboot, so a reset ends both. RB_POWER_OFF
+    is the fallback should the reset be refused.
+    """
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(RB_AUTOBOOT)
     libc.reboot(RB_POWER_OFF)

@@ -202,7 +202,8 @@ class Monitor:
             self.vm.boot()
             assert self.vm.vmm is not None
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,
-                              restored_from_snapshot=self.vm.restored)
+                              restored_from_snapshot=self.vm.restored,
+                              jail=self.vm.jail_record())
         except EmberError as exc:
             self.vm.kill()
             report(f"ERR {exc.exit_code} {exc.message}")

@@ -64,8 +64,33 @@ class SandboxVM:
         return VMSpec(
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
-            memory_mib=self.memory_mib, accel=accel,
+            memory_mib=self.memory_mib, accel=accel, jailer=self.jail_spec(accel),
         )
+
+    def jail_spec(self, accel: str):
+        """The jail for this VM's VMM when `[jailer] enabled` (a uid of its own)."""
+        if not self.cfg.jailer.enabled:
+            return None
+        from ember.jailer.api import allocate_uid, spec_from_config
+
+        uid = allocate_uid(self.cfg.jailer, self.vm_id)
+        if uid == 0 and not self.cfg.jailer.allow_root:
+            raise EmberError("jailer: refusing to run the VMM as uid 0 (jailer.allow_root)")
+        # Cap the VMM's memory: guest RAM plus room for QEMU itself.
+        limit = str((self.memory_mib + 256) << 20)
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        cgroups = {"memory.max" if v2 else "memory.limit_in_bytes": limit, "pids.max": "4096"}
+        return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=self.cfg.vm.qemu_binary,
+                                uid=uid, gid=uid, vmm_kind=self.cfg.vm.hypervisor,
+                                kvm=accel == "kvm", new_pid_ns=False, cgroups=cgroups)
+
+    def jail_record(self) -> dict:
+        """What `ember rm -f` needs to remove the jail if everything else died."""
+        jail = getattr(self.vmm, "jail", None)
+        if jail is None:
+            return {}
+        return {"id": jail.id, "exec_file": jail.exec_file, "uid": jail.uid,
+                "chroot_base_dir": jail.chroot_base_dir, "parent_cgroup": jail.parent_cgroup}
 
     def boot(self, drives: list[Drive] | None = None) -> None:
         """Start the VM and return once the agent answers."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -43,6 +45,21 @@ def _blockdev(drive: Drive) -> dict:
     return node
 
 
+def _qcow2_backing(path: Path) -> Path | None:
+    """The backing file a qcow2 header names (offset 8: u64 offset, 16: u32 size)."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            return None
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset or not size:
+            return None
+        f.seek(offset)
+        name = f.read(size).decode()
+    base = Path(name)
+    return base if base.is_absolute() else Path(path).parent / base
+
+
 class QemuVMM(VMM):
     kind = "qemu"
 
@@ -55,6 +72,12 @@ class QemuVMM(VMM):
         self._qmp_lock = threading.Lock()
         self._next_target = 1
         self._targets: dict[str, int] = {}
+        self._restore_fd: int | None = None
+        self.jail = None  # ember.jailer.api.JailSpec when the VMM runs jailed
+        if spec.jailer is not None:
+            import copy
+
+            self.jail = copy.deepcopy(spec.jailer)
 
     # ---------------------------------------------------------------- argv
     def _accel_args(self) -> list[str]:
@@ -73,24 +96,41 @@ class QemuVMM(VMM):
             "drive": f"n-{drive.drive_id}",
         }
 
+    def _path(self, host: Path, mode: str = "hardlink", writable: bool = False,
+              jail_path: str | None = None) -> str:
+        """The path QEMU must use for a host file: itself, or its place in the jail."""
+        if self.jail is None:
+            return str(host)
+        return self.jail.place(host, mode, writable, jail_path)
+
+    def _work(self, host: Path) -> str:
+        """Files in the sandbox folder: the jail sees that folder as /run."""
+        return str(host) if self.jail is None else f"/run/{host.name}"
+
     def argv(self) -> list[str]:
-        """The full QEMU command line for this VM."""
+        """The full QEMU command line for this VM (inside the jail when jailed)."""
         s = self.spec
         for sock in (s.agent_socket, s.control_socket):
             if len(str(sock)) > MAX_UNIX_PATH:
                 raise VMError(f"socket path too long for a Unix socket: {sock}")
+        if self.jail is not None:
+            self.jail.files.clear()
+            self._path(s.work_dir, "bind", True, "/run")
+        kernel = self._path(s.kernel)
+        initrd = self._path(s.initrd)
+        rootfs = self._path(s.rootfs, "bind")
         args = [
             self.binary, "-name", f"ember-{s.vm_id[:12]}",
             "-M", MACHINE, *self._accel_args(),
             "-m", str(s.memory_mib), "-smp", str(s.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", s.cmdline,
-            "-chardev", f"file,id=con,path={s.console_log}", "-serial", "chardev:con",
-            "-qmp", f"unix:{s.control_socket},server=on,wait=off",
-            "-drive", f"id=root,file={s.rootfs},format=raw,if=none,readonly=on",
+            "-kernel", kernel, "-initrd", initrd, "-append", s.cmdline,
+            "-chardev", f"file,id=con,path={self._work(s.console_log)}", "-serial", "chardev:con",
+            "-qmp", f"unix:{self._work(s.control_socket)},server=on,wait=off",
+            "-drive", f"id=root,file={rootfs},format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=agent,path={s.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={self._work(s.agent_socket)},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent.0",
             "-device", "virtio-scsi-device,id=scsi0",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -98,10 +138,27 @@ class QemuVMM(VMM):
         ]
         for drive in s.drives:
             target = self._alloc_target(drive.drive_id)
-            args += ["-blockdev", json.dumps(_blockdev(drive))]
+            node = _blockdev(drive)
+            if self.jail is not None:
+                node["file"]["filename"] = self._path(drive.path, "bind", not drive.readonly)  # type: ignore[index]
+            args += ["-blockdev", json.dumps(node)]
             args += ["-device", json.dumps(self._scsi_device(drive, target))]
         if s.restore_from is not None:
-            args += ["-incoming", f"exec:cat {s.restore_from}"]
+            # An inherited descriptor works the same jailed or not (no shell, no host path).
+            if self._restore_fd is None:
+                try:
+                    self._restore_fd = os.open(s.restore_from, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise VMError(f"cannot open VM snapshot {s.restore_from}: {exc}") from None
+            args += ["-incoming", f"fd:{self._restore_fd}"]
+        if self.jail is not None:
+            self.jail.exec_file = shutil.which(args[0]) or args[0]
+            self.jail.args = args[1:]
+            self.jail.vmm_kind = "qemu"
+            self.jail.keep_fds = [self._restore_fd] if self._restore_fd is not None else []
+            from ember.jailer.api import build_argv
+
+            return build_argv(self.jail)
         return args
 
     def _alloc_target(self, drive_id: str) -> int:
@@ -120,20 +177,44 @@ class QemuVMM(VMM):
         s.work_dir.mkdir(parents=True, exist_ok=True)
         for stale in (s.agent_socket, s.control_socket):
             stale.unlink(missing_ok=True)
+        if shutil.which(self.binary) is None:
+            raise VMError(f"QEMU not found: {self.binary} (install qemu-system-x86)")
         argv = self.argv()
         log = open(s.work_dir / "vmm.log", "ab")
         try:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
+                pass_fds=(self._restore_fd,) if self._restore_fd is not None else (),
             )
         except FileNotFoundError:
-            raise VMError(f"QEMU not found: {self.binary} (install qemu-system-x86)") from None
+            raise VMError(f"cannot run {argv[0]}") from None
         finally:
             log.close()
+            if self._restore_fd is not None:
+                os.close(self._restore_fd)
+                self._restore_fd = None
         self._pid = self._proc.pid
+        if self.jail is not None:
+            self._pid = self._wait_jailed_pid()
         if s.restore_from is not None:
             self._wait_running(timeout=60)
+
+    def _wait_jailed_pid(self) -> int:
+        """The jailer stays as QEMU's parent; the pid users see is QEMU's own."""
+        from ember.jailer.api import vmm_pid
+
+        assert self.jail is not None and self._proc is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pid = vmm_pid(self.jail)
+            if pid is not None:
+                return pid
+            if self._proc.poll() is not None:
+                raise VMError(f"ember-jailer exited with code {self._proc.returncode}: "
+                              f"{self.vmm_log_tail()}")
+            time.sleep(0.005)
+        raise VMError("ember-jailer did not start QEMU within 20s")
 
     def _wait_running(self, timeout: float) -> None:
         """After -incoming, QEMU loads the snapshot and then runs the guest."""
@@ -166,24 +247,66 @@ class QemuVMM(VMM):
         lines = text.splitlines()
         return lines[-1] if lines else ""
 
-    def qmp(self, command: str, **args: object) -> object:
+    def _client(self) -> QMPClient:
         with self._qmp_lock:
             if self._qmp is None:
                 self._check_alive()
                 self._qmp = QMPClient(self.spec.control_socket, timeout=15)
-            client = self._qmp
-        return client.execute(command, **args)
+            return self._qmp
+
+    def qmp(self, command: str, **args: object) -> object:
+        return self._client().execute(command, **args)
+
+    def qmp_fds(self, command: str, fds: list[int], **args: object) -> object:
+        return self._client().execute(command, fds=fds, **args)
 
     # --------------------------------------------------------------- drives
     def add_drive(self, drive: Drive) -> GuestDevice:
         target = self._alloc_target(drive.drive_id)
-        self.qmp("blockdev-add", **_blockdev(drive))
+        node = _blockdev(drive)
+        if self.jail is not None:
+            node = self._jail_drive(drive, node)
+        self.qmp("blockdev-add", **node)
         try:
             self.qmp("device_add", **self._scsi_device(drive, target))
         except VMError:
             self.qmp("blockdev-del", **{"node-name": f"n-{drive.drive_id}"})
             raise
         return GuestDevice("scsi", f"{target}:0")
+
+    def _jail_drive(self, drive: Drive, node: dict) -> dict:
+        """Hard-link a hot-plugged disk (and a qcow2 overlay's base) into the running jail.
+
+        A qcow2 overlay names its base by host path, which the jailed QEMU
+        cannot see, so the base is linked in as well and given explicitly.
+        """
+        from ember.jailer.api import host_path
+
+        assert self.jail is not None
+
+        def link(src: Path, name: str, writable: bool) -> str:
+            dest = host_path(self.jail, f"/disks/{name}")
+            dest.parent.mkdir(exist_ok=True)
+            try:
+                if not dest.exists():
+                    os.link(src, dest)
+            except OSError as exc:
+                raise VMError(f"cannot place {src} in the jail (it must be on the same file "
+                              f"system as {self.jail.chroot_base_dir}): {exc}") from None
+            if writable:
+                os.chown(dest, self.jail.uid, self.jail.gid)
+            return f"/disks/{name}"
+
+        node["file"]["filename"] = link(drive.path, drive.drive_id, not drive.readonly)
+        if drive.format == "qcow2":
+            base = _qcow2_backing(drive.path)
+            if base is not None:
+                node["backing"] = {
+                    "driver": "raw", "read-only": True,
+                    "file": {"driver": "file",
+                             "filename": link(base, f"{drive.drive_id}.base", False)},
+                }
+        return node
 
     def guest_device(self, drive_id: str) -> GuestDevice:
         """Where a boot-time drive shows up in the guest."""
@@ -236,7 +359,12 @@ class QemuVMM(VMM):
 
     def save_snapshot(self, path: Path) -> None:
         self.qmp("stop")
-        self.qmp("migrate", uri=f"exec:cat > {path}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self.qmp_fds("getfd", [fd], fdname="snapshot")
+        finally:
+            os.close(fd)
+        self.qmp("migrate", uri="fd:snapshot")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             info = self.qmp("query-migrate")
@@ -260,6 +388,7 @@ class QemuVMM(VMM):
         if self.wait(timeout) is None:
             self.kill()
         self._close_qmp()
+        self.cleanup_jail()
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -269,6 +398,14 @@ class QemuVMM(VMM):
                 pass
             self._proc.wait()
         self._close_qmp()
+        self.cleanup_jail()
+
+    def cleanup_jail(self) -> None:
+        """Remove the jail (the jailer does it when QEMU exits; this covers a killed jailer)."""
+        if self.jail is not None:
+            from ember.jailer.api import cleanup
+
+            cleanup(self.jail)
 
     def wait(self, timeout: float | None = None) -> int | None:
         if self._proc is None:

@@ -51,15 +51,24 @@ class QMPClient:
             raise VMError("QMP connection closed by QEMU")
         return json.loads(line)
 
-    def execute(self, command: str, timeout: float = 30.0, **arguments: object) -> object:
-        """Run one command and return its "return" value."""
+    def execute(self, command: str, timeout: float = 30.0, fds: list[int] | None = None,
+                **arguments: object) -> object:
+        """Run one command and return its "return" value.
+
+        ``fds`` are passed along with the command (SCM_RIGHTS), as ``getfd``
+        needs: a jailed QEMU cannot open host paths itself.
+        """
         msg: dict[str, object] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
         with self._lock:
             self._sock.settimeout(timeout)
             try:
-                self._file.write(json.dumps(msg).encode() + b"\n")
+                data = json.dumps(msg).encode() + b"\n"
+                if fds:
+                    socket.send_fds(self._sock, [data], fds)
+                else:
+                    self._file.write(data)
                 while True:
                     reply = self._read_message()
                     if "event" in reply:

@@ -1,0 +1,66 @@
+"""`ember run` with the VMM under ember-jailer (the default): what issue 5 checks.
+
+While a sandbox runs, its QEMU (found from `ember inspect`) runs as a non-root
+uid with no capabilities, no_new_privs and a seccomp filter, chrooted into its
+jail, in its own mount namespace and in the requested cgroup with its limit
+written; the container still works; after removal the jail and cgroup are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(300)]
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _cgroup(pid: int, controller: str) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return path
+    return ""
+
+
+def test_vmm_is_confined_and_cleaned_up(ember_env, image):
+    proc = ember_env.run("run", "-d", image, "sleep", "300")
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.decode().strip()
+    info = json.loads(ember_env.run("inspect", sid, check=True).stdout)[0]
+    pid = info["vmm_pid"]
+    jail = info["jail"]
+    assert jail, "the sandbox must record its jail"
+
+    st = _status(pid)
+    assert st["Uid"].split()[0] != "0" and st["Gid"].split()[0] != "0"
+    assert int(st["CapEff"], 16) == 0
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    root = Path(jail["chroot_base_dir"]) / "qemu-system-x86_64" / jail["id"] / "root"
+    assert os.readlink(f"/proc/{pid}/root") == str(root)
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+
+    cg = _cgroup(pid, "memory")
+    assert cg == f"/ember/{jail['id']}"
+    limit_file = Path("/sys/fs/cgroup/memory") / cg.lstrip("/") / "memory.limit_in_bytes"
+    if limit_file.exists():  # cgroup v1 (this machine); v2 hosts write memory.max
+        assert int(limit_file.read_text()) == (info["memory_mib"] + 256) << 20
+
+    proc = ember_env.run("exec", sid, "sh", "-c", "echo inside; uname -r")
+    assert proc.returncode == 0 and proc.stdout.startswith(b"inside\n"), proc.stderr
+
+    assert ember_env.run("rm", "-f", sid).returncode == 0
+    assert not root.parent.exists(), "jail directory left behind"
+    assert not (Path("/sys/fs/cgroup/memory") / cg.lstrip("/")).exists(), "cgroup left behind"
+    assert not Path(f"/proc/{pid}").exists()
