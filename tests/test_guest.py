@@ -302,3 +302,18 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
         debs.download([bogus], tmp_path / "debs")
     assert "\n" not in str(err.value) and str(err.value).startswith("apt-get download:")
     assert list((tmp_path / "debs").iterdir()) == []
+
+
+@pytest.mark.root
+def test_partial_override_replaces_only_that_file(private_cache, guest_assets, tmp_path):
+    cfg = private_cache
+    own = tmp_path / "my-rootfs.ext4"
+    own.write_bytes(b"x")
+    cfg.guest.rootfs = str(own)
+    assets = build.current_assets(cfg)
+    assert assets.rootfs == own
+    assert assets.kernel.name == "vmlinuz" and assets.key == guest_assets.key
+    assert assets.kernel_release == guest_assets.kernel_release
+    info = build.guest_info(cfg)
+    assert info["overrides"] == {"rootfs": str(own)}
+    assert info["files"]["rootfs"]["user_override"] and not info["files"]["kernel"]["user_override"]
