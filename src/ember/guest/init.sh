@@ -34,6 +34,7 @@ stamp() {
 
 mount -t proc -o nosuid,nodev,noexec proc /proc || die "cannot mount /proc"
 CMDLINE="$(cat /proc/cmdline)"
+set -f # split the command line into words, but never glob them
 for arg in $CMDLINE; do
 	case "$arg" in
 	--) break ;;
@@ -42,6 +43,7 @@ for arg in $CMDLINE; do
 	root=*) ROOT="${arg#root=}" ;;
 	esac
 done
+set +f
 stamp "init started"
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "cannot mount /sys"
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev || die "cannot mount devtmpfs on /dev"
