@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                           if len(v) > i), file=sys.stderr)
         with CRIClient(c.address) as client:
             retry_stale(cri_pod, client, -1)  # warm: pause image, template for the pod size
-            for i in range(max(1, args.n // 2)):
+            for i in range(args.n):
                 samples["cri_pod"].append(retry_stale(cri_pod, client, i))
                 print(f"pod {i}: {samples['cri_pod'][-1]:.2f}s", file=sys.stderr)
     finally:

@@ -6,10 +6,12 @@ busybox images imported into it, and checks that nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,13 +80,37 @@ def import_images(c: ContainerdInstance, work: Path) -> None:
         os.unlink(tar)
 
 
-def ember_config_file(work: Path, state: Path) -> Path:
-    """An Ember config naming the test's state dir (plus whatever $EMBER_CONFIG says)."""
-    base = ""
+def _toml(data: dict, prefix: str = "") -> str:
+    """A TOML writer for Ember's config shape (scalars and nested tables)."""
+    def scalar(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return str(v)
+        return json.dumps(str(v))
+    lines = [f"{k} = {scalar(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{prefix}{k}]")
+            lines.append(_toml(v, f"{prefix}{k}."))
+    return "\n".join(lines)
+
+
+def ember_config_file(work: Path, state: Path, jailer: bool | None = None) -> Path:
+    """$EMBER_CONFIG's settings plus this test's state dir and jail folder.
+
+    Jails below the test folder make the jailed QEMU recognisable (its root is
+    there) and leave the host's /srv/jailer alone.
+    """
+    data: dict = {}
     if os.environ.get("EMBER_CONFIG"):
-        base = Path(os.environ["EMBER_CONFIG"]).read_text()
+        data = tomllib.loads(Path(os.environ["EMBER_CONFIG"]).read_text())
+    data["state_dir"] = str(state)
+    data.setdefault("jailer", {})["chroot_base_dir"] = str(work / "jail")
+    if jailer is not None:
+        data["jailer"]["enabled"] = jailer
     path = work / "ember.toml"
-    path.write_text(f'state_dir = "{state}"\n{base}')
+    path.write_text(_toml(data) + "\n")
     return path
 
 
@@ -94,11 +120,13 @@ def start_containerd(work: Path, cri: bool = False) -> ContainerdInstance:
     state = work / "st"
     state.mkdir(parents=True, exist_ok=True)
     env = shim_env(state)
+    config = str(ember_config_file(work, state))
     extra = ""
     if cri:
-        extra = cri_config(work, str(ember_config_file(work, state)))
-        for key in ("EMBER_STATE_DIR", "EMBER_CONFIG"):
-            env.pop(key, None)
+        extra = cri_config(work, config)
+        env.pop("EMBER_STATE_DIR", None)
+    else:
+        env["EMBER_CONFIG"] = config
     c = ContainerdInstance(work / "ctrd", extra, cri=cri, env=env,
                            namespace="k8s.io" if cri else "ember-test")
     try:
@@ -121,10 +149,26 @@ def ember_processes(work: Path) -> list[psutil.Process]:
         cmd = " ".join(p.info["cmdline"] or [])
         if p.info["status"] == psutil.STATUS_ZOMBIE:
             continue  # dead already; its parent reaps it
-        if str(work) in cmd and ("qemu-system" in cmd or "ember.shim" in cmd):
+        try:
+            root = os.readlink(f"/proc/{p.pid}/root")  # a jailed VMM's root is its jail
+        except OSError:
+            root = ""
+        ours = str(work) in cmd or root.startswith(str(work))
+        if ours and any(k in cmd for k in ("qemu-system", "ember.shim", "ember-jailer",
+                                           "ember.jailer")):
             p.info["cmd"] = cmd
             found.append(p)
     return found
+
+
+def vmms(work: Path) -> list[psutil.Process]:
+    """This test folder's QEMU processes (jailed or not)."""
+    return [p for p in ember_processes(work) if p.info["cmdline"]
+            and os.path.basename(p.info["cmdline"][0]).startswith("qemu-system")]
+
+
+def shims(work: Path) -> list[psutil.Process]:
+    return [p for p in ember_processes(work) if "ember.shim" in p.info["cmd"]]
 
 
 def leftovers(work: Path) -> list[str]:
@@ -135,6 +179,7 @@ def leftovers(work: Path) -> list[str]:
     shim_dir = work / "st" / "shim"
     if shim_dir.is_dir():
         out += [f"pod folder {p}" for p in shim_dir.iterdir()]
+    out += [f"jail {p}" for p in (work / "jail").glob("*/*")]
     return out
 
 

@@ -166,7 +166,16 @@ def cleanup_dead_pod(pdir: Path) -> None:
     """Everything a dead shim's pod leaves: VMM, mounts, cgroups, files."""
     rec = read_record(pdir)
     vmm_pid, vm_dir = rec.get("vmm_pid"), rec.get("vm_dir") or str(pdir / "vm")
-    if vmm_pid and vm_dir in _cmdline(vmm_pid):
+    jail = rec.get("jail")
+    if jail:
+        # A jailed VMM: the jailer knows it by its chroot (no pid-reuse risk).
+        from ember.jailer.api import JailSpec
+        from ember.jailer.api import cleanup as jail_cleanup
+
+        jail_cleanup(JailSpec(id=jail["id"], exec_file=jail["exec_file"], uid=jail["uid"],
+                              gid=jail["uid"], chroot_base_dir=jail["chroot_base_dir"],
+                              parent_cgroup=jail.get("parent_cgroup")))
+    elif vmm_pid and vm_dir in _cmdline(vmm_pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(vmm_pid, signal.SIGKILL)
         deadline = time.monotonic() + 5

@@ -14,6 +14,7 @@ clean up without the shim.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -106,14 +107,30 @@ class Pod:
     def vmm_pid(self) -> int | None:
         return self.vm.vmm.pid if self.vm is not None and self.vm.vmm is not None else None
 
+    @property
+    def jailed(self) -> bool:
+        vmm = self.vm.vmm if self.vm is not None else None
+        return getattr(vmm, "jail", None) is not None
+
     def record(self) -> None:
+        jail = self.vm.jail_record() if self.vm is not None and hasattr(self.vm, "jail_record") \
+            else {}
         atomic_write_json(self.dir / "pod.json", {
             "shim_pid": os.getpid(),
             "vmm_pid": self.vmm_pid,
             "vm_dir": str(self.dir / "vm"),
+            "jail": jail or None,
             "cgroup": self.cgroup,
             "cgroups_created": self.cgroups_created,
         })
+
+    def _vm_config(self) -> Config:
+        """With the jailer on, the VMM's jail cgroup goes below the pod's cgroup."""
+        if not (self.cfg.jailer.enabled and self.cgroup):
+            return self.cfg
+        cfg = copy.deepcopy(self.cfg)
+        cfg.jailer.parent_cgroup = self.cgroup.strip("/")
+        return cfg
 
     def boot(self, spec: dict, annotations: dict) -> None:
         """Size, place in the pod cgroup, and boot the VM; returns once the agent answers."""
@@ -123,7 +140,7 @@ class Pod:
             # The VMM inherits the shim's cgroups when it is forked.
             self.cgroups_created = cgroups.enter(self.cgroup, [os.getpid()])
         self.record()
-        vm = SandboxVM(self.cfg, self.group_id, self.dir / "vm", vcpus, memory)
+        vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory)
         self.vm = vm
         try:
             vm.boot()
@@ -132,8 +149,8 @@ class Pod:
             self._release_cgroups()
             self.record()
             raise
-        if self.cgroup and vm.vmm is not None and vm.vmm.pid:
-            cgroups.enter(self.cgroup, [vm.vmm.pid])
+        if self.cgroup and vm.vmm is not None and vm.vmm.pid and not self.jailed:
+            cgroups.enter(self.cgroup, [vm.vmm.pid])  # a jailed VMM is in <pod>/<id> already
         self.record()
         log.info("pod VM %s up: %d vCPU, %d MiB, vmm pid %s, restored=%s", self.group_id[:12],
                  vcpus, memory, self.vmm_pid, vm.restored)

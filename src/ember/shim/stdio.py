@@ -19,7 +19,7 @@ import os
 import threading
 import time
 
-from ember.errors import EmberError
+from ember.errors import EmberError, NotFoundError
 
 log = logging.getLogger("ember.shim.stdio")
 
@@ -101,9 +101,16 @@ class StdioPumps:
             while True:
                 try:
                     r = read(self.cid, self.exec_id, offset, READ_WAIT_MS)
+                except NotFoundError:
+                    return  # the process is gone from the guest
                 except EmberError as exc:
-                    log.debug("%s of %s/%s ends: %s", stream, self.cid, self.exec_id, exc)
-                    return
+                    # A paused VM answers nothing until resumed: keep going unless the
+                    # connection itself is lost or the process is being deleted.
+                    if self.stop.is_set() or self.agent.ttrpc.closed:
+                        log.debug("%s of %s/%s ends: %s", stream, self.cid, self.exec_id, exc)
+                        return
+                    time.sleep(0.2)
+                    continue
                 if r.data and fd is not None:
                     try:
                         _write_all(fd, r.data)
