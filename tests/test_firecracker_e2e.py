@@ -125,7 +125,6 @@ def test_driver_on_real_firecracker(guest_assets, tmp_path):
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
-# The QEMU end-to-end suite, again, on Firecracker.
-image = test_run.image
+# The QEMU end-to-end suite, again, on Firecracker (the `image` fixture is in conftest).
 globals().update({name: fn for name, fn in vars(test_run).items()
                   if name.startswith("test_") and callable(fn)})
