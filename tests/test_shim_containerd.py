@@ -175,39 +175,58 @@ def test_ctr_task_exec_ps_metrics_pause_resume_kill(ctrd) -> None:
     assert_clean(c, work)
 
 
-def test_ctr_run_tty_gives_a_working_shell(ctrd) -> None:
-    c, work = ctrd
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(["ctr", "--address", c.address, "--namespace", c.namespace, "run",
-                             "-t", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-tty", "sh"],
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    seen = b""
+class PtyCtr:
+    """A `ctr` command on a pseudo-terminal, as a user at a terminal runs it."""
 
-    def read_until(marker: bytes, timeout: float) -> bool:
-        nonlocal seen
+    def __init__(self, c, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(["ctr", "--address", c.address, "--namespace",
+                                      c.namespace, *args], stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def read_until(self, marker: bytes, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while marker not in seen and time.monotonic() < deadline:
-            r, _, _ = select.select([master], [], [], 0.2)
+        while marker not in self.seen and time.monotonic() < deadline:
+            r, _, _ = select.select([self.master], [], [], 0.2)
             if r:
                 try:
-                    seen += os.read(master, 4096)
+                    self.seen += os.read(self.master, 4096)
                 except OSError:
                     break
-        return marker in seen
+        return marker in self.seen
 
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+def test_ctr_run_tty_gives_a_working_shell(ctrd) -> None:
+    c, work = ctrd
+    shell = PtyCtr(c, "run", "-t", "--rm", "--runtime", RUNTIME, BUSYBOX, "t-tty", "sh")
     try:
         # The shell's prompt shows once the VM is up; then it answers like a terminal.
-        assert read_until(b"#", 240), seen
-        os.write(master, b"test -t 0 && echo tty-$((6*7))\n")
-        assert read_until(b"tty-42", 30), seen
-        os.write(master, b"exit 5\n")
-        assert proc.wait(60) == 5
+        assert shell.read_until(b"#", 240), shell.seen
+        shell.type(b"test -t 0 && echo tty-$((6*7))\n")
+        assert shell.read_until(b"tty-42", 30), shell.seen
+        # A second terminal into the same container: `ctr task exec -t`.
+        ex = PtyCtr(c, "task", "exec", "-t", "--exec-id", "x1", "t-tty", "sh", "-c",
+                    "test -t 1 && echo exec-tty-$((7*6)); exit 2")
+        try:
+            assert ex.read_until(b"exec-tty-42", 60), ex.seen
+            assert ex.proc.wait(30) == 2
+        finally:
+            ex.close()
+        shell.type(b"exit 5\n")
+        assert shell.proc.wait(60) == 5
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
+        shell.close()
     assert_clean(c, work)
 
 
