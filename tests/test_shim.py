@@ -343,3 +343,26 @@ def test_loop_device_mount_resolves_to_its_file(tmp_path: Path) -> None:
         assert d.path == img and not d.owned
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+def test_deploy_snippet_registers_the_ember_handlers_with_cri(tmp_path: Path) -> None:
+    """deploy/containerd/ember-runtime.toml, as shipped, loads into containerd 1.6's CRI."""
+    from ember.cri import api_pb2 as api
+    from ember.cri.client import CRIClient
+    from ember.testing.containerd import ContainerdInstance
+
+    snippet = (Path(__file__).parent.parent / "deploy/containerd/ember-runtime.toml").read_text()
+    snippet = snippet.replace("version = 2\n", "")  # the instance's config says it already
+    d = Path(tempfile.mkdtemp(prefix="emb-dp-", dir="/tmp"))
+    try:
+        with ContainerdInstance(d / "c", snippet, cri=True) as c, CRIClient(c.address) as cri:
+            status = cri.runtime.Status(api.StatusRequest(verbose=True), timeout=30)
+            config = json.loads(status.info["config"])
+            runtimes = config["containerd"]["runtimes"]
+            assert runtimes["ember"]["runtimeType"] == "io.containerd.ember.v2"
+            assert runtimes["ember-fc"]["options"]["ConfigPath"] == "/etc/ember/firecracker.toml"
+            assert config["restrictOOMScoreAdj"] is True
+    finally:
+        subprocess.run(["rm", "-rf", str(d)], check=False)
