@@ -37,36 +37,31 @@ def shim_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
-def cri_config(work: Path, config_path: str = "") -> str:
-    """CRI plugin settings for these machines (see DESIGN.md §3) plus the ember handler."""
+SNIPPET = Path(__file__).resolve().parent.parent / "deploy/containerd/ember-runtime.toml"
+
+
+def cri_config(work: Path, config_path: str) -> str:
+    """The shipped deploy/containerd/ember-runtime.toml, with this test's Ember config
+    as ConfigPath, plus what a test node needs (see DESIGN.md §3): a local pause
+    image and a CNI configuration that gives the pod an eth0 (ptp + host-local)."""
     conf_dir = work / "cni-conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
-    (conf_dir / "10-ember-test.conflist").write_text("""{
-  "cniVersion": "1.0.0", "name": "ember-test",
-  "plugins": [
-    {"type": "ptp", "ipMasq": false,
-     "ipam": {"type": "host-local", "subnet": "10.77.0.0/24",
-              "dataDir": "%s"}},
-    {"type": "loopback"}
-  ]
-}
-""" % (work / "cni-ipam"))
-    options = f'  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember.options]\n' \
-              f'    ConfigPath = "{config_path}"\n' if config_path else ""
-    return f"""
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  restrict_oom_score_adj = true
-  enable_selinux = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{CNI_BIN}"
-    conf_dir = "{conf_dir}"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember]
-    runtime_type = "{RUNTIME}"
-    pod_annotations = ["ember.io/*"]
-{options}"""
+    (conf_dir / "10-ember-test.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "ember-test",
+        "plugins": [{"type": "ptp", "ipMasq": False,
+                     "ipam": {"type": "host-local", "subnet": "10.77.0.0/24",
+                              "dataDir": str(work / "cni-ipam")}},
+                    {"type": "loopback"}]}))
+    text = SNIPPET.read_text().replace("version = 2\n", "")
+    text = text.replace('ConfigPath = "/etc/ember/config.toml"', f'ConfigPath = "{config_path}"')
+    header = '[plugins."io.containerd.grpc.v1.cri"]\n'
+    assert header in text, "the deploy snippet lost its CRI table"
+    text = text.replace(header, f'{header}  sandbox_image = "{PAUSE}"\n', 1)
+    return text + f"""
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{CNI_BIN}"
+  conf_dir = "{conf_dir}"
+"""
 
 
 def import_images(c: ContainerdInstance, work: Path) -> None:
