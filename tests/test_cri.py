@@ -113,6 +113,11 @@ def test_pod_with_two_containers_runs_in_one_vm(cri, guest_assets) -> None:
         assert cpus.count("processor") == min(load_config().vm.vcpus + 1,
                                               max(os.cpu_count() or 1, load_config().vm.vcpus))
 
+        # The kubelet's container stats: containerd decodes the shim's cgroup Metrics.
+        stats = client.runtime.ContainerStats(api.ContainerStatsRequest(container_id=ids[0]),
+                                              timeout=60).stats
+        assert stats.memory.working_set_bytes.value > 0 and stats.cpu.timestamp > 0
+
         st = client.container_status(ids[1])
         assert st.state == api.CONTAINER_RUNNING and st.metadata.name == "two"
         assert client.pod_status(pod).state == api.SANDBOX_READY

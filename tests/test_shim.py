@@ -125,12 +125,16 @@ def test_delete_is_fast_idempotent_and_reports_a_kill(state_dir: Path) -> None:
         assert not pod.exists()
 
 
-def test_start_of_a_pod_member_without_its_sandbox_fails_cleanly(state_dir: Path) -> None:
+@pytest.mark.parametrize("prefix,type_key,id_key", [
+    ("io.kubernetes.cri.", "container-type", "sandbox-id"),   # containerd's CRI
+    ("io.kubernetes.cri-o.", "ContainerType", "SandboxID"),   # CRI-O
+])
+def test_start_of_a_pod_member_without_its_sandbox_fails_cleanly(
+        state_dir: Path, prefix: str, type_key: str, id_key: str) -> None:
     bundle = state_dir / "b3"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}, "annotations": {
-        "io.kubernetes.cri.container-type": "container",
-        "io.kubernetes.cri.sandbox-id": "nosuchsandbox"}}))
+        prefix + type_key: "container", prefix + id_key: "nosuchsandbox"}}))
     res = shim_cmd("-id", "c3", "start", bundle=bundle, state=state_dir)
     assert res.returncode == 1
     assert b"sandbox nosuchsandbox" in res.stderr and res.stderr.count(b"\n") == 1
