@@ -295,3 +295,21 @@ def test_block_snapshotter_rootfs_is_attached_in_place(guest_assets) -> None:
         sn.close()
         kill_all(work)
         remove_workdir(work)
+
+
+def test_vm_dying_under_a_task_reports_its_exit(ctrd) -> None:
+    """QEMU killed from outside: the task exits (255), delete still cleans up."""
+    c, work = ctrd
+    cid = "t-vmdie"
+    c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, cid, "sleep", "1000")
+    try:
+        (qemu,) = vmms(work)
+        qemu.kill()
+        assert wait_until(lambda: task_status(c, cid) == "STOPPED", 30)
+        gone = c.ctr("task", "delete", cid)
+        assert "exit code 255" in gone.stderr, gone.stderr
+        c.ctr("container", "rm", cid)
+    finally:
+        c.ctr("task", "delete", "-f", cid, check=False)
+        c.ctr("container", "rm", cid, check=False)
+    assert_clean(c, work)
