@@ -32,6 +32,7 @@ def floor_once(cfg) -> float:
         vm = SandboxVM(cfg, "bench-floor", Path(tmp), cfg.vm.vcpus, cfg.vm.memory_mib)
         spec = vm.base_spec()
         spec.cmdline += " -- /bin/true"
+        spec.jailer = None  # the floor is bare QEMU
         argv = QemuVMM(spec, cfg.vm.qemu_binary).argv()
         start = time.monotonic()
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -89,6 +89,8 @@ def test_detached_lifecycle(ember_env, image):
     assert not qemu_pids(f"ember-{sid[:12]}"), "the VM must stop when its container exits"
     assert ember_env.run("exec", "web", "true").returncode == 125
 
+    proc = ember_env.run("image", "rm", image)
+    assert proc.returncode == 125 and b"in use by sandbox web" in proc.stderr
     assert ember_env.run("rm", "web").returncode == 0
     assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
     assert not (ember_env.state_dir / "sandboxes" / sid).exists()

@@ -91,8 +91,18 @@ def images(quiet) -> None:
 @handle_errors
 def image_rm(refs) -> None:
     """Remove images (and their blobs and cached block images once unused)."""
+    from ember.config import load_config
+    from ember.errors import EmberError
+    from ember.sandbox.state import StateStore
+
     store = _store()
+    sandboxes = StateStore(load_config()).all()
     for ref in refs:
+        img = store.resolve(ref)
+        users = [st.name for st in sandboxes if st.image_id == img.id]
+        if users:
+            # Its cached block image backs those sandboxes' disks.
+            raise EmberError(f"image {ref} is in use by sandbox {users[0]}: remove it first")
         for line in store.remove(ref) or [ref]:
             click.echo(f"Untagged: {line}")
 
