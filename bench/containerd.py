@@ -42,19 +42,28 @@ from shimtools import (  # noqa: E402
 from ember.config import load_config  # noqa: E402
 from ember.testing.oci import build_oci_archive, busybox_layer  # noqa: E402
 
+RETRIED: list[str] = []  # failures that were retried, reported with the results
+
 
 def retry_stale(fn, *args):
-    """fn(*args); if the guest assets went stale meanwhile (someone changed the agent),
-    rebuild them and run it again."""
+    """fn(*args), run again (at most twice) after a known transient failure: guest
+    assets gone stale (someone changed the agent: rebuilt first), or the guest
+    agent opening a hot-plugged SCSI disk too early (ENXIO, an agent-side race)."""
     from ember.guest.build import build_guest
 
     for attempt in range(3):
         try:
             return fn(*args)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - only stale assets are retried
-            if "out of date" not in str(exc) or attempt == 2:
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - only known failures retried
+            msg = str(exc)
+            transient = "out of date" in msg or "No such device or address" in msg
+            if not transient or attempt == 2:
                 raise
-            build_guest(load_config(), progress=False)
+            lines = msg.strip().splitlines()
+            RETRIED.append(next((ln.strip() for ln in lines if "details" in ln), lines[-1])[:200])
+            print(f"retrying after: {RETRIED[-1]}", file=sys.stderr)
+            if "out of date" in msg:
+                build_guest(load_config(), progress=False)
     raise AssertionError("unreachable")
 
 
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "ember_vs_runc": round(med["ember"] / med["runc"], 2),
         "ember_ctr_vs_ember_run": round(med["ember"] / med["ember_run"], 2),
         "samples": samples,
+        "retried": RETRIED,
     }
     if args.json:
         print(json.dumps(results))
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ember run --rm true                 median {results['ember_run_s']:.3f} s"
               f"   (ctr+shim / ember run = {results['ember_ctr_vs_ember_run']})")
         print(f"CRI pod, 2 containers running       median {results['cri_two_container_pod_s']:.3f} s")
+        if RETRIED:
+            print(f"({len(RETRIED)} sample(s) retried after a transient failure, see stderr)")
     return 0
 
 
