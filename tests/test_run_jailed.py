@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,34 @@ def test_vmm_is_confined_and_cleaned_up(ember_env, image):
     assert not root.parent.exists(), "jail directory left behind"
     assert not (Path("/sys/fs/cgroup/memory") / cg.lstrip("/")).exists(), "cgroup left behind"
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_jailed_vmm_takes_a_disk_from_another_file_system(guest_assets, tmp_path):
+    """A disk that cannot be hard-linked into the jail is handed over as a descriptor."""
+    from imagetools import busybox_rootfs
+
+    from ember.config import load_config
+    from ember.sandbox.spec import ProcessOptions, build_spec
+    from ember.sandbox.vm import SandboxVM
+    from ember.storage.ext4 import make_ext4
+
+    cfg = load_config()
+    root = busybox_rootfs(tmp_path / "rootfs")
+    disk = Path("/dev/shm") / f"ember-test-{os.getpid()}.ext4"  # tmpfs: not the jail's fs
+    make_ext4(root, disk, 64 << 20, journal=True)
+    work = Path(tempfile.mkdtemp(prefix="emb-fd-", dir="/tmp"))
+    vm = SandboxVM(cfg, f"fdtest{os.getpid():010d}", work, 1, 512)
+    try:
+        vm.boot()
+        assert vm.vmm is not None and vm.vmm.jail is not None
+        _, dev = vm.attach_disk(disk, "raw")
+        spec = build_spec({"config": {}}, ProcessOptions(
+            command=["sh", "-c", "echo written > /x; cat /x"]), "h")
+        vm.agent.create_container("c1", spec, {"kind": dev.kind, "address": dev.address})
+        vm.agent.start_container("c1")
+        assert vm.agent.wait_process("c1").exit_status == 0
+        assert b"".join(vm.agent.iter_output("c1")) == b"written\n"
+    finally:
+        vm.kill()
+        disk.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ because the guest image carries no mount binary; only the host-test path
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import glob
 import logging
@@ -60,9 +61,18 @@ def _scsi_device(address: str) -> str | None:
         pattern = f"/sys/bus/scsi/devices/{address}/block/*"
     for entry in sorted(glob.glob(pattern)):
         dev = "/dev/" + os.path.basename(entry)
-        if os.path.exists(dev):
+        if os.path.exists(dev) and _has_capacity(entry):
             return dev
     return None
+
+
+def _has_capacity(sys_block: str) -> bool:
+    """A hot-plugged disk's node appears before the SCSI scan has read its size."""
+    try:
+        with open(os.path.join(sys_block, "size")) as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def _scan_scsi_hosts() -> None:
@@ -165,6 +175,21 @@ def umount(target: str, lazy_fallback: bool = True) -> None:
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
+def _flush_and_mount(src: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """Mount a device, retrying while a just-hot-plugged disk still answers ENXIO."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            if stat.S_ISBLK(os.stat(src).st_mode):
+                flush_buffers(src)
+            mount(src, target, fstype, flags, data)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.ENODEV) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def mount_disk(kind: str, address: str, target: str, fstype: str = "", readonly: bool = False,
                options: list[str] | None = None, run: Callable | None = None,
                timeout: float = RESOLVE_TIMEOUT) -> None:
@@ -186,9 +211,7 @@ def mount_disk(kind: str, address: str, target: str, fstype: str = "", readonly:
             raise TTRPCError(Code.INTERNAL, f"losetup {src}: {out.decode(errors='replace').strip()}")
         loopdev = src = out.decode().strip().splitlines()[-1]
     try:
-        if stat.S_ISBLK(os.stat(src).st_mode):
-            flush_buffers(src)
-        mount(src, target, fstype or "ext4", flags, data)
+        _flush_and_mount(src, target, fstype or "ext4", flags, data)
     except OSError as e:
         raise TTRPCError(Code.INTERNAL, str(e)) from e
     finally:

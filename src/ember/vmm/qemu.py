@@ -15,6 +15,7 @@ Control goes through QMP on ``qmp.sock``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -291,8 +292,9 @@ class QemuVMM(VMM):
                 if not dest.exists():
                     os.link(src, dest)
             except OSError as exc:
-                raise VMError(f"cannot place {src} in the jail (it must be on the same file "
-                              f"system as {self.jail.chroot_base_dir}): {exc}") from None
+                if exc.errno != errno.EXDEV:
+                    raise VMError(f"cannot place {src} in the jail: {exc}") from None
+                return self._pass_fd(src, writable)  # another file system: hand QEMU an fd
             if writable:
                 os.chown(dest, self.jail.uid, self.jail.gid)
             return f"/disks/{name}"
@@ -307,6 +309,18 @@ class QemuVMM(VMM):
                              "filename": link(base, f"{drive.drive_id}.base", False)},
                 }
         return node
+
+    def _pass_fd(self, path: Path, writable: bool) -> str:
+        """Give QEMU an open descriptor for path (QMP add-fd); returns its /dev/fdset name."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            info = self.qmp_fds("add-fd", [fd])
+        finally:
+            os.close(fd)
+        fdset = info["fdset-id"] if isinstance(info, dict) else None
+        if fdset is None:
+            raise VMError(f"QEMU did not take a descriptor for {path}")
+        return f"/dev/fdset/{fdset}"
 
     def guest_device(self, drive_id: str) -> GuestDevice:
         """Where a boot-time drive shows up in the guest."""
