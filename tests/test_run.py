@@ -193,3 +193,22 @@ def test_python_api(ember_env, image, monkeypatch):
     finally:
         sb.remove(force=True)
     assert ember.Sandbox.list() == []
+
+
+def test_stop_and_logs_follow(ember_env, image):
+    proc = ember_env.run("run", "-d", "--name", "chatty", image, "sh", "-c",
+                         "echo one; sleep 2; echo two >&2")
+    assert proc.returncode == 0, proc.stderr
+    follow = ember_env.run("logs", "-f", "chatty", timeout=60)  # returns when it exits
+    assert (follow.stdout, follow.stderr) == (b"one\n", b"two\n")
+    ps = json.loads(ember_env.run("ps", "-a", "--json", check=True).stdout)
+    assert (ps[0]["status"], ps[0]["exit_code"]) == ("exited", 0)
+
+    # PID 1 in its namespace ignores SIGTERM: stop falls back to SIGKILL after -t.
+    ember_env.run("run", "-d", "--name", "stubborn", image, "sleep", "300", check=True)
+    started = time.monotonic()
+    assert ember_env.run("stop", "-t", "1", "stubborn").returncode == 0
+    assert time.monotonic() - started < 30
+    ps = {p["name"]: p for p in json.loads(ember_env.run("ps", "-a", "--json").stdout)}
+    assert (ps["stubborn"]["status"], ps["stubborn"]["exit_code"]) == ("exited", 137)
+    assert ember_env.run("rm", "chatty", "stubborn").returncode == 0

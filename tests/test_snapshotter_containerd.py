@@ -147,7 +147,16 @@ def test_sigkill_during_unpack_then_unpack_again(stack, tmp_path):
             ctr.wait()
     assert ctr.returncode != 0 and "unavailable" in out, out
     sn.start()
-    ctrd.ctr("images", "import", "--snapshotter", "ember", str(image))
+    # containerd's gRPC client reconnects to the proxy with back-off, and fails
+    # calls fast ("unavailable") until it has: retry the way a user would.
+    deadline = time.monotonic() + 30
+    while True:
+        res = ctrd.ctr("images", "import", "--snapshotter", "ember", str(image), check=False)
+        if res.returncode == 0 or "unavailable" not in (res.stderr + res.stdout) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert res.returncode == 0, res.stderr
     snaps = snapshots(ctrd)
     assert len(snaps) == 5 and all(kind == "Committed" for _, kind in snaps.values())
     top = next(k for k in snaps if k not in {p for p, _ in snaps.values()})
