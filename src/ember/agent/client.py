@@ -195,6 +195,13 @@ class AgentClient:
         self._call("SyncGuest", pb.SyncGuestRequest(
             time_ns=time.time_ns() if time_ns is None else time_ns, entropy=entropy), pb.Empty)
 
+    def update_interface(self, name: str, mac: str, mtu: int, addresses: list[str],
+                         routes: list[tuple[str, str]]) -> None:
+        """Give the guest NIC the pod's eth0 identity (routes are (dest CIDR, gateway))."""
+        self._call("UpdateInterface", pb.UpdateInterfaceRequest(
+            name=name, mac=mac, mtu=mtu, addresses=addresses,
+            routes=[pb.Route(dest=d, gateway=g) for d, g in routes]), pb.Empty)
+
     def destroy_sandbox(self) -> None:
         self._call("DestroySandbox", pb.Empty(), pb.Empty)
 

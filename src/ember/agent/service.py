@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember import __version__
-from ember.agent import cgroups, spec, storage, system
+from ember.agent import cgroups, netconf, spec, storage, system
 from ember.agent.crun import Crun
 from ember.agent.process import Process, launch
 from ember.agent.proto import agent_pb2 as pb
@@ -312,6 +312,11 @@ class AgentService:
             system.set_clock(req.time_ns)
         if req.entropy:
             system.add_entropy(req.entropy)
+        return EMPTY
+
+    def UpdateInterface(self, req: pb.UpdateInterfaceRequest, ctx: Context) -> pb.Empty:
+        netconf.configure(req.name, req.mac, req.mtu, list(req.addresses),
+                          [(r.dest, r.gateway) for r in req.routes])
         return EMPTY
 
     def DestroySandbox(self, req: pb.Empty, ctx: Context) -> pb.Empty:

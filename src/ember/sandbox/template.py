@@ -4,8 +4,10 @@ Restoring a paused VM from its migration stream takes a fraction of a second
 where a cold boot under TCG takes seconds. A template is keyed by everything
 that must match between the saved VM and the restoring QEMU: guest assets,
 kernel command line, vCPUs, memory, accelerator, the QEMU binary and this
-module's device-layout version. Templates are built under an exclusive lock,
-written to a temp file and renamed into place, so a crash mid-build leaves
+module's device-layout version, and whether the VM has a NIC (a VM with a
+virtio-net device cannot restore a snapshot saved without one; such a
+template is built on a placeholder backend and restored onto the pod's tap).
+Templates are built under an exclusive lock, written to a temp file and renamed into place, so a crash mid-build leaves
 nothing a later restore could pick up.
 """
 
@@ -39,6 +41,8 @@ def template_key(spec: VMSpec, binary: str) -> str:
         LAYOUT_VERSION, qemu_id, str(spec.kernel), str(spec.initrd), str(spec.rootfs),
         spec.cmdline, str(spec.vcpus), str(spec.memory_mib), spec.accel,
     ]
+    if spec.nic:
+        parts.append("nic")  # absent otherwise, so keys of NIC-less templates stay the same
     for p in (spec.kernel, spec.initrd, spec.rootfs):
         try:
             st = os.stat(p)
@@ -85,7 +89,7 @@ class TemplateCache:
         tmp_state = path.parent / f".vm.state.{os.getpid()}.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
         vm = SandboxVM(self.cfg, f"template-{key}", work, spec.vcpus, spec.memory_mib,
-                       use_template=False)
+                       use_template=False, nic=spec.nic)
         started = time.monotonic()
         try:
             vm.boot()
@@ -98,7 +102,7 @@ class TemplateCache:
                 "key": key, "created": time.time(), "build_seconds": time.monotonic() - started,
                 "spec": {k: str(v) for k, v in dataclasses.asdict(spec).items()
                          if k in ("kernel", "initrd", "rootfs", "cmdline", "vcpus",
-                                  "memory_mib", "accel")},
+                                  "memory_mib", "accel", "nic")},
                 "kernel_release": getattr(details, "kernel_release", ""),
             })
         finally:

@@ -36,8 +36,9 @@ def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
 
 class SandboxVM:
     def __init__(self, cfg: Config, vm_id: str, work_dir: Path, vcpus: int, memory_mib: int,
-                 use_template: bool | None = None) -> None:
+                 use_template: bool | None = None, nic: bool = False) -> None:
         self.cfg = cfg
+        self.nic = nic  # one virtio-net device (pod networking); part of the template key
         self.vm_id = vm_id
         self.work_dir = work_dir
         self.vcpus = vcpus
@@ -64,7 +65,7 @@ class SandboxVM:
         return VMSpec(
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
-            memory_mib=self.memory_mib, accel=accel, jailer=self.jail_spec(accel),
+            memory_mib=self.memory_mib, accel=accel, jailer=self.jail_spec(accel), nic=self.nic,
         )
 
     def jail_spec(self, accel: str):
@@ -92,10 +93,15 @@ class SandboxVM:
         return {"id": jail.id, "exec_file": jail.exec_file, "uid": jail.uid,
                 "chroot_base_dir": jail.chroot_base_dir, "parent_cgroup": jail.parent_cgroup}
 
-    def boot(self, drives: list[Drive] | None = None) -> None:
-        """Start the VM and return once the agent answers."""
+    def boot(self, drives: list[Drive] | None = None, net_fd: int | None = None,
+             nic_mac: str = "") -> None:
+        """Start the VM and return once the agent answers.
+
+        net_fd: the tap the NIC uses (the caller keeps and closes its copy).
+        """
         spec = self.base_spec()
         spec.drives = list(drives or [])
+        spec.net_fd, spec.nic_mac = net_fd, nic_mac
         template = None
         if self.use_template and not spec.drives and self.cfg.vm.hypervisor == "qemu":
             from ember.sandbox.template import TemplateCache

@@ -49,6 +49,11 @@ class VMSpec:
     drives: list[Drive] = field(default_factory=list)  # attached at boot
     restore_from: Path | None = None  # a snapshot (template) to restore
     jailer: object | None = None  # ember.jailer settings when jailed
+    # One virtio-net NIC (pod networking). net_fd: an open tap the VMM inherits;
+    # None with nic=True means a placeholder backend (building a VM template).
+    nic: bool = False
+    net_fd: int | None = None
+    nic_mac: str = ""
 
     @property
     def console_log(self) -> Path:

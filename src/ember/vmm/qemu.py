@@ -8,7 +8,10 @@ lets a restored template serve any sandbox):
   (this host has no vhost-vsock);
 * virtio-scsi ``scsi0``: container disks are hot-plugged here as ``scsi-hd``
   (microvm has no PCI hotplug, but a SCSI bus takes hotplugged disks);
-* virtio-rng, and the ISA serial console captured to ``console.log``.
+* virtio-rng, and the ISA serial console captured to ``console.log``;
+* with ``VMSpec.nic``: a virtio-net NIC on a tap descriptor the caller opened
+  (pod networking, ``ember.net.podnet``), or on an unconnected hub port while a
+  template is built (the backend is not part of the migration stream).
 
 Control goes through QMP on ``qmp.sock``.
 """
@@ -137,6 +140,7 @@ class QemuVMM(VMM):
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=rng0",
         ]
+        args += self._nic_args()
         for drive in s.drives:
             target = self._alloc_target(drive.drive_id)
             node = _blockdev(drive)
@@ -156,11 +160,25 @@ class QemuVMM(VMM):
             self.jail.exec_file = shutil.which(args[0]) or args[0]
             self.jail.args = args[1:]
             self.jail.vmm_kind = "qemu"
-            self.jail.keep_fds = [self._restore_fd] if self._restore_fd is not None else []
+            self.jail.keep_fds = self._inherited_fds()
             from ember.jailer.api import build_argv
 
             return build_argv(self.jail)
         return args
+
+    def _inherited_fds(self) -> list[int]:
+        return [fd for fd in (self._restore_fd, self.spec.net_fd) if fd is not None]
+
+    def _nic_args(self) -> list[str]:
+        s = self.spec
+        if not s.nic:
+            return []
+        if s.net_fd is not None:
+            netdev = f"tap,id=net0,fd={s.net_fd},vhost=off"
+        else:
+            netdev = "hubport,id=net0,hubid=0"
+        device = "virtio-net-device,netdev=net0" + (f",mac={s.nic_mac}" if s.nic_mac else "")
+        return ["-netdev", netdev, "-device", device]
 
     def _alloc_target(self, drive_id: str) -> int:
         target = self._next_target
@@ -186,7 +204,7 @@ class QemuVMM(VMM):
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
-                pass_fds=(self._restore_fd,) if self._restore_fd is not None else (),
+                pass_fds=tuple(self._inherited_fds()),
             )
         except FileNotFoundError:
             raise VMError(f"cannot run {argv[0]}") from None
