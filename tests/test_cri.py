@@ -4,13 +4,18 @@ RunPodSandbox with runtime handler ``ember`` boots one VM for the pod; two
 containers join it (same guest boot id), ExecSync runs in each, and after
 StopPodSandbox + RemovePodSandbox nothing is left: no QEMU, no shim, no mount,
 no loop device, no pod cgroup the shim made. A second pod checks the crash
-path: the shim SIGKILLed mid-pod, containerd's `delete` cleans up.
+path: the shim SIGKILLed mid-pod, containerd's `delete` cleans up. A third
+checks pod networking: the container has the IP CNI gave the pod and reaches
+an HTTP server the test runs on the host end of the pod's ptp link.
 """
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -151,5 +156,42 @@ def test_shim_killed_mid_pod_is_cleaned_up_by_containerd(cri) -> None:
         client.stop_pod(pod)
         client.remove_pod(pod)
     finally:
+        discard_pod(client, pod)  # already removed on the happy path
+    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
+
+
+def test_pod_network_reaches_the_host_through_the_vm(cri, tmp_path) -> None:
+    c, work, client = cri
+    pod = client.run_pod("ember-net", runtime_handler="ember")
+    server = None
+    try:
+        pod_ip = client.pod_status(pod).network.ip
+        assert pod_ip.startswith("10.77.0."), pod_ip  # the test's CNI subnet
+        cid = client.create_container(pod, "app", BUSYBOX, ["sleep", "1000"])
+        client.start_container(cid)
+        addr = client.exec_sync(cid, ["busybox", "ip", "-o", "-4", "addr", "show", "eth0"])
+        assert addr.exit_code == 0, addr.stderr
+        assert f" {pod_ip}/" in addr.stdout.decode(), addr.stdout
+        route = client.exec_sync(cid, ["busybox", "ip", "route", "show", "default"])
+        route = route.stdout.decode()
+        gateway = route.split("via")[1].split()[0]  # the host end of CNI's ptp link
+        (tmp_path / "hello.txt").write_text("hello from the host\n")
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                    directory=str(tmp_path))
+        server = http.server.ThreadingHTTPServer((gateway, 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://{gateway}:{server.server_address[1]}/hello.txt"
+        # (no -T: this busybox-static's wget crashes with a time-out set)
+        got = client.exec_sync(cid, ["busybox", "wget", "-O", "-", url])
+        assert got.exit_code == 0, got.stderr
+        assert got.stdout.decode() == "hello from the host\n"
+        ping = client.exec_sync(cid, ["busybox", "ping", "-c", "1", "-W", "5", gateway])
+        assert ping.exit_code == 0, ping.stdout + ping.stderr
+        client.stop_pod(pod)
+        client.remove_pod(pod)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         discard_pod(client, pod)  # already removed on the happy path
     assert _wait(lambda: not leftovers(work), 30), leftovers(work)

@@ -6,7 +6,10 @@ paths under /proc of host processes, bind mounts of host files (/etc/hosts,
 that are host binaries, an AppArmor profile. In the guest none of these exist.
 So:
 
-* namespaces keep their type but lose their path (the guest makes new ones);
+* namespaces keep their type but lose their path (the guest makes new ones),
+  except a network namespace with a path (the pod's, made by CNI on the
+  host): that entry goes, so the container shares the guest's network, which
+  is the pod's (its NIC carries eth0's identity, see ember.net.podnet);
 * bind mounts of host files and small directories are *copied* into the
   guest (under /run/ember/files/<id>/) and the mount points there; the pod's
   /dev/shm becomes a tmpfs; anything else that cannot be carried is dropped
@@ -69,11 +72,11 @@ def for_guest(spec: dict, container_id: str) -> tuple[dict, list[GuestFile]]:
     out.pop("hooks", None)
     linux = out.setdefault("linux", {})
     linux.pop("mountLabel", None)
-    for ns in linux.get("namespaces") or []:
-        if isinstance(ns, dict):
-            ns.pop("path", None)
-    linux["namespaces"] = [ns for ns in linux.get("namespaces") or []
-                           if isinstance(ns, dict) and ns.get("type") != "user"]
+    linux["namespaces"] = [
+        {k: v for k, v in ns.items() if k != "path"}
+        for ns in linux.get("namespaces") or []
+        if isinstance(ns, dict) and ns.get("type") != "user"
+        and not (ns.get("type") == "network" and ns.get("path"))]
     linux["cgroupsPath"] = f"/ember/{container_id}"
     mounts = []
     for n, m in enumerate(out.get("mounts") or []):

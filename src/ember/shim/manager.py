@@ -11,8 +11,8 @@ CRI pod (``io.kubernetes.cri.sandbox-id``) get the address of the pod's shim.
 ``delete`` runs when containerd loses a shim (crash, SIGKILL) and after every
 normal shutdown. It prints a DeleteResponse and must be fast and idempotent:
 with the shim alive it changes nothing; with the shim dead it kills the VMM,
-unmounts anything left below the pod folder, removes the cgroups the pod made
-and the pod folder.
+unmounts anything left below the pod folder, removes the cgroups the pod made,
+the tc redirect in the pod's network namespace, and the pod folder.
 """
 
 from __future__ import annotations
@@ -185,6 +185,11 @@ def cleanup_dead_pod(pdir: Path) -> None:
         if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", mp], capture_output=True)
     cgroups.remove(rec.get("cgroups_created") or [])
+    if rec.get("netns"):
+        from ember.net import podnet
+
+        with contextlib.suppress(podnet.NetError):
+            podnet.teardown(rec["netns"])
     shutil.rmtree(pdir, ignore_errors=True)
 
 

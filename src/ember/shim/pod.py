@@ -7,8 +7,14 @@ top of the configured base (``[vm] vcpus`` / ``memory_mib``), and the shim
 and the VMM are moved into the pod's cgroup first so Pod Overhead pays for
 them.
 
+When the sandbox container joins a network namespace (CRI: the one CNI set
+up, with ``eth0``), the VM gets a NIC: ``ember.net.podnet`` redirects eth0 to
+a tap with tc, QEMU gets the tap, and the agent gives the guest NIC eth0's
+MAC, addresses, MTU and routes. ``EMBER_POD_NETWORK=0`` in the shim's
+environment turns this off (the VM then has no NIC, as before).
+
 ``pod.json`` in the pod folder records what a crashed shim leaves behind (the
-VMM pid, cgroups it created) so that ``containerd-shim-ember-v2 delete`` can
+VMM pid, cgroups it created, the netns it changed) so that ``containerd-shim-ember-v2 delete`` can
 clean up without the shim.
 """
 
@@ -23,6 +29,7 @@ import threading
 from pathlib import Path
 
 from ember.config import Config
+from ember.net import podnet
 from ember.sandbox.vm import SandboxVM
 from ember.shim import cgroups
 from ember.util import atomic_write_json
@@ -91,6 +98,7 @@ class Pod:
         self.vm: SandboxVM | None = None
         self.cgroups_created: list[str] = []
         self.cgroup: str | None = None
+        self.netns: str | None = None  # the pod netns whose eth0 is redirected to the VM
         self._lock = threading.Lock()
 
     @property
@@ -122,6 +130,7 @@ class Pod:
             "jail": jail or None,
             "cgroup": self.cgroup,
             "cgroups_created": self.cgroups_created,
+            "netns": self.netns,
         })
 
     def _vm_config(self) -> Config:
@@ -139,16 +148,29 @@ class Pod:
         if self.cgroup:
             # The VMM inherits the shim's cgroups when it is forked.
             self.cgroups_created = cgroups.enter(self.cgroup, [os.getpid()])
-        self.record()
-        vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory)
+        netns = podnet.netns_path(spec) if network_enabled() else None
+        self.netns = netns
+        self.record()  # before the tc set-up, so `delete` after a crash can undo it
+        net_fd, nic = None, None
+        vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory,
+                       nic=netns is not None)
         self.vm = vm
         try:
-            vm.boot()
+            if netns is not None:
+                net_fd, nic = podnet.setup(netns)
+            vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
+            if nic is not None:
+                vm.agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
         except BaseException:
             self.vm = None
+            vm.kill()
+            self._release_network()
             self._release_cgroups()
             self.record()
             raise
+        finally:
+            if net_fd is not None:
+                os.close(net_fd)  # QEMU has its own copy
         if self.cgroup and vm.vmm is not None and vm.vmm.pid and not self.jailed:
             cgroups.enter(self.cgroup, [vm.vmm.pid])  # a jailed VMM is in <pod>/<id> already
         self.record()
@@ -164,14 +186,28 @@ class Pod:
             except Exception:  # noqa: BLE001 - make sure the VMM is gone whatever happened
                 log.exception("VM shutdown failed; killing it")
                 vm.kill()
+        self._release_network()
         self._release_cgroups()
         self.record()
+
+    def _release_network(self) -> None:
+        if self.netns:
+            try:
+                podnet.teardown(self.netns)
+            except podnet.NetError as exc:
+                log.warning("pod network teardown: %s", exc)
+            self.netns = None
 
     def _release_cgroups(self) -> None:
         if self.cgroups_created:
             cgroups.leave(os.getpid())
             cgroups.remove(self.cgroups_created)
             self.cgroups_created = []
+
+
+def network_enabled() -> bool:
+    """Pod networking is on unless the shim's environment says EMBER_POD_NETWORK=0."""
+    return os.environ.get("EMBER_POD_NETWORK", "1").strip().lower() not in ("0", "off", "false")
 
 
 def read_record(pod_dir: Path) -> dict:

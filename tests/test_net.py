@@ -1,0 +1,124 @@
+"""ember.net.podnet: the tap + tc redirect a pod's VM gets, in a netns this test makes.
+
+The namespace stands in for CNI's: a veth pair, one end named eth0 inside with
+an address, an MTU and a default route. Set-up must produce the tap and the
+two mirred redirects, read eth0's identity correctly, undo itself on failure,
+and teardown must remove everything it added (and nothing of CNI's).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from ember.net import podnet
+from ember.shim import guestspec
+
+pytestmark = [pytest.mark.root]
+
+
+def sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+def in_ns(name: str, *args: str) -> str:
+    return sh("ip", "netns", "exec", name, *args)
+
+
+@pytest.fixture
+def netns():
+    """A netns with eth0 (veth to the root namespace), 10.201.x.2/24, gateway .1, MTU 1400."""
+    name = f"embt-{uuid.uuid4().hex[:8]}"
+    host = f"vh{uuid.uuid4().hex[:8]}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name)
+        in_ns(name, "ip", "link", "set", "eth0", "mtu", "1400", "up")
+        in_ns(name, "ip", "addr", "add", "10.201.7.2/24", "dev", "eth0")
+        in_ns(name, "ip", "route", "add", "default", "via", "10.201.7.1")
+        yield name, f"/var/run/netns/{name}"
+    finally:
+        sh("ip", "link", "del", host, check=False)
+        sh("ip", "netns", "del", name, check=False)
+
+
+def test_setup_redirects_both_ways_and_teardown_removes_it(netns) -> None:
+    name, path = netns
+    fd, cfg = podnet.setup(path)
+    try:
+        assert cfg.name == "eth0" and cfg.mtu == 1400
+        assert cfg.addresses == ["10.201.7.2/24"]
+        assert cfg.routes == [("default", "10.201.7.1")]
+        mac = in_ns(name, "cat", "/sys/class/net/eth0/address").strip()
+        assert cfg.mac == mac
+        links = in_ns(name, "ip", "-o", "link")
+        assert podnet.TAP_NAME in links
+        assert "mtu 1400" in in_ns(name, "ip", "-o", "link", "show", podnet.TAP_NAME)
+        to_tap = in_ns(name, "tc", "filter", "show", "dev", "eth0", "ingress")
+        to_eth = in_ns(name, "tc", "filter", "show", "dev", podnet.TAP_NAME, "ingress")
+        assert f"Egress Redirect to device {podnet.TAP_NAME}" in to_tap
+        assert "Egress Redirect to device eth0" in to_eth
+    finally:
+        os.close(fd)
+        podnet.teardown(path)
+    assert "ingress" not in in_ns(name, "tc", "qdisc", "show")
+    assert podnet.TAP_NAME not in in_ns(name, "ip", "-o", "link")
+    assert "10.201.7.2/24" in in_ns(name, "ip", "-o", "addr", "show", "eth0")  # CNI's stays
+    podnet.teardown(path)  # idempotent
+
+
+def test_setup_fails_cleanly_without_eth0_or_netns(netns) -> None:
+    name, path = netns
+    with pytest.raises(podnet.NetError, match="has no interface eth7"):
+        podnet.setup(path, ifname="eth7")
+    with pytest.raises(podnet.NetError, match="does not exist"):
+        podnet.setup(f"/var/run/netns/{name}-missing")
+    assert podnet.TAP_NAME not in in_ns(name, "ip", "-o", "link")
+    assert "ingress" not in in_ns(name, "tc", "qdisc", "show")
+    podnet.teardown(f"/var/run/netns/{name}-missing")  # gone netns: nothing to do, no error
+
+
+def test_setup_twice_in_one_netns_is_refused_and_keeps_the_first(netns) -> None:
+    name, path = netns
+    fd, _ = podnet.setup(path)
+    try:
+        with pytest.raises(podnet.NetError):
+            podnet.setup(path)
+        assert "Egress Redirect" in in_ns(name, "tc", "filter", "show", "dev", "eth0", "ingress")
+    finally:
+        os.close(fd)
+        podnet.teardown(path)
+
+
+def test_netns_path_and_guest_spec() -> None:
+    spec = {"process": {"args": ["sh"]},
+            "linux": {"namespaces": [{"type": "pid"},
+                                     {"type": "network", "path": "/var/run/netns/cni-1"},
+                                     {"type": "ipc", "path": "/proc/1/ns/ipc"}]}}
+    assert podnet.netns_path(spec) == "/var/run/netns/cni-1"
+    assert podnet.netns_path({"linux": {"namespaces": [{"type": "network"}]}}) is None
+    guest, _ = guestspec.for_guest(spec, "c1")
+    # The container shares the guest's network (the pod's); other namespaces stay, pathless.
+    assert guest["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}]
+    lone, _ = guestspec.for_guest({"process": {"args": ["sh"]},
+                                   "linux": {"namespaces": [{"type": "network"}]}}, "c2")
+    assert lone["linux"]["namespaces"] == [{"type": "network"}]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eth0!", "", 0, [], []), "interface name"),
+    (("eth0", "zz:00:00:00:00:00", 0, [], []), "MAC address"),
+    (("eth0", "", 20, [], []), "MTU 20"),
+    (("eth0", "", 1500, ["10.0.0.300/24"], []), "address '10.0.0.300/24'"),
+    (("eth0", "", 1500, [], [("default", "gw")]), "route default via gw"),
+])
+def test_guest_side_refuses_bad_interface_requests(args, message) -> None:
+    from ember.agent import netconf
+    from ember.ttrpc import Code, TTRPCError
+
+    with pytest.raises(TTRPCError, match=message) as err:
+        netconf.validate(*args)
+    assert err.value.code == Code.INVALID_ARGUMENT
