@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -61,6 +63,21 @@ def _cgroup_of(pid: int, controller: str) -> str:
         if controller in ctrls.split(","):
             return path
     return ""
+
+
+def _netns_of(client: CRIClient, pod: str) -> str:
+    """The pod's network namespace (CNI's), from containerd's verbose sandbox info."""
+    resp = client.runtime.PodSandboxStatus(
+        api.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30)
+    spec = json.loads(resp.info["info"])["runtimeSpec"]
+    path = next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
+    assert path.startswith("/var/run/netns/") or path.startswith("/run/netns/"), path
+    return path
+
+
+def _qdiscs(netns: str) -> str:
+    return subprocess.run(["nsenter", f"--net={netns}", "tc", "qdisc", "show"],
+                          capture_output=True, text=True, check=True).stdout
 
 
 def _wait(cond, timeout: float = 60) -> bool:
@@ -150,9 +167,13 @@ def test_shim_killed_mid_pod_is_cleaned_up_by_containerd(cri) -> None:
         client.start_container(cid)
         shim, qemu = shims(work), vmms(work)
         assert len(shim) == 1 and len(qemu) == 1
+        netns = _netns_of(client, pod)
+        assert "ingress" in _qdiscs(netns), "the pod's eth0 is not redirected to the VM"
         os.kill(shim[0].pid, signal.SIGKILL)
         assert _wait(lambda: not psutil.pid_exists(qemu[0].pid), 60), "VM survived its shim"
         assert _wait(lambda: client.container_status(cid).state == api.CONTAINER_EXITED, 30)
+        # `delete` removed the tc redirect from CNI's netns (which CNI removes itself later).
+        assert _wait(lambda: "ingress" not in _qdiscs(netns), 30), _qdiscs(netns)
         client.stop_pod(pod)
         client.remove_pod(pod)
     finally:
