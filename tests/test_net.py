@@ -122,3 +122,26 @@ def test_guest_side_refuses_bad_interface_requests(args, message) -> None:
     with pytest.raises(TTRPCError, match=message) as err:
         netconf.validate(*args)
     assert err.value.code == Code.INVALID_ARGUMENT
+
+
+def test_qemu_nic_arguments_and_template_key(tmp_path) -> None:
+    from ember.sandbox.template import template_key
+    from ember.vmm.base import VMSpec
+    from ember.vmm.qemu import QemuVMM
+
+    def spec(**kw) -> VMSpec:
+        return VMSpec(vm_id="t-nic", kernel=tmp_path / "k", initrd=tmp_path / "i",
+                      rootfs=tmp_path / "r", cmdline="console=ttyS0", work_dir=tmp_path, **kw)
+
+    plain = QemuVMM(spec()).argv()
+    assert "-netdev" not in plain
+    tap = QemuVMM(spec(nic=True, net_fd=7, nic_mac="02:00:00:00:00:01")).argv()
+    assert tap[tap.index("-netdev") + 1] == "tap,id=net0,fd=7,vhost=off"
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in tap
+    placeholder = QemuVMM(spec(nic=True)).argv()  # a template build: no tap yet
+    assert placeholder[placeholder.index("-netdev") + 1].startswith("hubport,id=net0")
+    # A VM with a NIC never restores a template saved without one, and vice versa.
+    assert template_key(spec(nic=True), "qemu-system-x86_64") != \
+        template_key(spec(), "qemu-system-x86_64")
+    assert template_key(spec(nic=True, net_fd=7), "qemu-system-x86_64") == \
+        template_key(spec(nic=True, net_fd=9), "qemu-system-x86_64")

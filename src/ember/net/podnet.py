@@ -10,6 +10,9 @@ addresses, MTU and routes (``read_config`` -> the agent's UpdateInterface).
 
 The tap is opened here and its descriptor handed to QEMU (``-netdev
 tap,fd=N``), so the jailed VMM needs neither /dev/net/tun nor any capability.
+It is opened without IFF_VNET_HDR on purpose: pod VMs restore a template built
+on a placeholder backend that has no vnet header, and a tap with one would
+offer the guest offloads the restored virtio-net state never negotiated.
 The tap is not persistent: it disappears when the last descriptor closes
 (QEMU exits). ``teardown`` removes the qdiscs (the namespace itself belongs to
 CNI) and tolerates a namespace that is already gone.
