@@ -169,8 +169,9 @@ FEATURES: tuple[Feature, ...] = (
        Support(_S, REQUIRED, "stdout and stderr are streamed from the guest to the CRI "
                "log file")),
     _f("portForward", "port-forward", "Operations",
-       Support(_S, REQUIRED, "the runtime forwards into the pod's network namespace, "
-               "which the guest's network is bridged to")),
+       Support(_C, REQUIRED, "containerd dials localhost inside the pod's network namespace "
+               "on the host, which is not the guest (its eth0 is joined to the guest's NIC by "
+               "a tc redirect): forward to the pod IP with a Service instead, for now")),
 )
 
 BY_ID: dict[str, Feature] = {f.id: f for f in FEATURES}
