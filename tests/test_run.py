@@ -212,3 +212,18 @@ def test_stop_and_logs_follow(ember_env, image):
     ps = {p["name"]: p for p in json.loads(ember_env.run("ps", "-a", "--json").stdout)}
     assert (ps["stubborn"]["status"], ps["stubborn"]["exit_code"]) == ("exited", 137)
     assert ember_env.run("rm", "chatty", "stubborn").returncode == 0
+
+
+def test_oom_killed_container_is_reported(ember_env, image):
+    proc = ember_env.run("run", "-d", "--name", "hog", "-m", "16m", image,
+                         "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = json.loads(ember_env.run("inspect", "hog", check=True).stdout)[0]
+        if info["status"] == "exited":
+            break
+        time.sleep(0.2)
+    assert (info["exit_code"], info["oom_killed"]) == (137, True)
+    assert b"OOM killed" in ember_env.run("ps", "-a").stdout
+    assert ember_env.run("rm", "hog").returncode == 0

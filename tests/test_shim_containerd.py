@@ -313,3 +313,21 @@ def test_vm_dying_under_a_task_reports_its_exit(ctrd) -> None:
         c.ctr("task", "delete", "-f", cid, check=False)
         c.ctr("container", "rm", cid, check=False)
     assert_clean(c, work)
+
+
+def test_oom_kill_is_reported_before_the_exit(ctrd) -> None:
+    """A container over its memory limit: exit 137, and /tasks/oom precedes /tasks/exit."""
+    c, work = ctrd
+    events = Events(c)
+    try:
+        res = c.ctr("run", "--rm", "--runtime", RUNTIME, "--memory-limit", str(16 << 20),
+                    BUSYBOX, "t-oom", "busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+                    check=False)
+        assert res.returncode == 137, (res.returncode, res.stderr)
+        assert wait_until(lambda: "/tasks/delete" in events.topics("t-oom"), 30)
+        topics = events.topics("t-oom")
+        assert "/tasks/oom" in topics, topics
+        assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
+    finally:
+        events.stop()
+    assert_clean(c, work)

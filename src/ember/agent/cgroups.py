@@ -96,3 +96,12 @@ def pids(cgroup_path: str, root: str = CGROUP_ROOT) -> list[int] | None:
     if text is None:
         return None
     return sorted(int(p) for p in text.split())
+
+
+def oom_kills(cgroup_path: str, root: str = CGROUP_ROOT) -> int:
+    """How many processes the OOM killer killed in this cgroup (0 if unknown)."""
+    if is_v2(root):
+        events = _kv(_read(os.path.join(_join(root, cgroup_path), "memory.events")))
+        return events.get("oom_kill", 0)
+    control = _kv(_read(os.path.join(_join(root, "memory", cgroup_path), "memory.oom_control")))
+    return control.get("oom_kill", 0)

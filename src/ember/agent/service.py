@@ -166,8 +166,13 @@ class AgentService:
         if p.exit is None:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.name} was never started")
         p.exit.wait()
+        oom = False
+        if not req.exec_id:  # the init's exit: did the OOM killer take part?
+            c = self._container(req.container_id)
+            oom = cgroups.oom_kills(c.cgroup_path) > 0
         return pb.WaitProcessResponse(exit_status=p.exit.exit_code,
-                                      exited_at_ns=p.exit.exited_at_ns, signal=p.exit.signal)
+                                      exited_at_ns=p.exit.exited_at_ns, signal=p.exit.signal,
+                                      oom_killed=oom)
 
     def SignalProcess(self, req: pb.SignalProcessRequest, ctx: Context) -> pb.Empty:
         c = self._container(req.container_id)

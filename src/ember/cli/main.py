@@ -120,7 +120,7 @@ def ps(show_all, quiet, as_json) -> None:
         st = b.state
         status = st.status
         if st.status == "exited":
-            status = f"exited ({st.exit_code})"
+            status = f"exited ({st.exit_code}{', OOM killed' if st.oom_killed else ''})"
         cmd = " ".join(st.command)
         rows.append((st.short_id, st.image, (cmd[:27] + "...") if len(cmd) > 30 else cmd,
                      _ago(st.created), status, st.name))

@@ -152,7 +152,8 @@ class Monitor:
             return  # the VM went away: stop() records why
         for t in streams:
             t.join(timeout=5)
-        result = {"status": "exited", "exit_code": resp.exit_status, "finished": time.time()}
+        result = {"status": "exited", "exit_code": resp.exit_status, "finished": time.time(),
+                  "oom_killed": resp.oom_killed}
         if auto_stop:
             # Stop the VM before saying "exited": whoever waits on the status may
             # then count on the VM being gone.

@@ -35,6 +35,7 @@ class SandboxState:
     created: float = field(default_factory=time.time)
     status: str = "creating"  # creating | running | paused | exited | dead
     exit_code: int | None = None
+    oom_killed: bool = False
     finished: float | None = None
     error: str = ""
     monitor_pid: int | None = None

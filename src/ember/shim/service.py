@@ -282,6 +282,8 @@ class TaskService:
                 raise AgentError("the pod's VM is gone")
             r = agent.wait_process(c.id, p.exec_id, timeout=None)
             status, at_ns = r.exit_status, r.exited_at_ns
+            if r.oom_killed:  # containerd's order: /tasks/oom before /tasks/exit
+                self.events.publish(ev.TaskOOM(container_id=c.id))
         except EmberError as exc:
             log.warning("waiting for %s: %s", self._name(p), exc)
         if p.pumps is not None:

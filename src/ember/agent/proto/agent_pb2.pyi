@@ -65,14 +65,16 @@ class ProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class WaitProcessResponse(_message.Message):
-    __slots__ = ("exit_status", "exited_at_ns", "signal")
+    __slots__ = ("exit_status", "exited_at_ns", "signal", "oom_killed")
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     EXITED_AT_NS_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     exit_status: int
     exited_at_ns: int
     signal: int
-    def __init__(self, exit_status: _Optional[int] = ..., exited_at_ns: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
+    oom_killed: bool
+    def __init__(self, exit_status: _Optional[int] = ..., exited_at_ns: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class SignalProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "signal", "all")
