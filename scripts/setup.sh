@@ -15,6 +15,7 @@ APT_PACKAGES=(
   containerd runc crun docker-registry iproute2 openssl ca-certificates
   libseccomp2 lvm2 thin-provisioning-tools zstd lz4
   containernetworking-plugins
+  iptables
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

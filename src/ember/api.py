@@ -120,10 +120,17 @@ class Sandbox:
         auto_remove: bool = False,
         ulimits: list[str] | None = None,
         labels: dict[str, str] | None = None,
+        network: str = "none",
+        publish: list[str] | None = None,
         cfg: Config | None = None,
     ) -> Sandbox:
-        """Boot a micro-VM and start the image's command in it; returns once it runs."""
+        """Boot a micro-VM and start the image's command in it; returns once it runs.
+
+        network: "none" (loopback only) or "bridge" (ember0, see ember.net.bridge);
+        publish: ``[IP:]HOSTPORT:CONTAINERPORT[/tcp]`` entries, bridge only.
+        """
         cfg = cfg or load_config()
+        ports = _check_network(network, publish or [])
         from ember.image.store import ImageStore
 
         images = ImageStore(cfg)
@@ -151,7 +158,7 @@ class Sandbox:
                 id=sandbox_id, name=name, image=image, image_id=img.id,
                 command=spec["process"]["args"], vcpus=vcpus, memory_mib=mem_mib, tty=tty,
                 stdin=stdin, auto_remove=auto_remove, labels=labels or {},
-                vmm_kind=cfg.vm.hypervisor,
+                vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
             )
             store.save(state)
         sb = cls(state, cfg)
@@ -415,6 +422,10 @@ class Sandbox:
             kill_pid(st.monitor_pid, self.id)
         kill_pid(st.vmm_pid, self.id[:12])
         _wait_gone(st.vmm_pid, self.id[:12], 5)
+        if st.network == "bridge":
+            from ember.net import bridge
+
+            bridge.disconnect(self.cfg, self.id)  # the monitor may have died before doing it
         if st.jail:
             from ember.jailer.api import JailSpec, cleanup
 
@@ -426,6 +437,21 @@ class Sandbox:
         with self.store.lock():
             shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _check_network(network: str, publish: list[str]) -> list[str]:
+    """Validate --network/--publish before anything exists; the normalised port list."""
+    if network not in ("none", "bridge"):
+        raise EmberError(f"invalid --network {network!r}: expected none or bridge")
+    if publish and network != "bridge":
+        raise EmberError("--publish needs --network bridge")
+    from ember.net.proxy import parse_publish
+
+    ports = [parse_publish(p) for p in publish]
+    seen = [(p.host_ip, p.host_port) for p in ports]
+    if len(set(seen)) != len(seen):
+        raise EmberError("--publish names the same host port twice")
+    return [str(p) for p in ports]
 
 
 def _wait_gone(pid: int | None, marker: str, timeout: float) -> None:

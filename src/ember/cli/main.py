@@ -55,11 +55,15 @@ def main() -> None:
 @click.option("-m", "--memory", help="Memory limit, e.g. 256m or 1g.")
 @click.option("--ulimit", multiple=True, help="NAME=SOFT[:HARD], e.g. nofile=1024:2048.")
 @click.option("-l", "--label", multiple=True, help="KEY=VALUE label.")
+@click.option("--network", default="none", show_default=True,
+              help="none (loopback only) or bridge (ember0, 10.88.0.0/16).")
+@click.option("-p", "--publish", multiple=True,
+              help="[IP:]HOSTPORT:CONTAINERPORT[/tcp]; needs --network bridge.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypoint, cpus,
-        memory, ulimit, label, image, command) -> None:
+        memory, ulimit, label, network, publish, image, command) -> None:
     """Run a command in a new container, inside a new micro-VM."""
     from ember.api import Sandbox
 
@@ -70,7 +74,7 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
         image, list(command) or None, name=name, env=list(env), workdir=workdir, user=user,
         entrypoint=[entrypoint] if entrypoint is not None else None, cpus=cpus, memory=memory,
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
-        labels=labels,
+        labels=labels, network=network, publish=list(publish),
     )
     if detach:
         click.echo(sb.id)

@@ -47,7 +47,11 @@ class Monitor:
         self.id = sandbox_id
         self.dir = self.store.dir(sandbox_id)
         st = self.store.load(sandbox_id)
-        self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib)
+        self.network = st.network
+        self.publish = list(st.publish)
+        self.proxies: list = []  # ember.net.proxy.TCPProxy, one per published port
+        self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib,
+                            nic=st.network == "bridge")
         self.server = Server()
         self.done = threading.Event()
         self._stopping = threading.Lock()
@@ -178,7 +182,10 @@ class Monitor:
         try:
             self.vm.shutdown(timeout=5)
         finally:
+            self._release_network()
             changes: dict[str, object] = {"vmm_pid": None, "monitor_pid": None, **(final or {})}
+            if self.network == "bridge":
+                changes.update(ip_address="", netns="")  # released, as Docker does on stop
             try:
                 st = self.store.load(self.id)
                 if status == "dead" or (status and st.status not in ("exited",)):
@@ -190,6 +197,41 @@ class Monitor:
                 pass  # the folder is already being removed
             self.server.shutdown()
 
+    # ---------------------------------------------------------- network
+    def _boot(self) -> None:
+        """Boot the VM; with --network bridge, on its own eth0 and with the ports bound."""
+        if self.network != "bridge":
+            self.vm.boot()
+            return
+        from ember.net import bridge, podnet
+        from ember.net.proxy import TCPProxy, parse_publish
+
+        # Bind first: a port in use must fail before anything else is made.
+        for p in self.publish:
+            self.proxies.append(TCPProxy(parse_publish(p)))
+        ip, netns = bridge.connect(
+            self.cfg, self.id, lambda ip, ns: self.store.update(self.id, ip_address=ip, netns=ns))
+        net_fd, nic = podnet.setup(netns)
+        try:
+            self.vm.boot(net_fd=net_fd, nic_mac=nic.mac)
+        finally:
+            os.close(net_fd)  # QEMU has its own copy
+        self.vm.agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+        for proxy in self.proxies:
+            proxy.start(ip)
+
+    def _release_network(self) -> None:
+        for proxy in self.proxies:
+            proxy.close()
+        self.proxies = []
+        if self.network == "bridge":
+            from ember.net import bridge
+
+            try:
+                bridge.disconnect(self.cfg, self.id)
+            except EmberError:
+                pass  # `ember rm` tries again from state.json
+
     def run(self, ready_fd: int | None) -> int:
         def report(msg: str) -> None:
             if ready_fd is not None:
@@ -200,17 +242,19 @@ class Monitor:
                     pass
         try:
             self.store.update(self.id, monitor_pid=os.getpid())
-            self.vm.boot()
+            self._boot()
             assert self.vm.vmm is not None
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,
                               restored_from_snapshot=self.vm.restored,
                               jail=self.vm.jail_record())
         except EmberError as exc:
             self.vm.kill()
+            self._release_network()
             report(f"ERR {exc.exit_code} {exc.message}")
             return 1
         except Exception as exc:  # noqa: BLE001 - report any boot failure to the waiting CLI
             self.vm.kill()
+            self._release_network()
             report(f"ERR 125 sandbox monitor failed: {exc!r}")
             return 1
         self.register()

@@ -50,6 +50,10 @@ class SandboxState:
     disk: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     jail: dict = field(default_factory=dict)
+    network: str = "none"  # none | bridge (ember.net.bridge)
+    publish: list[str] = field(default_factory=list)  # "IP:HOSTPORT:PORT/tcp"
+    ip_address: str = ""  # on the ember0 bridge; recorded before the netns is made
+    netns: str = ""
 
     @property
     def short_id(self) -> str:

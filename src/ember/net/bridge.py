@@ -1,0 +1,100 @@
+"""Docker-style bridge networking for ``ember run --network bridge``.
+
+The host has one bridge, ``ember0`` (10.88.0.1/16, created on first use and
+left in place, like docker0), with MASQUERADE for the subnet so containers
+reach the outside. Each sandbox gets a network namespace ``ember-<id12>`` and
+a veth pair: the host end (``veth<id11>``) is a port of the bridge, the other
+end is ``eth0`` in the namespace with an address from :mod:`ember.net.ipam`
+and a default route via the bridge. The VM then takes that eth0 over exactly
+as a CRI pod's VM does (:func:`ember.net.podnet.setup`, tc redirect), so the
+guest NIC owns the container's address and MAC.
+
+Everything per sandbox can be derived from its id, so :func:`disconnect`
+works from ``state.json`` alone even after the monitor was SIGKILLed:
+deleting the namespace destroys eth0 and with it the veth pair.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from ember.config import Config
+from ember.net import ipam
+from ember.net.podnet import NetError
+
+BRIDGE = "ember0"
+
+
+def netns_name(sandbox_id: str) -> str:
+    return f"ember-{sandbox_id[:12]}"
+
+
+def netns_path(sandbox_id: str) -> str:
+    return f"/run/netns/{netns_name(sandbox_id)}"
+
+
+def veth_name(sandbox_id: str) -> str:
+    return f"veth{sandbox_id[:11]}"  # interface names are at most 15 bytes
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise NetError(f"{' '.join(args)}: {msg[-1] if msg else f'exit {proc.returncode}'}")
+    return proc
+
+
+def _iptables_ensure(table: str, chain: str, rule: list[str]) -> None:
+    if _run("iptables", "-w", "-t", table, "-C", chain, *rule, check=False).returncode != 0:
+        _run("iptables", "-w", "-t", table, "-A", chain, *rule)
+
+
+def ensure_bridge() -> None:
+    """Create ember0, its address, forwarding and NAT if missing (call under ipam.lock)."""
+    if not os.path.exists(f"/sys/class/net/{BRIDGE}"):
+        _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    _run("ip", "addr", "replace", f"{ipam.GATEWAY}/{ipam.SUBNET.prefixlen}", "dev", BRIDGE)
+    _run("ip", "link", "set", BRIDGE, "up")
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+    subnet = str(ipam.SUBNET)
+    _iptables_ensure("nat", "POSTROUTING", ["-s", subnet, "!", "-o", BRIDGE, "-j", "MASQUERADE"])
+    # A host whose FORWARD policy is DROP (e.g. one with Docker) must still pass our traffic.
+    _iptables_ensure("filter", "FORWARD", ["-i", BRIDGE, "-j", "ACCEPT"])
+    _iptables_ensure("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"])
+
+
+def connect(cfg: Config, sandbox_id: str, record) -> tuple[str, str]:
+    """Allocate an address and build the namespace; (address, netns path).
+
+    ``record(ip, netns)`` is called before anything is created on the host,
+    so a crash at any later point leaves state that :func:`disconnect` undoes.
+    """
+    with ipam.lock(cfg):
+        ip = ipam.allocate(cfg, sandbox_id)
+        record(ip, netns_path(sandbox_id))
+        ensure_bridge()
+    ns, veth = netns_name(sandbox_id), veth_name(sandbox_id)
+    try:
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{ip}/{ipam.SUBNET.prefixlen}", "dev", "eth0")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", ns, "route", "add", "default", "via", str(ipam.GATEWAY))
+    except BaseException:
+        disconnect(cfg, sandbox_id)
+        raise
+    return ip, netns_path(sandbox_id)
+
+
+def disconnect(cfg: Config, sandbox_id: str) -> None:
+    """Remove the namespace, the veth pair and the address record; idempotent."""
+    if os.path.exists(netns_path(sandbox_id)):
+        _run("ip", "netns", "del", netns_name(sandbox_id), check=False)
+    if os.path.exists(f"/sys/class/net/{veth_name(sandbox_id)}"):
+        _run("ip", "link", "del", veth_name(sandbox_id), check=False)
+    ipam.release(cfg, sandbox_id)

@@ -1,0 +1,139 @@
+"""`ember run --network bridge` and `-p`: real VMs on the real ember0 bridge.
+
+Two sandboxes get distinct addresses from 10.88.0.0/16 and one fetches a
+page from the other; a published port is fetched from the host; a sandbox
+whose monitor was SIGKILLed is still cleaned up by `ember rm -f` (namespace,
+veth, address record, no iptables rule naming its address); bad input fails
+with one line and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def netns_exists(sid: str) -> bool:
+    return Path(f"/run/netns/ember-{sid[:12]}").exists()
+
+
+def veth_exists(sid: str) -> bool:
+    return Path(f"/sys/class/net/veth{sid[:11]}").exists()
+
+
+def ip_records(state_dir: Path) -> list[str]:
+    d = state_dir / "net" / "ips"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def iptables_rules() -> str:
+    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+
+
+def inspect(env, ref: str) -> dict:
+    proc = env.run("inspect", ref, check=True)
+    data = json.loads(proc.stdout)
+    return data[0] if isinstance(data, list) else data
+
+
+def fetch(url: str, timeout: float = 60) -> bytes:
+    """The page, retrying while httpd in the guest is still starting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image):
+    port = free_port()
+    server = ("mkdir -p /www && echo hello-from-web > /www/index.html && "
+              "exec busybox httpd -f -p 8080 -h /www")
+    proc = ember_env.run("run", "-d", "--name", "web", "--network", "bridge",
+                         "-p", f"127.0.0.1:{port}:8080", image, "sh", "-c", server)
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.decode().strip()
+    web = inspect(ember_env, "web")
+    web_ip = web["ip_address"]
+    assert web_ip.startswith("10.88.") and web["network"] == "bridge"
+    assert netns_exists(sid) and veth_exists(sid)
+    assert ip_records(ember_env.state_dir) == [web_ip]
+
+    # From the host through the published port (userland proxy in the monitor).
+    assert fetch(f"http://127.0.0.1:{port}/index.html") == b"hello-from-web\n"
+
+    # A second sandbox on the bridge: its own address, and it reaches the first.
+    proc = ember_env.run(
+        "run", "--rm", "--network", "bridge", image, "sh", "-c",
+        f"busybox ip -o -4 addr show eth0; "
+        f"for i in 1 2 3 4 5; do busybox wget -q -O - http://{web_ip}:8080/index.html "
+        f"&& exit 0; sleep 1; done; exit 1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    other_ip = lines[0].split()[3].split("/")[0]
+    assert other_ip.startswith("10.88.") and other_ip != web_ip
+    assert lines[-1] == "hello-from-web"
+    assert ip_records(ember_env.state_dir) == [web_ip]  # --rm released the other one
+
+    # The monitor dies hard: `rm -f` must still remove everything it made.
+    os.kill(web["monitor_pid"], signal.SIGKILL)
+    proc = ember_env.run("rm", "-f", "web")
+    assert proc.returncode == 0, proc.stderr
+    assert not netns_exists(sid) and not veth_exists(sid)
+    assert ip_records(ember_env.state_dir) == []
+    assert web_ip not in iptables_rules()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "8080:80"], "--publish needs --network bridge"),
+    (["--network", "host"], "invalid --network 'host'"),
+    (["--network", "bridge", "-p", "80"], "invalid --publish '80'"),
+    (["--network", "bridge", "-p", "1:2/udp"], "only tcp"),
+    (["--network", "bridge", "-p", "70000:80"], "ports must be 1-65535"),
+])
+def test_bad_network_input(ember_env, image, args, message):
+    proc = ember_env.run("run", "--rm", *args, image, "true")
+    assert proc.returncode == 125
+    err = proc.stderr.decode().strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert ip_records(ember_env.state_dir) == []
+
+
+def test_published_port_in_use_leaves_nothing(ember_env, image):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+        proc = ember_env.run("run", "-d", "--network", "bridge", "-p", f"127.0.0.1:{port}:80",
+                             image, "true")
+    assert proc.returncode == 125
+    err = proc.stderr.decode().strip()
+    assert f"127.0.0.1:{port} is already in use" in err and len(err.splitlines()) == 1, err
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert ip_records(ember_env.state_dir) == []
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not [n for n in after - before if n.startswith("ember-")]
