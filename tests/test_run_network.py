@@ -137,3 +137,18 @@ def test_published_port_in_use_leaves_nothing(ember_env, image):
     assert ip_records(ember_env.state_dir) == []
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not [n for n in after - before if n.startswith("ember-")]
+
+
+def test_missing_iptables_fails_cleanly(ember_env, image):
+    """Without iptables on PATH the bridge cannot be set up: one line, nothing left."""
+    dirs = [d for d in ember_env.env["PATH"].split(":") if d and not os.path.exists(f"{d}/iptables")]
+    ember_env.env["PATH"] = ":".join(dirs)
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    proc = ember_env.run("run", "--rm", "--network", "bridge", image, "true")
+    assert proc.returncode == 125
+    err = proc.stderr.decode().strip()
+    assert "iptables not found" in err and len(err.splitlines()) == 1, err
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+    assert ip_records(ember_env.state_dir) == []
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not [n for n in after - before if n.startswith("ember-")]

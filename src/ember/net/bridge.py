@@ -39,7 +39,11 @@ def veth_name(sandbox_id: str) -> str:
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise NetError(f"{args[0]} not found: --network bridge needs iproute2 and iptables") \
+            from None
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise NetError(f"{' '.join(args)}: {msg[-1] if msg else f'exit {proc.returncode}'}")
