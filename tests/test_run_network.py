@@ -65,7 +65,21 @@ def fetch(url: str, timeout: float = 60) -> bytes:
             time.sleep(0.5)
 
 
-def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image):
+@pytest.fixture
+def foreign_netns():
+    """An ember-* namespace from "another state dir" whose eth0 holds 10.88.0.2."""
+    name = f"ember-t{os.getpid():011d}"[:18]
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                    ["addr", "add", "10.88.0.2/16", "dev", "eth0"]):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        yield "10.88.0.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image, foreign_netns):
     port = free_port()
     server = ("mkdir -p /www && echo hello-from-web > /www/index.html && "
               "exec busybox httpd -f -p 8080 -h /www")
@@ -76,6 +90,7 @@ def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image):
     web = inspect(ember_env, "web")
     web_ip = web["ip_address"]
     assert web_ip.startswith("10.88.") and web["network"] == "bridge"
+    assert web_ip != foreign_netns  # live in another state dir's namespace: skipped
     assert netns_exists(sid) and veth_exists(sid)
     assert ip_records(ember_env.state_dir) == [web_ip]
 

@@ -70,6 +70,26 @@ def ensure_bridge() -> None:
     _iptables_ensure("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"])
 
 
+def addresses_in_use() -> set[str]:
+    """Addresses on eth0 of every ember-* namespace on the host.
+
+    Records are per state dir; this keeps a second state dir (a test run
+    beside a real installation) from handing out an address that is live.
+    """
+    used: set[str] = set()
+    try:
+        names = [n for n in os.listdir("/run/netns") if n.startswith("ember-")]
+    except OSError:
+        return used
+    for name in names:
+        out = _run("ip", "-n", name, "-4", "-o", "addr", "show", "dev", "eth0", check=False)
+        for line in out.stdout.splitlines():
+            fields = line.split()
+            if "inet" in fields:
+                used.add(fields[fields.index("inet") + 1].split("/")[0])
+    return used
+
+
 def connect(cfg: Config, sandbox_id: str, record) -> tuple[str, str]:
     """Allocate an address and build the namespace; (address, netns path).
 
@@ -77,7 +97,7 @@ def connect(cfg: Config, sandbox_id: str, record) -> tuple[str, str]:
     so a crash at any later point leaves state that :func:`disconnect` undoes.
     """
     with ipam.lock(cfg):
-        ip = ipam.allocate(cfg, sandbox_id)
+        ip = ipam.allocate(cfg, sandbox_id, exclude=addresses_in_use())
         record(ip, netns_path(sandbox_id))
         ensure_bridge()
     ns, veth = netns_name(sandbox_id), veth_name(sandbox_id)

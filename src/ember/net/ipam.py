@@ -50,12 +50,12 @@ def _owner(path: Path) -> str:
         return ""
 
 
-def allocate(cfg: Config, sandbox_id: str) -> str:
-    """The lowest free address after the gateway; the caller must hold :func:`lock`."""
+def allocate(cfg: Config, sandbox_id: str, exclude: set[str] | frozenset = frozenset()) -> str:
+    """The lowest free address after the gateway (and not in exclude); hold :func:`lock`."""
     d = records_dir(cfg)
     d.mkdir(parents=True, exist_ok=True)
     for host in SUBNET.hosts():
-        if host == GATEWAY:
+        if host == GATEWAY or str(host) in exclude:
             continue
         rec = d / str(host)
         if rec.exists():
