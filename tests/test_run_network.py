@@ -65,6 +65,20 @@ def fetch(url: str, timeout: float = 60) -> bytes:
             time.sleep(0.5)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def bridge_left_as_found():
+    """Tests must leave the host as they found it: no ember0, ip_forward unchanged."""
+    from ember.net.bridge import BRIDGE, remove_bridge
+
+    had_bridge = Path(f"/sys/class/net/{BRIDGE}").exists()
+    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    yield
+    if not had_bridge:
+        assert remove_bridge(), "ember0 still in use after the tests"
+        assert not Path(f"/sys/class/net/{BRIDGE}").exists()
+    Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
+
+
 @pytest.fixture
 def foreign_netns():
     """An ember-* namespace from "another state dir" whose eth0 holds 10.88.0.2."""

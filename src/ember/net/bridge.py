@@ -70,6 +70,27 @@ def ensure_bridge() -> None:
     _iptables_ensure("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"])
 
 
+def remove_bridge() -> bool:
+    """Remove ember0 and its NAT/forward rules when no sandbox uses it; True if removed.
+
+    Like docker0 the bridge normally stays; this is for uninstalling and for
+    tests that created it.
+    """
+    if addresses_in_use():
+        return False
+    subnet = str(ipam.SUBNET)
+    for table, chain, rule in (
+        ("nat", "POSTROUTING", ["-s", subnet, "!", "-o", BRIDGE, "-j", "MASQUERADE"]),
+        ("filter", "FORWARD", ["-i", BRIDGE, "-j", "ACCEPT"]),
+        ("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"]),
+    ):
+        while _run("iptables", "-w", "-t", table, "-C", chain, *rule, check=False).returncode == 0:
+            _run("iptables", "-w", "-t", table, "-D", chain, *rule)
+    if os.path.exists(f"/sys/class/net/{BRIDGE}"):
+        _run("ip", "link", "del", BRIDGE)
+    return True
+
+
 def addresses_in_use() -> set[str]:
     """Addresses on eth0 of every ember-* namespace on the host.
 
