@@ -67,8 +67,6 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
     """Run a command in a new container, inside a new micro-VM."""
     from ember.api import Sandbox
 
-    if detach and auto_remove:
-        pass  # allowed, as in Docker: removed once it exits
     labels = dict(item.partition("=")[::2] for item in label)
     sb = Sandbox.create(
         image, list(command) or None, name=name, env=list(env), workdir=workdir, user=user,
