@@ -227,3 +227,12 @@ def test_oom_killed_container_is_reported(ember_env, image):
     assert (info["exit_code"], info["oom_killed"]) == (137, True)
     assert b"OOM killed" in ember_env.run("ps", "-a").stdout
     assert ember_env.run("rm", "hog").returncode == 0
+
+
+def test_detached_rm_removes_itself_after_exit(ember_env, image):
+    proc = ember_env.run("run", "-d", "--rm", image, "sh", "-c", "sleep 1")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 60
+    while ember_env.run("ps", "-a", "-q").stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
