@@ -59,9 +59,7 @@ class AgentService:
         self._crun_version: str | None = None
 
     def register(self, server: Server) -> None:
-        methods = {m.name: getattr(pb, m.input_type.name)
-                   for m in pb.DESCRIPTOR.services_by_name["Agent"].methods}
-        server.register_service(SERVICE, self, methods)
+        server.register_proto_service(pb.DESCRIPTOR.services_by_name["Agent"], self)
 
     # -- lookup helpers -----------------------------------------------------
 

@@ -125,6 +125,3 @@ class TemplateCache:
                         shutil.rmtree(entry, ignore_errors=True)
                 except OSError:
                     pass
-
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -93,17 +93,15 @@ class SandboxVM:
         return {"id": jail.id, "exec_file": jail.exec_file, "uid": jail.uid,
                 "chroot_base_dir": jail.chroot_base_dir, "parent_cgroup": jail.parent_cgroup}
 
-    def boot(self, drives: list[Drive] | None = None, net_fd: int | None = None,
-             nic_mac: str = "") -> None:
+    def boot(self, net_fd: int | None = None, nic_mac: str = "") -> None:
         """Start the VM and return once the agent answers.
 
         net_fd: the tap the NIC uses (the caller keeps and closes its copy).
         """
         spec = self.base_spec()
-        spec.drives = list(drives or [])
         spec.net_fd, spec.nic_mac = net_fd, nic_mac
         template = None
-        if self.use_template and not spec.drives and self.cfg.vm.hypervisor == "qemu":
+        if self.use_template and self.cfg.vm.hypervisor == "qemu":
             from ember.sandbox.template import TemplateCache
 
             template = TemplateCache(self.cfg).get_or_build(spec)

@@ -91,9 +91,7 @@ class TaskService:
         self._vm_stopper: threading.Thread | None = None
 
     def register(self, server: Server) -> None:
-        methods = {m.name: getattr(pb, m.input_type.name)
-                   for m in pb.DESCRIPTOR.services_by_name["Task"].methods}
-        server.register_service(SERVICE, self, methods)
+        server.register_proto_service(pb.DESCRIPTOR.services_by_name["Task"], self)
 
     # ---------------------------------------------------------------- lookups
     def _container(self, cid: str) -> Container:

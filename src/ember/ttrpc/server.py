@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from ember.ttrpc import ttrpc_pb2
@@ -86,6 +88,11 @@ class Server:
     def register(self, service: str, method: str, handler: Handler) -> None:
         """handler(request_bytes, ctx) -> response_bytes."""
         self._handlers[(service, method)] = handler
+
+    def register_proto_service(self, service: ServiceDescriptor, impl: object) -> None:
+        """Serve every method of a .proto service on impl (request types from the descriptor)."""
+        methods = {m.name: message_factory.GetMessageClass(m.input_type) for m in service.methods}
+        self.register_service(service.full_name, impl, methods)
 
     def register_service(self, name: str, impl: object,
                          methods: dict[str, type[Message]]) -> None:
