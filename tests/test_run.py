@@ -14,6 +14,7 @@ import pty
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ember_bin, qemu_pids
@@ -236,3 +237,25 @@ def test_detached_rm_removes_itself_after_exit(ember_env, image):
     while ember_env.run("ps", "-a", "-q").stdout.strip() and time.monotonic() < deadline:
         time.sleep(0.3)
     assert ember_env.run("ps", "-a", "-q").stdout.strip() == b""
+
+
+def test_vm_dying_under_a_running_container(ember_env, image):
+    """QEMU killed from outside: the monitor records it, rm leaves nothing behind."""
+    proc = ember_env.run("run", "-d", "--name", "doomed", image, "sleep", "300")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(ember_env.run("inspect", "doomed", check=True).stdout)[0]
+    os.kill(info["vmm_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = json.loads(ember_env.run("inspect", "doomed", check=True).stdout)[0]
+        if info["status"] == "dead":
+            break
+        time.sleep(0.2)
+    assert info["status"] == "dead"
+    assert "VMM exited unexpectedly" in info["error"]
+    assert not qemu_pids(f"ember-{info['id'][:12]}")
+    assert ember_env.run("exec", "doomed", "true").returncode == 125
+    assert ember_env.run("rm", "doomed").returncode == 0
+    if info.get("jail"):
+        jail = Path(info["jail"]["chroot_base_dir"]) / "qemu-system-x86_64" / info["jail"]["id"]
+        assert not jail.exists()
