@@ -202,6 +202,50 @@ class AgentClient:
             name=name, mac=mac, mtu=mtu, addresses=addresses,
             routes=[pb.Route(dest=d, gateway=g) for d, g in routes]), pb.Empty)
 
+    # -- pod volumes ------------------------------------------------------------
+
+    def sync_tree(self, root: str, entries: list[pb.TreeEntry], remove: list[str] | None = None,
+                  tmpfs: bool = False, tmpfs_size: int = 0) -> None:
+        """Make guest directory root mirror a host tree (see SyncTreeRequest)."""
+        self._call("SyncTree", pb.SyncTreeRequest(root=root, entries=entries,
+                                                  remove=remove or [], tmpfs=tmpfs,
+                                                  tmpfs_size=tmpfs_size), pb.Empty)
+
+    def read_file(self, path: str, max_bytes: int = 0) -> bytes | None:
+        """A guest file's content (at most max_bytes), or None if it does not exist."""
+        r = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes),
+                       pb.ReadFileResponse)
+        return r.data if r.exists else None
+
+    def mount_volume(self, target: str, device: Any = None, tmpfs_size: int = 0) -> None:
+        self._call("MountVolume", pb.MountVolumeRequest(
+            target=target, device=_blockdev(device), tmpfs_size=tmpfs_size), pb.Empty)
+
+    def unmount_volume(self, target: str) -> None:
+        self._call("UnmountVolume", pb.UnmountVolumeRequest(target=target), pb.Empty)
+
+    # -- port forwarding -------------------------------------------------------------
+
+    def list_ports(self) -> list[int]:
+        return list(self._call("ListPorts", pb.Empty(), pb.ListPortsResponse).ports)
+
+    def port_connect(self, port: int) -> str:
+        return self._call("PortConnect", pb.PortConnectRequest(port=port),
+                          pb.PortConnectResponse).conn_id
+
+    def port_write(self, conn_id: str, data: bytes, close_write: bool = False) -> None:
+        self._call("PortWrite", pb.PortWriteRequest(conn_id=conn_id, data=data,
+                                                    close_write=close_write), pb.Empty)
+
+    def port_read(self, conn_id: str, wait_ms: int = 1000, max_bytes: int = 0
+                  ) -> pb.PortReadResponse:
+        t = None if self.timeout is None else self.timeout + wait_ms / 1000
+        return self._call("PortRead", pb.PortReadRequest(conn_id=conn_id, max_bytes=max_bytes,
+                                                         wait_ms=wait_ms), pb.PortReadResponse, t)
+
+    def port_close(self, conn_id: str) -> None:
+        self._call("PortClose", pb.PortCloseRequest(conn_id=conn_id), pb.Empty)
+
     def destroy_sandbox(self) -> None:
         self._call("DestroySandbox", pb.Empty(), pb.Empty)
 

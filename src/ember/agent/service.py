@@ -322,6 +322,37 @@ class AgentService:
                           [(r.dest, r.gateway) for r in req.routes])
         return EMPTY
 
+    # -- pod volumes (ember.agent.volumes) --------------------------------------
+
+    def SyncTree(self, req: pb.SyncTreeRequest, ctx: Context) -> pb.Empty:
+        raise TTRPCError(Code.UNIMPLEMENTED, "SyncTree is not implemented")
+
+    def ReadFile(self, req: pb.ReadFileRequest, ctx: Context) -> pb.ReadFileResponse:
+        raise TTRPCError(Code.UNIMPLEMENTED, "ReadFile is not implemented")
+
+    def MountVolume(self, req: pb.MountVolumeRequest, ctx: Context) -> pb.Empty:
+        raise TTRPCError(Code.UNIMPLEMENTED, "MountVolume is not implemented")
+
+    def UnmountVolume(self, req: pb.UnmountVolumeRequest, ctx: Context) -> pb.Empty:
+        raise TTRPCError(Code.UNIMPLEMENTED, "UnmountVolume is not implemented")
+
+    # -- port forwarding (ember.agent.portfwd) -----------------------------------
+
+    def ListPorts(self, req: pb.Empty, ctx: Context) -> pb.ListPortsResponse:
+        raise TTRPCError(Code.UNIMPLEMENTED, "ListPorts is not implemented")
+
+    def PortConnect(self, req: pb.PortConnectRequest, ctx: Context) -> pb.PortConnectResponse:
+        raise TTRPCError(Code.UNIMPLEMENTED, "PortConnect is not implemented")
+
+    def PortWrite(self, req: pb.PortWriteRequest, ctx: Context) -> pb.Empty:
+        raise TTRPCError(Code.UNIMPLEMENTED, "PortWrite is not implemented")
+
+    def PortRead(self, req: pb.PortReadRequest, ctx: Context) -> pb.PortReadResponse:
+        raise TTRPCError(Code.UNIMPLEMENTED, "PortRead is not implemented")
+
+    def PortClose(self, req: pb.PortCloseRequest, ctx: Context) -> pb.Empty:
+        raise TTRPCError(Code.UNIMPLEMENTED, "PortClose is not implemented")
+
     def DestroySandbox(self, req: pb.Empty, ctx: Context) -> pb.Empty:
         with self._lock:
             ids = list(self._containers)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -254,6 +255,130 @@ class ProcessInfo(_message.Message):
     running: bool
     exit_status: int
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[bool] = ..., exit_status: _Optional[int] = ...) -> None: ...
+
+class TreeEntry(_message.Message):
+    __slots__ = ("path", "kind", "data", "mode", "target", "uid", "gid")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FILE: _ClassVar[TreeEntry.Kind]
+        DIR: _ClassVar[TreeEntry.Kind]
+        SYMLINK: _ClassVar[TreeEntry.Kind]
+    FILE: TreeEntry.Kind
+    DIR: TreeEntry.Kind
+    SYMLINK: TreeEntry.Kind
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    kind: TreeEntry.Kind
+    data: bytes
+    mode: int
+    target: str
+    uid: int
+    gid: int
+    def __init__(self, path: _Optional[str] = ..., kind: _Optional[_Union[TreeEntry.Kind, str]] = ..., data: _Optional[bytes] = ..., mode: _Optional[int] = ..., target: _Optional[str] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
+
+class SyncTreeRequest(_message.Message):
+    __slots__ = ("root", "entries", "remove", "tmpfs", "tmpfs_size")
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    TMPFS_FIELD_NUMBER: _ClassVar[int]
+    TMPFS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    root: str
+    entries: _containers.RepeatedCompositeFieldContainer[TreeEntry]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    tmpfs: bool
+    tmpfs_size: int
+    def __init__(self, root: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[TreeEntry, _Mapping]]] = ..., remove: _Optional[_Iterable[str]] = ..., tmpfs: _Optional[bool] = ..., tmpfs_size: _Optional[int] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("path", "max_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    max_bytes: int
+    def __init__(self, path: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadFileResponse(_message.Message):
+    __slots__ = ("data", "exists")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    exists: bool
+    def __init__(self, data: _Optional[bytes] = ..., exists: _Optional[bool] = ...) -> None: ...
+
+class MountVolumeRequest(_message.Message):
+    __slots__ = ("target", "device", "tmpfs_size")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TMPFS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    device: BlockDevice
+    tmpfs_size: int
+    def __init__(self, target: _Optional[str] = ..., device: _Optional[_Union[BlockDevice, _Mapping]] = ..., tmpfs_size: _Optional[int] = ...) -> None: ...
+
+class UnmountVolumeRequest(_message.Message):
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    def __init__(self, target: _Optional[str] = ...) -> None: ...
+
+class ListPortsResponse(_message.Message):
+    __slots__ = ("ports",)
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ports: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PortConnectRequest(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
+class PortConnectResponse(_message.Message):
+    __slots__ = ("conn_id",)
+    CONN_ID_FIELD_NUMBER: _ClassVar[int]
+    conn_id: str
+    def __init__(self, conn_id: _Optional[str] = ...) -> None: ...
+
+class PortWriteRequest(_message.Message):
+    __slots__ = ("conn_id", "data", "close_write")
+    CONN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_WRITE_FIELD_NUMBER: _ClassVar[int]
+    conn_id: str
+    data: bytes
+    close_write: bool
+    def __init__(self, conn_id: _Optional[str] = ..., data: _Optional[bytes] = ..., close_write: _Optional[bool] = ...) -> None: ...
+
+class PortReadRequest(_message.Message):
+    __slots__ = ("conn_id", "max_bytes", "wait_ms")
+    CONN_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    conn_id: str
+    max_bytes: int
+    wait_ms: int
+    def __init__(self, conn_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class PortReadResponse(_message.Message):
+    __slots__ = ("data", "eof")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    eof: bool
+    def __init__(self, data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class PortCloseRequest(_message.Message):
+    __slots__ = ("conn_id",)
+    CONN_ID_FIELD_NUMBER: _ClassVar[int]
+    conn_id: str
+    def __init__(self, conn_id: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("dest", "gateway")
