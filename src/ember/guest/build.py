@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 import ember
 from ember.config import Config
 from ember.errors import GuestError
-from ember.guest import debs, initrd, kernel, rootfs
+from ember.guest import debs, initrd, kernel, modules, rootfs
 from ember.util import atomic_write_json
 
 BUILDER_VERSION = 1
@@ -47,6 +47,7 @@ ROOTFS_PACKAGES = [
     "crun",
     "busybox-static",
     "libstdc++6",  # protobuf's C extension (google._upb) links it
+    "kmod",  # modprobe, which the kernel runs to load a module on demand
 ]
 
 # The kernel command line; microvm adds its virtio_mmio.device= entries itself.
@@ -313,6 +314,8 @@ def _build_into(
     debs.extract(deb_paths[kernel_pkg], work / "kernel")
     parts = kernel.prepare(work / "kernel", work / "kparts")
     os.replace(parts.vmlinuz, out / "vmlinuz")
+    tree = work / "root"
+    shipped = modules.install(work / "kernel", parts.release, tree / "usr")
     shutil.rmtree(work / "kernel")
 
     steps.step("initrd")
@@ -327,14 +330,17 @@ def _build_into(
     )
 
     steps.step("rootfs")
-    tree = work / "root"
     for name in sorted(packages):
         if name != kernel_pkg:
             debs.extract(deb_paths[name], tree)
     rootfs.finish_tree(tree)
     rootfs.make_image(tree, out / "rootfs.ext4")
     shutil.rmtree(work)
-    return {"kernel_release": parts.release, "modules": parts.groups}
+    return {
+        "kernel_release": parts.release,
+        "modules": parts.groups,
+        "rootfs_modules": {"shipped": shipped.modules, "left_out": shipped.dropped},
+    }
 
 
 def build_guest(cfg: Config, progress: bool = True, force: bool = False) -> GuestAssets:

@@ -1,4 +1,5 @@
-"""The guest root filesystem: Python 3.11, crun, busybox and the ember agent.
+"""The guest root filesystem: Python 3.11, crun, busybox, kmod, the kernel's
+modules (see modules.py) and the ember agent.
 
 Built as a folder from unpacked Debian packages, then turned into a
 read-only ext4 image with ``mkfs.ext4 -d`` (no mount, no loop device). Every
@@ -36,6 +37,7 @@ _DROP = (
     "usr/share/doc-base",
     "usr/share/bash-completion",
     "usr/share/gdb",
+    "usr/share/initramfs-tools",
     "etc/init.d",
     "etc/cron.daily",
     "etc/logrotate.d",
