@@ -1,7 +1,8 @@
 #!/bin/bash
 # Sets up Ember on a Debian 12 machine, as root: system packages, a virtualenv
-# with the ember package, the commands on PATH, the guest assets (kernel,
-# initrd, rootfs) and a small demo image. Idempotent: a second run is fast.
+# with the ember package, the commands on PATH, /etc/ember/config.toml (if
+# absent), the guest assets (kernel, initrd, rootfs) and a small demo image.
+# Idempotent: a second run is fast.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EMBER_VENV:-/opt/ember/venv}"
@@ -43,6 +44,12 @@ echo "==> installing ember into $VENV"
 for cmd in ember containerd-shim-ember-v2 ember-snapshotter ember-jailer; do
   if [ -x "$VENV/bin/$cmd" ]; then ln -sf "$VENV/bin/$cmd" "/usr/local/bin/$cmd"; fi
 done
+
+# The config file containerd's runtime handlers name (deploy/containerd/
+# ember-runtime.toml: ConfigPath). Generated from Ember's defaults, every key
+# commented out; an existing file is never touched.
+echo "==> configuration"
+ember config default --write /etc/ember/config.toml
 
 echo "==> building guest assets (cached)"
 ember guest build

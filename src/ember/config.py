@@ -25,9 +25,11 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
@@ -153,3 +155,112 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if cfg.vm.accel not in ("auto", "tcg", "kvm"):
         raise EmberError(f"config vm.accel: must be auto, tcg or kvm, not {cfg.vm.accel!r}")
     return cfg
+
+
+# ------------------------------------------------------- the default file
+
+# What each key is for, shown above it in the default file. A key missing
+# here is still written (the file is generated from the dataclasses above),
+# just without its line of help; tests/test_deploy_config.py insists on one.
+KEY_HELP = {
+    "data_dir": "Guest assets, images, flattened rootfs, VM templates, writable disks.",
+    "state_dir": "One folder per sandbox or pod (state.json, sockets, logs).",
+    "vm.accel": '"auto" probes once whether KVM really boots the guest fast; "tcg" | "kvm".',
+    "vm.vcpus": "vCPUs of a VM (for a pod, its CPU limit is added).",
+    "vm.memory_mib": "Guest RAM in MiB (for a pod, its memory limit is added).",
+    "vm.boot_timeout": "Seconds a VM may take to boot to a ready agent.",
+    "vm.agent_timeout": "Seconds an agent request may take.",
+    "vm.snapshot": "Start VMs by restoring a VM template snapshot instead of booting.",
+    "vm.qemu_binary": "QEMU to run (a name on PATH or a path).",
+    "vm.hypervisor": '"qemu" | "firecracker" (docs/firecracker.md).',
+    "vm.firecracker_binary": "Firecracker to run (a name on PATH or a path).",
+    "vm.fc_placeholder_drives": "Container disks a Firecracker VM can take.",
+    "guest.kernel": "Your own bzImage instead of the built one (empty: built).",
+    "guest.initrd": "Your own initrd instead of the built one (empty: built).",
+    "guest.rootfs": "Your own guest rootfs image instead of the built one (empty: built).",
+    "guest.kernel_package": "Debian package `ember guest build` takes the guest kernel from.",
+    "guest.extra_cmdline": "Appended to the guest kernel command line.",
+    "jailer.enabled": "Run every VMM through ember-jailer (docs/jailer.md).",
+    "jailer.chroot_base_dir": "Where the jails are made.",
+    "jailer.uid_base": "First uid (and gid) handed to jailed VMMs, one per sandbox.",
+    "jailer.uid_count": "How many uids from uid_base.",
+    "jailer.allow_root": "Let a VMM run as uid 0 (refused unless true).",
+    "jailer.seccomp": 'The VMM\'s seccomp filter: "kill" | "log" | "off".',
+    "jailer.cgroup_version": "1 or 2; 0 detects the host's.",
+    "jailer.parent_cgroup": "The cgroup under which jails get theirs.",
+}
+
+_DEFAULT_FILE_HEAD = f"""\
+# Ember's configuration ({DEFAULT_CONFIG_PATH}, or $EMBER_CONFIG, or the
+# ConfigPath of a containerd runtime handler).
+#
+# Written by `ember config default` from Ember's own defaults: every key is
+# here, commented out, with its default value. Uncomment a line to change it.
+# EMBER_DATA_DIR, EMBER_STATE_DIR and EMBER_ACCEL override this file.
+"""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _key_lines(obj: object, prefix: str) -> list[str]:
+    lines = []
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if f.name == "source" or is_dataclass(value):
+            continue
+        help_text = KEY_HELP.get(prefix + f.name)
+        lines += [f"# {help_text}"] if help_text else []
+        lines.append(f"# {f.name} = {_toml_value(value)}")
+    return lines
+
+
+def default_config_text() -> str:
+    """The default configuration file: every key, commented out, at its default.
+
+    Generated from the dataclasses, so it lists exactly the keys
+    :func:`load_config` accepts with exactly the values it defaults to.
+    """
+    cfg = Config()
+    parts = [_DEFAULT_FILE_HEAD, "\n".join(_key_lines(cfg, "")) + "\n"]
+    for f in fields(cfg):
+        table = getattr(cfg, f.name)
+        if is_dataclass(table):
+            parts.append(f"[{f.name}]\n" + "\n".join(_key_lines(table, f.name + ".")) + "\n")
+    return "\n".join(parts)
+
+
+def write_default_config(path: str | os.PathLike) -> bool:
+    """Write :func:`default_config_text` to ``path`` unless something is there.
+
+    Never overwrites, even racing another writer: the file is written under a
+    temp name and hard-linked into place, which fails if ``path`` exists.
+    Returns whether it wrote the file.
+    """
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        return False
+    if target.parent.exists() and not target.parent.is_dir():
+        raise EmberError(f"cannot write {target}: {target.parent} is not a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", dir=target.parent)
+    except OSError as exc:
+        raise EmberError(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(default_config_text())
+        os.chmod(tmp, 0o644)
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise EmberError(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        os.unlink(tmp)
+    return True

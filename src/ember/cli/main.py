@@ -277,8 +277,10 @@ main.add_command(pull)
 main.add_command(guest)
 
 from ember.cli.check import check_cmd  # noqa: E402
+from ember.cli.config import config_group  # noqa: E402
 
 main.add_command(check_cmd)
+main.add_command(config_group)
 
 try:  # the Kubernetes commands are optional at import time
     from ember.k8s.cli import k8s_group  # noqa: E402
