@@ -69,8 +69,14 @@ def validate(name: str, mac: str, mtu: int, addresses: list[str],
 
 def configure(name: str, mac: str, mtu: int, addresses: list[str],
               routes: list[tuple[str, str]]) -> None:
-    """Rename, address and route the guest NIC; idempotent for the same request."""
+    """Rename, address and route the guest NIC; idempotent for the same request.
+
+    Loopback comes up too: the pod's containers share the guest's network
+    namespace, where the kernel leaves ``lo`` down, and Kubernetes promises
+    them a working ``localhost`` (port-forward dials 127.0.0.1 in the guest).
+    """
     validate(name, mac, mtu, addresses, routes)
+    _ip("link", "set", "dev", "lo", "up")
     nic = guest_nic()
     _ip("link", "set", "dev", nic, "down")
     if nic != name:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ember import __version__
 from ember.agent import cgroups, netconf, spec, storage, system
 from ember.agent.crun import Crun
+from ember.agent.portfwd import PortTable
 from ember.agent.process import Process, launch
 from ember.agent.proto import agent_pb2 as pb
 from ember.agent.reaper import Reaper
@@ -50,6 +51,7 @@ class AgentService:
         self.reaper = reaper
         self.pid1 = pid1
         self.on_destroy = on_destroy
+        self.ports = PortTable()  # port forwarding (kubectl port-forward)
         os.makedirs(os.path.join(self.base, "containers"), exist_ok=True)
         self.crun = Crun(reaper, os.path.join(self.base, "crun"), os.path.join(self.base, "logs"),
                          crun_binary, cgroup_manager)
@@ -339,19 +341,22 @@ class AgentService:
     # -- port forwarding (ember.agent.portfwd) -----------------------------------
 
     def ListPorts(self, req: pb.Empty, ctx: Context) -> pb.ListPortsResponse:
-        raise TTRPCError(Code.UNIMPLEMENTED, "ListPorts is not implemented")
+        return pb.ListPortsResponse(ports=self.ports.list_ports())
 
     def PortConnect(self, req: pb.PortConnectRequest, ctx: Context) -> pb.PortConnectResponse:
-        raise TTRPCError(Code.UNIMPLEMENTED, "PortConnect is not implemented")
+        return pb.PortConnectResponse(conn_id=self.ports.connect(req.port))
 
     def PortWrite(self, req: pb.PortWriteRequest, ctx: Context) -> pb.Empty:
-        raise TTRPCError(Code.UNIMPLEMENTED, "PortWrite is not implemented")
+        self.ports.write(req.conn_id, req.data, req.close_write)
+        return EMPTY
 
     def PortRead(self, req: pb.PortReadRequest, ctx: Context) -> pb.PortReadResponse:
-        raise TTRPCError(Code.UNIMPLEMENTED, "PortRead is not implemented")
+        data, eof = self.ports.read(req.conn_id, req.max_bytes, req.wait_ms)
+        return pb.PortReadResponse(data=data, eof=eof)
 
     def PortClose(self, req: pb.PortCloseRequest, ctx: Context) -> pb.Empty:
-        raise TTRPCError(Code.UNIMPLEMENTED, "PortClose is not implemented")
+        self.ports.close(req.conn_id)
+        return EMPTY
 
     def DestroySandbox(self, req: pb.Empty, ctx: Context) -> pb.Empty:
         with self._lock:
