@@ -10,7 +10,9 @@ them.
 When the sandbox container joins a network namespace (CRI: the one CNI set
 up, with ``eth0``), the VM gets a NIC: ``ember.net.podnet`` redirects eth0 to
 a tap with tc, QEMU gets the tap, and the agent gives the guest NIC eth0's
-MAC, addresses, MTU and routes. ``EMBER_POD_NETWORK=0`` in the shim's
+MAC, addresses, MTU and routes; while the VM runs, ``ember.shim.portforward``
+serves the guest's listening TCP ports on that namespace's loopback, where
+containerd's PortForward dials. ``EMBER_POD_NETWORK=0`` in the shim's
 environment turns this off (the VM then has no NIC, as before).
 
 ``pod.json`` in the pod folder records what a crashed shim leaves behind (the
@@ -31,7 +33,7 @@ from pathlib import Path
 from ember.config import Config
 from ember.net import podnet
 from ember.sandbox.vm import SandboxVM
-from ember.shim import cgroups
+from ember.shim import cgroups, portforward
 from ember.util import atomic_write_json
 
 log = logging.getLogger("ember.shim.pod")
@@ -99,6 +101,7 @@ class Pod:
         self.cgroups_created: list[str] = []
         self.cgroup: str | None = None
         self.netns: str | None = None  # the pod netns whose eth0 is redirected to the VM
+        self.ports: portforward.PortForwarder | None = None  # guest ports on netns's loopback
         self._lock = threading.Lock()
 
     @property
@@ -174,12 +177,17 @@ class Pod:
         if self.cgroup and vm.vmm is not None and vm.vmm.pid and not self.jailed:
             cgroups.enter(self.cgroup, [vm.vmm.pid])  # a jailed VMM is in <pod>/<id> already
         self.record()
+        if self.netns is not None:
+            self.ports = portforward.start(vm.agent, self.netns)
         log.info("pod VM %s up: %d vCPU, %d MiB, vmm pid %s, restored=%s", self.group_id[:12],
                  vcpus, memory, self.vmm_pid, vm.restored)
 
     def shutdown(self) -> None:
         with self._lock:
             vm, self.vm = self.vm, None
+            ports, self.ports = self.ports, None
+        if ports is not None:
+            ports.stop()  # while the agent still answers: it closes the guest ends
         if vm is not None:
             try:
                 vm.shutdown(timeout=3.0)
