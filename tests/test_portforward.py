@@ -504,8 +504,8 @@ def _pod_netns(client, pod: str) -> str:
     return next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
 
 
-def _http_get(s: socket.socket) -> str:
-    s.sendall(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+def _http_get(s: socket.socket, path: str = "/index.html") -> str:
+    s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
     return recv_all(s, 30).decode(errors="replace")
 
 
@@ -530,6 +530,7 @@ def test_cri_port_forward_reaches_the_guest(cri) -> None:
         assert client.pod_status(pod).network.ip.startswith("10.77.9."), "CNI subnet"
         cid = client.create_container(pod, "web", BUSYBOX, [
             "sh", "-c", f"mkdir -p /www && echo '{PAGE}' > /www/index.html && "
+                        "seq 1 300000 > /www/big.txt && "
                         f"exec busybox httpd -f -p {HTTP_PORT} -h /www"])
         client.start_container(cid)
         # Before the forwarder picks the port up nothing listens; it polls about every 0.75 s.
@@ -544,6 +545,10 @@ def test_cri_port_forward_reaches_the_guest(cri) -> None:
                 raise AssertionError(f"{exc}\n{_shim_logs(work)}") from exc
         assert reply.startswith("HTTP/1.") and " 200 " in reply.splitlines()[0], reply
         assert reply.endswith(PAGE + "\n"), reply
+        with dial(netns, HTTP_PORT) as s:  # about 2 MB, many PortRead round trips
+            reply = _http_get(s, "/big.txt")
+        body = "".join(f"{i}\n" for i in range(1, 300001))
+        assert reply.endswith("\r\n\r\n" + body), reply[:300]
         if f"[::1]:{HTTP_PORT}" in netns_listeners(netns):  # the namespace has IPv6
             with dial(netns, HTTP_PORT, "::1") as s:
                 assert _http_get(s).endswith(PAGE + "\n")
