@@ -97,7 +97,7 @@ def test_netns_path_and_guest_spec() -> None:
     spec = {"process": {"args": ["sh"]},
             "linux": {"namespaces": [{"type": "pid"},
                                      {"type": "network", "path": "/var/run/netns/cni-1"},
-                                     {"type": "ipc", "path": "/proc/1/ns/ipc"}]}}
+                                     {"type": "ipc", "path": "/run/ember-test/ns/ipc"}]}}
     assert podnet.netns_path(spec) == "/var/run/netns/cni-1"
     assert podnet.netns_path({"linux": {"namespaces": [{"type": "network"}]}}) is None
     guest, _ = guestspec.for_guest(spec, "c1")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember import __version__
-from ember.agent import cgroups, netconf, spec, storage, system
+from ember.agent import cgroups, netconf, signals, spec, storage, system
 from ember.agent.crun import Crun
 from ember.agent.portfwd import PortTable
 from ember.agent.process import Process, launch
@@ -94,7 +94,8 @@ class AgentService:
         mounts: list[str] = []
         try:
             # Fail fast on a bad spec, before anything is mounted.
-            spec.prepare(req.oci_spec, cid, "/", False, ["/"] * len(req.extra_disks))
+            spec.prepare(req.oci_spec, cid, "/", False, ["/"] * len(req.extra_disks),
+                         self._init_pid)
             if not req.HasField("rootfs") or not req.rootfs.kind:
                 raise TTRPCError(Code.INVALID_ARGUMENT, "CreateContainer needs a rootfs disk")
             storage.remove_tree(bundle)
@@ -107,7 +108,7 @@ class AgentService:
                                    list(dev.options), self.reaper.run_command, self.disk_timeout)
                 mounts.append(target)
             config = spec.prepare(req.oci_spec, cid, mounts[0], req.rootfs.readonly,
-                                  mounts[1:])
+                                  mounts[1:], self._init_pid)
             _write_json(os.path.join(bundle, "config.json"), config)
             proc = Process(cid, "", terminal=bool(config["process"].get("terminal")))
             launch(self.crun, proc, ["create", "--bundle", bundle, cid],
@@ -124,6 +125,12 @@ class AgentService:
             with self._lock:
                 self._reserved.discard(cid)
         return EMPTY
+
+    def _init_pid(self, cid: str) -> int | None:
+        """The pid of a container's init while it runs: the pod's namespaces are its."""
+        with self._lock:
+            c = self._containers.get(cid)
+        return c.init.pid if c is not None and c.init.running else None
 
     def StartContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
         c = self._container(req.container_id)
@@ -182,6 +189,10 @@ class AgentService:
         p = self._process(req.container_id, req.exec_id)
         if not p.running:
             raise TTRPCError(Code.NOT_FOUND, f"process {p.name} is not running")
+        if signals.would_be_lost(p.pid, req.signal):
+            # A namespace init still starting: hold the signal until it can take it.
+            signals.send_when_caught(p.pid, req.signal, lambda: p.running, p.name)
+            return EMPTY
         try:
             os.kill(p.pid, req.signal)
         except ProcessLookupError as e:

@@ -2,20 +2,26 @@
 
 The host knows the image and the user's options; only the guest knows where
 the disks are mounted. So the agent fills in root.path, resolves extra-disk
-mounts (``"source": "ember-disk:N"`` means extra_disks[N]), and makes sure
-the container gets its own namespaces and cgroup even if the host left them
-out.
+mounts (``"source": "ember-disk:N"`` means extra_disks[N]), resolves pod
+namespaces (``"path": "ember-sandbox:ID"`` means container ID's, see
+``resolve_namespaces``), and makes sure the container gets its own namespaces
+and cgroup even if the host left them out.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from ember.ttrpc import Code, TTRPCError
 
 REQUIRED_NAMESPACES = ("pid", "mount", "ipc", "uts")
 DISK_SOURCE = "ember-disk:"
+# A namespace path the shim writes for "the namespace of that container of the pod":
+# only the agent knows guest pids.
+SANDBOX_NS = "ember-sandbox:"
+POD_NAMESPACES = ("ipc", "uts", "pid")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -46,9 +52,44 @@ def check_process(proc: object, what: str) -> dict:
     return proc
 
 
+def resolve_namespaces(namespaces: list, container_id: str,
+                       init_pid: Callable[[str], int | None] | None) -> set[str]:
+    """Turn each ``ember-sandbox:ID`` namespace path into ``/proc/<pid>/ns/<type>``.
+
+    A pod's app containers share the sandbox container's UTS, IPC and (when the
+    pod asks) PID namespaces; the host names the sandbox, and the namespace is
+    that of its init here. ``init_pid`` gives a running container's init pid.
+    Returns the types of the namespaces joined.
+    """
+    joined: set[str] = set()
+    for ns in namespaces:
+        path = ns.get("path") if isinstance(ns, dict) else None
+        if not isinstance(path, str) or not path.startswith(SANDBOX_NS):
+            continue
+        kind, owner = ns.get("type"), path[len(SANDBOX_NS):]
+        if kind not in POD_NAMESPACES:
+            raise TTRPCError(Code.INVALID_ARGUMENT,
+                             f"OCI spec: a {kind} namespace cannot be shared with the sandbox "
+                             f"(only {', '.join(POD_NAMESPACES)})")
+        if owner == container_id:
+            raise TTRPCError(Code.INVALID_ARGUMENT,
+                             f"container {container_id!r} cannot join its own {kind} namespace")
+        pid = init_pid(owner) if init_pid is not None else None
+        if not pid:
+            raise TTRPCError(Code.FAILED_PRECONDITION,
+                             f"container {container_id!r} joins the {kind} namespace of sandbox "
+                             f"container {owner!r}, which is not running in this VM")
+        ns["path"] = f"/proc/{pid}/ns/{kind}"
+        joined.add(kind)
+    return joined
+
+
 def prepare(raw: bytes, container_id: str, rootfs: str, rootfs_readonly: bool,
-            disks: list[str]) -> dict:
-    """The config.json for a container, ready for crun."""
+            disks: list[str], init_pid: Callable[[str], int | None] | None = None) -> dict:
+    """The config.json for a container, ready for crun.
+
+    ``init_pid`` resolves pod namespaces (see ``resolve_namespaces``).
+    """
     spec = parse_json(raw, "OCI spec")
     check_process(spec.get("process"), "OCI spec")
     root = spec.get("root") if isinstance(spec.get("root"), dict) else {}
@@ -57,6 +98,10 @@ def prepare(raw: bytes, container_id: str, rootfs: str, rootfs_readonly: bool,
     if not isinstance(linux, dict):
         raise TTRPCError(Code.INVALID_ARGUMENT, "OCI spec: linux must be an object")
     namespaces = linux.setdefault("namespaces", [])
+    if not isinstance(namespaces, list):
+        raise TTRPCError(Code.INVALID_ARGUMENT, "OCI spec: linux.namespaces must be a list")
+    if "uts" in resolve_namespaces(namespaces, container_id, init_pid):
+        spec.pop("hostname", None)  # the pod's hostname is the sandbox's to set
     have = {ns.get("type") for ns in namespaces if isinstance(ns, dict)}
     for ns in REQUIRED_NAMESPACES:
         if ns not in have:

@@ -9,7 +9,10 @@ So:
 * namespaces keep their type but lose their path (the guest makes new ones),
   except a network namespace with a path (the pod's, made by CNI on the
   host): that entry goes, so the container shares the guest's network, which
-  is the pod's (its NIC carries eth0's identity, see ember.net.podnet);
+  is the pod's (its NIC carries eth0's identity, see ember.net.podnet); and an
+  app container's IPC, UTS and PID paths, which name the sandbox's: they join
+  the sandbox container's in the guest (ember.shim.podns); host namespaces
+  and shared/slave mount propagation are refused (podns.HostSharingError);
 * bind mounts of host files and small directories are *copied* into the
   guest (under /run/ember/files/<id>/) and the mount points there; the pod's
   /dev/shm becomes a tmpfs; anything else that cannot be carried is dropped
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 import copy
 
-from ember.shim import volumes
+from ember.shim import podns, volumes
 from ember.shim.volumes import GuestFile
 
 
 def for_guest(spec: dict, container_id: str) -> tuple[dict, list[GuestFile]]:
     """The spec to hand to the guest agent, and the host files it needs copied in."""
+    podns.refuse_host_sharing(spec)
     out = copy.deepcopy(spec)
     process = out.get("process") or {}
     for key in ("apparmorProfile", "selinuxLabel"):
@@ -35,11 +39,7 @@ def for_guest(spec: dict, container_id: str) -> tuple[dict, list[GuestFile]]:
     out.pop("hooks", None)
     linux = out.setdefault("linux", {})
     linux.pop("mountLabel", None)
-    linux["namespaces"] = [
-        {k: v for k, v in ns.items() if k != "path"}
-        for ns in linux.get("namespaces") or []
-        if isinstance(ns, dict) and ns.get("type") != "user"
-        and not (ns.get("type") == "network" and ns.get("path"))]
+    linux["namespaces"] = podns.guest_namespaces(out)
     linux["cgroupsPath"] = f"/ember/{container_id}"
     files = volumes.carry_mounts(out, container_id)
     return out, files

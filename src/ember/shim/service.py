@@ -40,7 +40,7 @@ from ember.errors import (
     NotFoundError,
     VMError,
 )
-from ember.shim import guestspec, metrics, rootfs
+from ember.shim import guestspec, metrics, podns, rootfs
 from ember.shim.events import Publisher, timestamp
 from ember.shim.pod import Pod, SizeError, pod_identity
 from ember.shim.proto import events_pb2 as ev
@@ -168,6 +168,10 @@ class TaskService:
     def _create(self, req: pb.CreateTaskRequest) -> Container:
         cid = req.id
         spec = self._read_spec(req.bundle)
+        try:
+            podns.refuse_host_sharing(spec)  # before any VM boots: a refusal leaves nothing
+        except podns.HostSharingError as exc:
+            raise _err(exc) from None
         annotations = spec.get("annotations") or {}
         joining, sandbox = pod_identity(annotations)
         if joining:
@@ -403,21 +407,23 @@ class TaskService:
     def Kill(self, req: pb.KillRequest, ctx) -> empty_pb2.Empty:
         c, p = self._proc(req.id, req.exec_id)
         if p.status == STOPPED or p.exited.is_set():
-            raise TTRPCError(Code.FAILED_PRECONDITION,
-                             f"process {self._name(p)} has already exited")
+            raise self._already_finished(p)
         if c.vm_paused:
             self._resume_vm(c)  # a signal to a frozen VM would wait for the resume anyway
         try:
             self._agent().signal_process(c.id, p.exec_id, req.signal or 15,
                                          all=req.all and not p.exec_id)
-        except NotFoundError as exc:
-            if p.exited.wait(1.0):
-                raise TTRPCError(Code.FAILED_PRECONDITION,
-                                 f"process {self._name(p)} has already exited") from None
-            raise _err(exc) from None
+        except NotFoundError:
+            # The guest has no such running process: it is gone, whether or not
+            # its exit has reached us yet.
+            raise self._already_finished(p) from None
         except EmberError as exc:
             raise _err(exc) from None
         return EMPTY
+
+    def _already_finished(self, p: Proc) -> TTRPCError:
+        """runc's shim answer for a signal to an exited process: containerd's "not found"."""
+        return TTRPCError(Code.NOT_FOUND, f"process {self._name(p)} already finished: not found")
 
     def ResizePty(self, req: pb.ResizePtyRequest, ctx) -> empty_pb2.Empty:
         c, p = self._proc(req.id, req.exec_id)
