@@ -5,7 +5,11 @@ makes a hostile layer dangerous: every path is therefore resolved *inside* the
 root (symlinks followed as the container would see them, never out to the host),
 the final component is never followed, and ".." names are refused.
 Whiteouts follow the OCI spec: ``.wh.NAME`` deletes NAME from lower layers,
-``.wh..wh..opq`` hides everything the lower layers had in that directory.
+``.wh..wh..opq`` hides everything the lower layers had in that directory; a
+whiteout may only name an entry of its own folder (``.wh..`` would delete the
+folder itself, ``.wh...`` its parent: the staging folder's, on the host).
+File data is written with holes wherever the layer has them (sparse members)
+or holds only zeros, so a tiny layer cannot fill the host's disk.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import stat
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from ember.errors import ImageError
 from ember.image.blobs import CHUNK, open_layer
@@ -62,6 +67,36 @@ def _member_path(name: str, what: str) -> tuple[str, str] | None:
     return "/".join(parts[:-1]), parts[-1]
 
 
+def _whiteout_target(parent: Path, base: str, what: str, name: str) -> Path:
+    """The entry a ``.wh.NAME`` member deletes; refused unless NAME is one entry of ``parent``."""
+    victim = base[len(WHITEOUT) :]
+    if victim in ("", ".", "..") or "/" in victim:
+        raise ImageError(f"{what}: unsafe whiteout {name!r} in layer")
+    return parent / victim
+
+
+def _copy_sparse(src: IO[bytes], out: int, member: tarfile.TarInfo) -> None:
+    """Copy a member's data into ``out``, leaving holes for its holes and its zero runs.
+
+    A sparse member lists its data regions; only those are read. Within them,
+    whole chunks of zeros are skipped too (a plain tar of a zero-filled file
+    compresses to almost nothing). The file's length is set at the end.
+    """
+    raw = getattr(src, "raw", src)  # tarfile's unbuffered view: seek() is free in holes
+    regions = [(o, n) for o, n in (member.sparse or [(0, member.size)]) if n > 0]
+    for offset, length in regions:
+        raw.seek(offset)
+        done = 0
+        while done < length:
+            chunk = raw.read(min(CHUNK, length - done))
+            if not chunk:
+                raise ImageError(f"unexpected end of data in {member.name!r}")
+            if chunk != bytes(len(chunk)):
+                os.pwrite(out, chunk, offset + done)
+            done += len(chunk)
+    os.ftruncate(out, member.size)
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         with contextlib.suppress(FileNotFoundError):
@@ -91,7 +126,7 @@ class _LayerApplier:
             if base == OPAQUE:
                 self._opaque(parent)
             elif base.startswith(WHITEOUT):
-                target = parent / base[len(WHITEOUT) :]
+                target = _whiteout_target(parent, base, self.what, member.name)
                 if target.is_symlink() or target.exists():
                     _remove(target)
             else:
@@ -130,10 +165,12 @@ class _LayerApplier:
             _remove(target)
         if member.isfile():
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            src = tar.extractfile(member)
-            with os.fdopen(fd, "wb") as out:
+            try:
+                src = tar.extractfile(member)
                 if src is not None:
-                    shutil.copyfileobj(src, out, CHUNK)
+                    _copy_sparse(src, fd, member)
+            finally:
+                os.close(fd)
         elif member.issym():
             os.symlink(member.linkname, target)
         elif member.islnk():

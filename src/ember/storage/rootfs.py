@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -47,16 +48,21 @@ def flatten(store: ImageStore, image: Image) -> Path:
     dest = store.rootfs_path(image.id)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(dest.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    _private_dir(dest.parent)
+    lock_fd = os.open(dest.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # two `ember run`s of a new image build it once
         if dest.exists():
             return dest
         _drop_leftovers(dest.parent)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{image.short_id}-", dir=dest.parent))
+        # mkdtemp makes the outer folder 0700: no other user may reach (or run) an
+        # image's setuid files while they are unpacked. The inner folder becomes
+        # the image's "/", so it keeps the usual 0755.
+        outer = Path(tempfile.mkdtemp(prefix=f".staging-{image.short_id}-", dir=dest.parent))
+        staging = outer / "root"
+        staging.mkdir(mode=0o755)
+        os.chmod(staging, 0o755)
         try:
-            os.chmod(staging, 0o755)
             for n, layer in enumerate(image.layers, 1):
                 what = f"image {image.short_id} layer {n}/{len(image.layers)} ({layer.digest[:19]})"
                 blob = store.blob_path(layer.digest)
@@ -76,10 +82,21 @@ def flatten(store: ImageStore, image: Image) -> Path:
             )
             os.chmod(dest, 0o444)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(outer, ignore_errors=True)
         return dest
     finally:
         os.close(lock_fd)
+
+
+def _private_dir(path: Path) -> None:
+    """Make the flattened-image folder root-only, also when an older Ember made it 0755.
+
+    Jailed VMMs never open images by this path: they get a hard link in their
+    jail or a descriptor, so nothing but root needs to traverse it.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def _drop_leftovers(rootfs_dir: Path) -> None:
