@@ -122,7 +122,10 @@ def test_oci_blob_digest_mismatch_leaves_nothing(store: ImageStore, tmp_path: Pa
     img = make_image([layer([file("a", "good")]), layer([file("b", "good")])])
     layout = write_oci_layout(tmp_path / "layout", [(img, "localhost/bad:1")])
     bad = json.loads(img.manifest)["layers"][1]["digest"]
-    (layout / "blobs" / "sha256" / bad[7:]).write_bytes(layer([file("b", "evil")]))
+    evil = layer([file("b", "evil")])
+    good_size = json.loads(img.manifest)["layers"][1]["size"]
+    evil = (evil + bytes(good_size))[:good_size]  # the declared size, other bytes
+    (layout / "blobs" / "sha256" / bad[7:]).write_bytes(evil)
     with pytest.raises(ImageError, match=f"blob {bad}: digest mismatch"):
         store.import_archive(layout)
     assert_store_empty(store)

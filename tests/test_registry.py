@@ -144,7 +144,8 @@ def test_tampered_blob_is_rejected(registry: Registry, store: ImageStore, tmp_pa
     victim = json.loads(img.manifest)["layers"][1]["digest"][7:]
     storage = next(registry.log.parent.glob("registry-data"))
     data = storage / "docker/registry/v2/blobs/sha256" / victim[:2] / victim / "data"
-    data.write_bytes(layer([file("b", "evil")]))
+    size = json.loads(img.manifest)["layers"][1]["size"]
+    data.write_bytes((layer([file("b", "evil")]) + bytes(size))[:size])  # same size, other bytes
     with pytest.raises(ImageError, match=f"blob sha256:{victim}: digest mismatch"):
         store.pull(f"{registry.host}/tamper/me:1")
     assert_empty(store)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from ember.errors import ImageError
-from ember.image import oci
+from ember.image import oci, schema
 from ember.image.blobs import Staging, diff_id, sniff
 from ember.image.reference import normalize, parse_reference
 from ember.image.store import Image, ImageStore, Pending
@@ -54,17 +56,42 @@ class _Source:
             self.tar.close()
 
     def exists(self, name: str) -> bool:
+        _check_name(self.path, name)
         if self.tar is None:
-            return (self.path / name).is_file()
+            try:
+                fd = self._open_inside(name)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            try:
+                return stat.S_ISREG(os.fstat(fd).st_mode)
+            finally:
+                os.close(fd)
         member = self.members.get(_clean(name))
         return member is not None and (member.isfile() or member.islnk() or member.issym())
+
+    def _open_inside(self, name: str) -> int:
+        """Open a regular file of the folder; refuse one that is (or leads) outside it.
+
+        The check is made on the file actually opened (its /proc/self/fd link),
+        so a symlink swapped in between a check and the open cannot lead out.
+        """
+        fd = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if not real.is_relative_to(self.path.resolve()):
+                raise ImageError(f"{self.path}: {name} leads outside the folder (to {real})")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
         if not self.exists(name):
             raise ImageError(f"{self.path}: {name} is missing from the archive")
         if self.tar is None:
-            with open(self.path / name, "rb") as f:
+            with os.fdopen(self._open_inside(name), "rb") as f:
                 yield f
             return
         member = self.members[_clean(name)]
@@ -84,6 +111,14 @@ class _Source:
 
 def _clean(name: str) -> str:
     return str(PurePosixPath("/", name))[1:]
+
+
+def _check_name(archive: Path, name: object) -> None:
+    """Names in manifest.json / index.json are relative paths inside the archive, nothing else."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ImageError(f"{archive}: invalid file name {name!r} in the archive's manifest")
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        raise ImageError(f"{archive}: refusing {name!r}: paths must stay inside the archive")
 
 
 def import_archive(store: ImageStore, path: Path, name: str | None = None) -> list[Image]:
@@ -116,14 +151,15 @@ def import_archive(store: ImageStore, path: Path, name: str | None = None) -> li
         source.close()
 
 
-def _stage(source: _Source, staging: Staging, digest: str) -> None:
-    """Copy one blob of an OCI layout into staging, verifying its digest."""
-    oci.check_digest(digest, f"{source.path}: descriptor")
+def _stage(source: _Source, staging: Staging, desc: dict) -> str:
+    """Copy the blob a (validated) descriptor names into staging, verifying digest and size."""
+    digest = oci.check_digest(desc.get("digest"), f"{source.path}: descriptor")
     if staging.has(digest):
-        return
+        return digest
     member = f"blobs/sha256/{digest.split(':', 1)[1]}"
     with source.open(member) as f:
-        staging.add_file(f, digest, f"{source.path}: blob {digest}")
+        staging.add_file(f, digest, f"{source.path}: blob {digest}", desc["size"])
+    return digest
 
 
 def _names_from_annotations(annotations: dict) -> list[str]:
@@ -137,31 +173,24 @@ def _names_from_annotations(annotations: dict) -> list[str]:
 
 
 def _import_oci(source: _Source, staging: Staging) -> list[Pending]:
-    index = oci.load_json(source.read("index.json"), f"{source.path}: index.json")
-    entries = index.get("manifests")
-    if not isinstance(entries, list):
-        raise ImageError(f"{source.path}: index.json has no manifests list")
+    index = oci.parse_index(source.read("index.json"), f"{source.path}: index.json")
     pending: list[Pending] = []
     skipped: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise ImageError(f"{source.path}: index.json has a malformed entry")
+    for entry in index["manifests"]:
         desc = entry
-        digest = oci.check_digest(entry.get("digest"), f"{source.path}: index.json")
-        platform = entry.get("platform")
         if oci.media_type_of(entry) in oci.INDEX_TYPES:
-            _stage(source, staging, digest)
-            nested = oci.load_json(staging.read(digest), f"{source.path}: index {digest}")
-            desc = oci.select_platform(nested, f"{source.path}: index {digest}")
-        elif platform and (platform.get("os"), platform.get("architecture")) != oci.PLATFORM:
-            skipped.append(f"{platform.get('os')}/{platform.get('architecture')}")
+            digest = _stage(source, staging, entry)
+            what = f"{source.path}: index {digest}"
+            desc = oci.select_platform(oci.parse_index(staging.read(digest), what), what)
+        elif "platform" in entry and oci.platform_of(entry) != oci.PLATFORM:
+            skipped.append("{}/{}".format(*oci.platform_of(entry)))
             continue
-        mdigest = desc["digest"]
-        _stage(source, staging, mdigest)
+        mdigest = _stage(source, staging, desc)
         manifest = oci.parse_manifest(staging.read(mdigest), f"{source.path}: manifest {mdigest}")
-        _stage(source, staging, manifest["config"]["digest"])
-        for layer in oci.manifest_layers(manifest):
-            _stage(source, staging, layer.digest)
+        config = _stage(source, staging, manifest["config"])
+        oci.parse_config(staging.read(config), f"{source.path}: config {config}")
+        for layer in manifest["layers"]:
+            _stage(source, staging, layer)
         pending.append(Pending(mdigest, _names_from_annotations(entry.get("annotations") or {})))
     if not pending and skipped:
         raise ImageError(f"{source.path}: no linux/amd64 image (has {', '.join(skipped)})")
@@ -169,22 +198,22 @@ def _import_oci(source: _Source, staging: Staging) -> list[Pending]:
 
 
 def _import_docker(source: _Source, staging: Staging) -> list[Pending]:
+    what = f"{source.path}: manifest.json"
     try:
         entries = json.loads(source.read("manifest.json"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImageError(f"{source.path}: manifest.json is not valid JSON ({exc})") from None
-    if not isinstance(entries, list):
-        raise ImageError(f"{source.path}: manifest.json must be a list")
+    except RecursionError:
+        raise ImageError(f"{what}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise ImageError(f"{what}: not valid JSON ({exc})") from None
+    schema.validate(entries, schema.DOCKER_SAVE, what)
     pending: list[Pending] = []
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
-            raise ImageError(f"{source.path}: manifest.json entry lacks Config")
         config_name = entry["Config"]
         config_bytes = source.read(config_name)
         config_digest, config_size = staging.add_bytes(
             config_bytes, _digest_from_name(config_name), f"{source.path}: config {config_name}"
         )
-        config = oci.load_json(config_bytes, f"{source.path}: {config_name}")
+        config = oci.parse_config(config_bytes, f"{source.path}: {config_name}")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
         layer_names = entry.get("Layers") or []
         if len(diff_ids) != len(layer_names):

@@ -2,7 +2,8 @@
 
 Registries answer an anonymous request with 401 and a challenge; for
 ``Bearer realm=...,service=...,scope=...`` we fetch a token from the realm
-(sending the user's password there, never to the registry itself) and retry.
+(sending the user's password there only if the realm is https or on the
+registry's own host: a plain-http realm elsewhere is refused) and retry.
 Credentials come from ``EMBER_REGISTRY_AUTH=user:pass`` or a Docker-style
 ``~/.docker/config.json``. TLS uses the system CA store plus an optional
 ``EMBER_REGISTRY_CA`` file, so a private registry's CA can be trusted without
@@ -18,6 +19,7 @@ import os
 import re
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -148,8 +150,26 @@ class Authorizer:
                 f"registry {self.registry}: unsupported authentication challenge {scheme or 'none'!r}"
             )
 
+    def _realm_may_have_credentials(self, realm: str) -> bool:
+        """Only an https realm, or one on the registry's own host, may see the password.
+
+        The realm comes from the registry's answer; over plain http it could name
+        any host, and sending Basic credentials there would hand them out.
+        """
+        url = urlsplit(realm)
+        if url.scheme == "https":
+            return True
+        return url.scheme == "http" and (url.hostname or "") == registry_hostname(self.registry)
+
     def _token(self, params: dict[str, str]) -> str:
         realm = params["realm"]
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise ImageError(f"registry {self.registry}: token realm {realm!r} is not an http(s) URL")
+        if self.creds and not self._realm_may_have_credentials(realm):
+            raise ImageError(
+                f"registry {self.registry}: token realm {realm} is plain http on another host; "
+                "refusing to send credentials there"
+            )
         query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
@@ -182,6 +202,13 @@ class Authorizer:
                 f"registry {self.registry}: access to {self.repository} denied for user {self.creds[0]!r}"
             )
         return self._need_login()
+
+
+def registry_hostname(registry: str) -> str:
+    """The host part of a registry name: "[::1]:5000" -> "::1", "r.io:443" -> "r.io"."""
+    if registry.startswith("["):
+        return registry[1:].split("]", 1)[0]
+    return registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
 
 
 def short_reason(exc: BaseException) -> str:

@@ -13,9 +13,10 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -31,11 +32,23 @@ def blob_path(root: Path, digest: str) -> Path:
     return root / "blobs" / "sha256" / check_digest(digest, "blob").split(":", 1)[1]
 
 
+def private_root(images_dir: Path) -> None:
+    """Create the store root as 0700 (and fix an older 0755 one).
+
+    Blobs hold whatever an image baked in (keys, tokens); only root reads them,
+    so no other user needs to traverse the store at all.
+    """
+    images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(images_dir.stat().st_mode) != 0o700:
+        os.chmod(images_dir, 0o700)
+
+
 class Staging:
     """A private folder of verified blobs waiting to be committed to the store."""
 
     def __init__(self, images_dir: Path) -> None:
         self.store_root = images_dir
+        private_root(images_dir)
         tmp_root = images_dir / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="stage-", dir=tmp_root))
@@ -59,18 +72,26 @@ class Staging:
         return self.path(digest).exists()
 
     def add_chunks(
-        self, chunks: Iterable[bytes], expected: str | None, what: str
+        self, chunks: Iterable[bytes], expected: str | None, what: str, size: int | None = None
     ) -> tuple[str, int]:
-        """Write a stream, verify it against ``expected`` and keep it; return (digest, size)."""
+        """Write a stream, verify it against ``expected`` and keep it; return (digest, size).
+
+        With ``size`` (a descriptor's), a longer stream is cut off as soon as it
+        passes that size and a shorter one is refused: nothing hostile fills the disk.
+        """
         h = hashlib.sha256()
-        size = 0
+        written = 0
         fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
+                    written += len(chunk)
+                    if size is not None and written > size:
+                        raise ImageError(f"{what}: larger than the {size} bytes its descriptor says")
                     h.update(chunk)
-                    size += len(chunk)
                     f.write(chunk)
+            if size is not None and written != size:
+                raise ImageError(f"{what}: {written} bytes, but its descriptor says {size}")
             digest = "sha256:" + h.hexdigest()
             if expected is not None and digest != expected:
                 raise ImageError(f"{what}: digest mismatch (expected {expected}, got {digest})")
@@ -80,10 +101,12 @@ class Staging:
                 os.unlink(tmp)
             raise
         self.digests.add(digest)
-        return digest, size
+        return digest, written
 
-    def add_file(self, f: IO[bytes], expected: str | None, what: str) -> tuple[str, int]:
-        return self.add_chunks(iter(lambda: f.read(CHUNK), b""), expected, what)
+    def add_file(
+        self, f: IO[bytes], expected: str | None, what: str, size: int | None = None
+    ) -> tuple[str, int]:
+        return self.add_chunks(bounded_chunks(f.read, size), expected, what, size)
 
     def add_bytes(self, data: bytes, expected: str | None, what: str) -> tuple[str, int]:
         return self.add_chunks([data], expected, what)
@@ -94,6 +117,24 @@ class Staging:
         if path.stat().st_size > limit:
             raise ImageError(f"blob {digest}: larger than {limit} bytes, refusing to parse")
         return path.read_bytes()
+
+
+def bounded_chunks(read: Callable[[int], bytes], size: int | None) -> Iterator[bytes]:
+    """Chunks from ``read`` that never ask for more than one byte past ``size``.
+
+    That one byte is how an overlong stream is noticed without reading the rest.
+    """
+    left = size
+    while True:
+        want = CHUNK if left is None else min(CHUNK, left + 1)
+        chunk = read(want)
+        if not chunk:
+            return
+        yield chunk
+        if left is not None:
+            left -= len(chunk)
+            if left < 0:
+                return
 
 
 def sniff(path: Path) -> str:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from ember.errors import ImageError
+from ember.image import schema
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -73,12 +74,15 @@ class Image:
 
 
 def load_json(data: bytes, what: str) -> dict:
+    """Parse a JSON object; any failure (nesting too deep included) is one ImageError."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImageError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ImageError(f"{what}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise ImageError(f"{what}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(doc, dict):
-        raise ImageError(f"{what}: expected a JSON object")
+        raise ImageError(f"{what}: expected a JSON object, not {type(doc).__name__}")
     return doc
 
 
@@ -93,14 +97,19 @@ def media_type_of(doc: dict, fallback: str | None = None) -> str:
 
 
 def parse_manifest(data: bytes, what: str) -> dict:
-    """Validate an image manifest (not an index) and return it."""
+    """Validate an untrusted image manifest (not an index) against the spec's types."""
     doc = load_json(data, what)
-    if doc.get("schemaVersion") == 1:
-        raise ImageError(f"{what}: Docker schema 1 manifests are not supported")
-    if doc.get("schemaVersion") != 2:
-        raise ImageError(f"{what}: unsupported manifest schemaVersion {doc.get('schemaVersion')!r}")
-    config = doc.get("config")
-    layers = doc.get("layers")
+    schema.validate(doc, schema.MANIFEST, what)
+    return doc
+
+
+def read_manifest(data: bytes, what: str) -> dict:
+    """A manifest already in the store (validated when it came in): check only its shape.
+
+    Kept lenient so that images committed by an older Ember still load.
+    """
+    doc = load_json(data, what)
+    config, layers = doc.get("config"), doc.get("layers")
     if not isinstance(config, dict) or not isinstance(layers, list):
         raise ImageError(f"{what}: manifest lacks config or layers")
     check_digest(config.get("digest"), f"{what} config")
@@ -111,32 +120,53 @@ def parse_manifest(data: bytes, what: str) -> dict:
     return doc
 
 
+def parse_index(data: bytes, what: str) -> dict:
+    """Validate an untrusted image index / manifest list against the spec's types."""
+    doc = load_json(data, what)
+    schema.validate(doc, schema.INDEX, what)
+    return doc
+
+
+def parse_config(data: bytes, what: str) -> dict:
+    """Validate an untrusted image config: what Ember and ``ember images`` read is typed."""
+    doc = load_json(data, what)
+    schema.validate(doc, schema.CONFIG, what)
+    return doc
+
+
 def manifest_layers(manifest: dict) -> list[Layer]:
     return [
-        Layer(entry["digest"], entry.get("mediaType", OCI_LAYER), int(entry.get("size", 0)))
+        Layer(entry["digest"], entry.get("mediaType", OCI_LAYER), _size_or_zero(entry))
         for entry in manifest["layers"]
     ]
 
 
+def _size_or_zero(entry: dict) -> int:
+    size = entry.get("size", 0)
+    return size if isinstance(size, int) and not isinstance(size, bool) else 0
+
+
 def select_platform(index: dict, what: str) -> dict:
-    """Pick the linux/amd64 entry of a manifest list / OCI index (the only guest we run)."""
+    """Pick the linux/amd64 entry of a validated manifest list / OCI index (the only guest we run)."""
     entries = index.get("manifests")
     if not isinstance(entries, list) or not entries:
         raise ImageError(f"{what}: manifest list is empty")
     candidates = [e for e in entries if isinstance(e, dict)]
     for entry in candidates:
-        platform = entry.get("platform") or {}
-        if (platform.get("os"), platform.get("architecture")) == PLATFORM:
+        if platform_of(entry) == PLATFORM:
             check_digest(entry.get("digest"), what)
             return entry
-    found = sorted(
-        "{}/{}".format(
-            (e.get("platform") or {}).get("os", "?"),
-            (e.get("platform") or {}).get("architecture", "?"),
-        )
-        for e in candidates
-    )
+    found = sorted("{}/{}".format(*platform_of(e)) for e in candidates)
     raise ImageError(f"{what}: no linux/amd64 image in the manifest list (has {', '.join(found)})")
+
+
+def platform_of(entry: dict) -> tuple[str, str]:
+    """(os, architecture) of a descriptor; "?" for what it does not say."""
+    platform = entry.get("platform")
+    if not isinstance(platform, dict):
+        return "?", "?"
+    os_name, arch = platform.get("os"), platform.get("architecture")
+    return (os_name if isinstance(os_name, str) else "?", arch if isinstance(arch, str) else "?")
 
 
 def make_manifest(config_digest: str, config_size: int, layers: list[Layer]) -> bytes:

@@ -9,10 +9,12 @@ everything is verified. Blobs the store already has are not downloaded again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 from collections.abc import Iterator
 
 import requests
+import urllib3
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,7 +27,7 @@ from rich.progress import (
 from ember.errors import ImageError
 from ember.image import oci
 from ember.image.auth import Authorizer, make_session, registry_error, short_reason
-from ember.image.blobs import CHUNK
+from ember.image.blobs import bounded_chunks
 from ember.image.reference import Reference, parse_reference
 from ember.image.store import Image, ImageStore, Pending
 
@@ -111,24 +113,29 @@ class RegistryClient:
         return body, oci.media_type_of(doc, resp.headers.get("Content-Type")), digest
 
     def blob(self, digest: str, size: int, progress: Progress | None) -> Iterator[bytes]:
-        """Stream a blob; the caller hashes and verifies it."""
-        resp = self._get(f"{self.base}/blobs/{digest}", {}, stream=True)
+        """Stream a blob, never reading past its descriptor's ``size``; the caller verifies it.
+
+        A registry that announces or sends more is cut off at once: a hostile
+        one cannot make us download (or store) more than the manifest declared.
+        """
+        resp = self._get(f"{self.base}/blobs/{digest}", {"Accept-Encoding": "identity"}, stream=True)
         with resp:
             if resp.status_code != 200:
                 raise ImageError(f"{self.ref}: cannot fetch blob {digest}: {registry_error(resp)}")
+            announced = resp.headers.get("Content-Length", "")
+            if announced.isdigit() and int(announced) > size:
+                raise ImageError(
+                    f"{self.ref}: blob {digest} is {announced} bytes, larger than the"
+                    f" {size} bytes its descriptor says"
+                )
             task = progress.add_task(digest[7:19], total=size or None) if progress else None
-            received = 0
             try:
-                for chunk in resp.iter_content(CHUNK):
-                    received += len(chunk)
-                    if size and received > size:
-                        raise ImageError(
-                            f"{self.ref}: blob {digest} is larger than its descriptor says"
-                        )
+                read = functools.partial(resp.raw.read, decode_content=True)
+                for chunk in bounded_chunks(read, size):
                     if progress is not None and task is not None:
                         progress.update(task, advance=len(chunk))
                     yield chunk
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise ImageError(
                     f"{self.ref}: download of blob {digest} failed: {short_reason(exc)}"
                 ) from None
@@ -142,23 +149,25 @@ def pull(store: ImageStore, ref_text: str, progress: bool = False) -> Image:
             ref.digest or ref.tag or "latest", ref.digest
         )
         if media_type in oci.INDEX_TYPES:
-            entry = oci.select_platform(oci.load_json(body, f"{ref} index"), f"{ref}")
+            entry = oci.select_platform(oci.parse_index(body, f"{ref} index"), f"{ref}")
             body, media_type, _ = client.manifest(entry["digest"], entry["digest"])
         if media_type and media_type not in oci.MANIFEST_TYPES:
             raise ImageError(f"{ref}: unsupported manifest type {media_type}")
         manifest = oci.parse_manifest(body, f"{ref} manifest")
         with store.staging() as staging:
             mdigest, _ = staging.add_bytes(body, None, "manifest")
-            blobs = [(manifest["config"]["digest"], int(manifest["config"].get("size", 0)))]
+            # parse_manifest made every size a required int64, so each blob is bounded.
+            blobs = [(manifest["config"]["digest"], manifest["config"]["size"])]
             blobs += [(la.digest, la.size) for la in oci.manifest_layers(manifest)]
             bar = _progress() if progress else None
             with bar or contextlib.nullcontext():
                 for digest, size in blobs:
-                    if staging.has(digest):
-                        continue
-                    staging.add_chunks(
-                        client.blob(digest, size, bar), digest, f"{ref}: blob {digest}"
-                    )
+                    if not staging.has(digest):
+                        staging.add_chunks(
+                            client.blob(digest, size, bar), digest, f"{ref}: blob {digest}", size
+                        )
+                    if digest == blobs[0][0]:  # the config: refuse a bad one before any layer
+                        oci.parse_config(staging.read(digest), f"{ref}: config {digest}")
             pending = Pending(
                 mdigest,
                 names=[f"{ref.name}:{ref.tag}"] if ref.tag else [],

@@ -28,7 +28,7 @@ from pathlib import Path
 from ember.config import Config
 from ember.errors import ImageError
 from ember.image import oci
-from ember.image.blobs import Staging, blob_path
+from ember.image.blobs import Staging, blob_path, private_root
 from ember.image.oci import Image
 from ember.image.reference import familiar_name, parse_reference
 from ember.util import atomic_write_json
@@ -69,7 +69,7 @@ class ImageStore:
     def _load(self, image_id: str, entry: dict) -> Image:
         mdigest = entry["manifest"]
         try:
-            manifest = oci.parse_manifest(
+            manifest = oci.read_manifest(
                 self.blob_path(mdigest).read_bytes(), f"manifest {mdigest}"
             )
             config = oci.load_json(self.blob_path(image_id).read_bytes(), f"config {image_id}")
@@ -160,8 +160,8 @@ class ImageStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         """Hold the store lock and yield the current index for modification."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        private_root(self.root)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self._index()
@@ -173,11 +173,11 @@ class ImageStore:
 
     def _commit(self, staging: Staging, pending: list[Pending]) -> list[Image]:
         """Move verified blobs into the store and record the images, atomically per call."""
+        checked = [self._checked_manifest(staging, p) for p in pending]  # before the lock
         with self._locked() as index:
             images = index["images"]
             entries: list[tuple[str, dict]] = []
-            for p in pending:
-                manifest = oci.parse_manifest(staging.read(p.manifest_digest), p.manifest_digest)
+            for p, manifest in zip(pending, checked, strict=True):
                 wanted = [p.manifest_digest, manifest["config"]["digest"]]
                 wanted += [la.digest for la in oci.manifest_layers(manifest)]
                 for digest in wanted:
@@ -211,6 +211,22 @@ class ImageStore:
             self._gc(images)
             atomic_write_json(self.index_path, index)
             return [self._load(image_id, images[image_id]) for image_id, _ in entries]
+
+    @staticmethod
+    def _checked_manifest(staging: Staging, p: Pending) -> dict:
+        """Validate what an image's readers will parse, so nothing malformed is committed.
+
+        The manifest and config are checked against the OCI spec's types (a config
+        that is a JSON array would otherwise break ``ember images`` for everyone).
+        """
+        manifest = oci.parse_manifest(staging.read(p.manifest_digest), p.manifest_digest)
+        config_digest = manifest["config"]["digest"]
+        try:
+            config = staging.read(config_digest)
+        except FileNotFoundError:
+            raise ImageError(f"config {config_digest} is missing from the import") from None
+        oci.parse_config(config, f"config {config_digest}")
+        return manifest
 
     def remove(self, ref: str) -> list[str]:
         """Untag a name, or delete an image given by id; collect unreferenced blobs.
@@ -247,7 +263,7 @@ class ImageStore:
             keep.add(image_id.split(":", 1)[1])
             keep.add(entry["manifest"].split(":", 1)[1])
             try:
-                manifest = oci.parse_manifest(
+                manifest = oci.read_manifest(
                     self.blob_path(entry["manifest"]).read_bytes(), "manifest"
                 )
             except (OSError, ImageError):
