@@ -71,8 +71,12 @@ def test_webhook_configurations_point_at_the_service():
         assert (ref["name"], ref["namespace"], ref["path"], ref["port"]) == (
             svc["metadata"]["name"], svc["metadata"]["namespace"], path,
             svc["spec"]["ports"][0]["port"])
-        (rule,) = hook["rules"]
+        rule, *more = hook["rules"]
         assert rule["resources"] == ["pods"] and rule["operations"] == ["CREATE"]
+        # Ephemeral containers are reviewed (validated; nothing to patch).
+        wanted = [] if kind.startswith("Mutating") else [["pods/ephemeralcontainers"]]
+        assert [r["resources"] for r in more] == wanted
+        assert all(r["operations"] == ["UPDATE"] for r in more)
         excluded = next(e for e in hook["namespaceSelector"]["matchExpressions"]
                         if e["key"] == "kubernetes.io/metadata.name")
         assert excluded["operator"] == "NotIn"

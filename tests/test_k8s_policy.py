@@ -8,7 +8,7 @@ import jsonpatch
 import pytest
 
 from ember.k8s.admission import class_patch, escape_pointer
-from ember.k8s.decide import decide
+from ember.k8s.decide import decide, decide_ephemeral
 from ember.k8s.policy import Policy, PolicyError, policy_from_dict, policy_to_dict
 
 
@@ -96,6 +96,44 @@ def test_forbid_applies_on_every_class():
     p = pod(securityContext={"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "1"}]})
     d = decide(p, "default", {}, policy)
     assert not d.allowed and "sysctls (pod: kernel.shm_rmid_forced)" in d.message
+
+
+@pytest.mark.parametrize("spec,ns,labels", [
+    ({"hostNetwork": True}, "default", {}),
+    ({"runtimeClassName": "runc"}, "default", {}),
+    ({"annotations": {"ember.io/runtime-class": "none"}}, "default", {}),
+    ({}, "optout", {"ember.io/runtime-class": "none"}),
+], ids=["hostNetwork", "other-class", "pod-opt-out", "namespace-opt-out"])
+def test_forbid_applies_to_pods_ember_leaves_alone(spec, ns, labels):
+    """forbid is a cluster rule: escaping Ember's classes does not escape it."""
+    policy = policy_from_dict({"allowPodOptOut": True, "features": {"privileged": "forbid"}})
+    p = pod(**spec)
+    p["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    d = decide(p, ns, labels, policy)
+    assert not d.allowed and d.result == "denied" and "privileged containers" in d.message
+    p["spec"]["containers"][0]["securityContext"] = {}
+    assert decide(p, ns, labels, policy).allowed  # without it: excluded / unchanged as before
+    p["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    assert decide(p, "kube-system", {}, policy).result == "excluded"
+
+
+def test_ephemeral_containers_are_judged_by_the_pods_class():
+    policy = policy_from_dict({"features": {"privileged": "forbid"}})
+    running = pod(runtimeClassName="ember-fc")
+    gpu = {"name": "dbg", "resources": {"limits": {"nvidia.com/gpu": 1}}}
+    added = copy.deepcopy(running)
+    added["spec"]["ephemeralContainers"] = [gpu]
+    d = decide_ephemeral(added, running, "default", policy)
+    assert not d.allowed and "ember-fc (firecracker) cannot run these ephemeral containers" \
+        in d.message and 'ephemeral container "dbg"' in d.message
+    # On runc the backend's limits do not apply; forbid rules still would.
+    other = copy.deepcopy(added)
+    other["spec"]["runtimeClassName"] = "runc"
+    assert decide_ephemeral(other, running, "default", policy).allowed
+    other["spec"]["ephemeralContainers"][0]["securityContext"] = {"privileged": True}
+    assert not decide_ephemeral(other, running, "default", policy).allowed
+    # Containers already there are not judged again.
+    assert decide_ephemeral(added, added, "default", policy).result == "unchanged"
 
 
 def test_patch_for_pods_without_metadata_or_annotations():

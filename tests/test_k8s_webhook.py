@@ -60,6 +60,13 @@ def tls(tmp_path_factory) -> dict[str, Path]:
 @contextmanager
 def webhook(tls: dict[str, Path], workdir: Path, *extra: str):
     """Run the webhook as a real process until the block ends; yields its base URL."""
+    with webhook_process(tls, workdir, *extra) as (url, _):
+        yield url
+
+
+@contextmanager
+def webhook_process(tls: dict[str, Path], workdir: Path, *extra: str):
+    """Like webhook(), yielding (base URL, process)."""
     port = free_port()
     log = workdir / f"webhook-{port}.log"
     with open(log, "wb") as out:
@@ -81,7 +88,7 @@ def webhook(tls: dict[str, Path], workdir: Path, *extra: str):
             if time.monotonic() > deadline:
                 raise AssertionError(f"webhook did not start: {log.read_text()}")
             time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -248,6 +255,68 @@ def test_privileged_is_forbidden_by_policy(server, tls):
         in resp["status"]["message"]
 
 
+def _privileged_with_host_root(**spec) -> dict:
+    """The review's attack: a privileged pod with hostPath /, escaping Ember somehow."""
+    pod = make_pod(volumes=[{"name": "root", "hostPath": {"path": "/"}}], **spec)
+    pod["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    return pod
+
+
+@pytest.mark.parametrize("namespace,pod", [
+    ("default", _privileged_with_host_root(hostNetwork=True)),
+    ("default", _privileged_with_host_root(runtimeClassName="runc")),
+    ("default", _privileged_with_host_root(runtimeClassName="ember-qemu")),
+    ("optout", _privileged_with_host_root()),
+], ids=["hostNetwork", "other-class", "ember-class", "namespace-opt-out"])
+def test_forbid_applies_whatever_the_runtime_class(server, tls, namespace, pod):
+    for endpoint in ("mutate", "validate"):
+        resp = post(server, tls, make_review(pod, namespace), endpoint)
+        assert resp["allowed"] is False, (endpoint, resp)
+        assert 'policy forbids these pod features: privileged containers (container "app")' \
+            in resp["status"]["message"]
+        assert "patch" not in resp
+
+
+def test_excluded_namespaces_stay_outside_the_policy(server, tls):
+    """System namespaces (also left out by the webhook configuration) run privileged daemons."""
+    pod = _privileged_with_host_root(namespace="kube-system", hostNetwork=True)
+    resp = post(server, tls, make_review(pod, "kube-system"))
+    assert resp["allowed"] is True and "patch" not in resp
+
+
+def ephemeral_review(running: dict, *added: dict) -> dict:
+    """What `kubectl debug` makes the API server send: an UPDATE of the subresource."""
+    review = make_review(running, operation="UPDATE")
+    updated = copy.deepcopy(running)
+    updated["spec"]["ephemeralContainers"] = [
+        *running["spec"].get("ephemeralContainers", []), *added]
+    request = review["request"]
+    request.update(subResource="ephemeralcontainers", object=updated, oldObject=running)
+    request["resource"] = {"group": "", "version": "v1", "resource": "pods"}
+    return review
+
+
+def test_ephemeral_containers_are_reviewed(server, tls):
+    running = make_pod(runtimeClassName="ember-fc")
+    debugger = {"name": "debugger", "image": "localhost/busybox:1", "targetContainerName": "app",
+                "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"}
+    for endpoint in ("mutate", "validate"):
+        resp = post(server, tls, ephemeral_review(running, debugger), endpoint)
+        assert resp["allowed"] is True and "patch" not in resp, resp
+        root = dict(debugger, name="root", securityContext={"privileged": True})
+        resp = post(server, tls, ephemeral_review(running, root), endpoint)
+        assert resp["allowed"] is False and "patch" not in resp
+        assert 'privileged containers (ephemeral container "root")' in resp["status"]["message"]
+    # A pod off Ember (runc, hostNetwork...) gets the forbid rules too.
+    off = make_pod(runtimeClassName="runc", hostNetwork=True)
+    resp = post(server, tls, ephemeral_review(off, root))
+    assert resp["allowed"] is False and "policy forbids" in resp["status"]["message"]
+    # Only the containers this update adds are judged.
+    with_root = copy.deepcopy(running)
+    with_root["spec"]["ephemeralContainers"] = [root]
+    assert post(server, tls, ephemeral_review(with_root, debugger))["allowed"] is True
+
+
 @pytest.mark.parametrize("namespace,pod", [
     ("kube-system", make_pod(namespace="kube-system")),
     ("default", make_pod(hostNetwork=True)),
@@ -341,7 +410,39 @@ def _bad_bodies() -> list[tuple[str, bytes, str]]:
             ("wrong-version", json.dumps(wrong_version).encode(), "apiVersion must be"),
             ("no-request", json.dumps(no_request).encode(), "has no request"),
             ("no-uid", json.dumps(no_uid).encode(), "has no uid"),
-            ("oversized", b" " * (3 * 1024 * 1024 + 1), "over the")]
+            ("oversized", b" " * (3 * 1024 * 1024 + 1), "over the"),
+            ("deeply-nested", b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+             "nested too deeply"),
+            *[(f"wrong-type-{name}", json.dumps(body).encode(), needle)
+              for name, body, needle in _wrongly_typed(good)]]
+
+
+def _wrongly_typed(good: dict) -> list[tuple[str, dict, str]]:
+    """Reviews whose pod fields have JSON types no API server would send."""
+    cases = []
+    for name, edit, needle in [
+        ("annotations", lambda r: r["object"]["metadata"].update(annotations=["a"]),
+         "metadata.annotations must be an object, not an array"),
+        ("annotation-value", lambda r: r["object"]["metadata"].update(
+            annotations={"a": [[[["deep"]]]]}), "metadata.annotations.a must be a string"),
+        ("containers", lambda r: r["object"]["spec"].update(containers="app"),
+         "spec.containers must be an array"),
+        ("container", lambda r: r["object"]["spec"].update(containers=[["app"]]),
+         "spec.containers[0] must be an object"),
+        ("hostNetwork", lambda r: r["object"]["spec"].update(hostNetwork="yes"),
+         "spec.hostNetwork must be a boolean"),
+        ("runtimeClassName", lambda r: r["object"]["spec"].update(runtimeClassName=["runc"]),
+         "spec.runtimeClassName must be a string"),
+        ("privileged", lambda r: r["object"]["spec"]["containers"][0].update(
+            securityContext={"privileged": "true"}), "securityContext.privileged"),
+        ("namespace", lambda r: r.update(namespace={"a": 1}), "request: field namespace must be a string"),
+        ("kind", lambda r: r.update(kind="Pod"), "request: field kind must be an object"),
+        ("subResource", lambda r: r.update(subResource=5), "field subResource"),
+    ]:
+        review = copy.deepcopy(good)
+        edit(review["request"])
+        cases.append((name, review, needle))
+    return cases
 
 
 def test_malformed_requests_get_400_and_the_server_stays_up(server, tls):
@@ -639,3 +740,63 @@ def test_sigterm_stops_the_server_cleanly(tls, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True once the server closed (EOF or reset) the connection within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_slow_clients_cannot_exhaust_the_server(tls, tmp_path):
+    """400 silent clients: bounded threads, each dropped after its deadline, healthz stays up."""
+    psutil = pytest.importorskip("psutil")
+    workers, deadline = 4, 2.0
+    with webhook_process(tls, tmp_path, "--workers", str(workers),
+                         "--request-timeout", str(deadline)) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        idle_threads = psutil.Process(proc.pid).num_threads()
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        try:
+            time.sleep(0.5)
+            assert psutil.Process(proc.pid).num_threads() <= idle_threads
+            start = time.monotonic()
+            assert all(_closed_within(c, deadline * 3) for c in clients)
+            assert time.monotonic() - start < deadline * 3
+        finally:
+            for c in clients:
+                c.close()
+        resp = requests.get(url + "/healthz", verify=str(tls["ca"]), timeout=5)
+        assert resp.text == "ok\n"
+        metrics = requests.get(url + "/metrics", verify=str(tls["ca"]), timeout=5).text
+        assert "ember_webhook_dropped_connections_total" in metrics
+
+
+def test_a_trickling_client_is_cut_at_its_deadline(tls, tmp_path):
+    """One byte a second keeps a per-read timeout happy, not the connection's deadline."""
+    deadline = 2.0
+    with webhook(tls, tmp_path, "--request-timeout", str(deadline)) as url:
+        ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+        raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            start = time.monotonic()
+            cut = False
+            for byte in b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" * 4:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    cut = True
+                    break
+                time.sleep(0.3)
+                if time.monotonic() - start > deadline * 3:
+                    break
+            cut = cut or _closed_within(s, 1.0)
+            assert cut and time.monotonic() - start < deadline + 2.5
+        assert requests.get(url + "/healthz", verify=str(tls["ca"]), timeout=5).ok

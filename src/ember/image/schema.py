@@ -1,5 +1,7 @@
 """Type checks for image metadata, after the OCI image spec (manifest, index, config).
 
+(The combinators are generic; ember.k8s.podschema uses them for admission reviews.)
+
 Manifests, indexes and configs come from registries and archives we do not
 trust. Every field Ember (or a later reader of the store) looks at is checked
 for its JSON type here, before anything is staged for commit, so a hostile
@@ -226,14 +228,19 @@ DOCKER_SAVE = array(obj({
 }))
 
 
-def validate(doc: object, check: Check, what: str) -> None:
-    """Raise one-line ImageError("{what}: {field}: expected ..., got ...") on a type error."""
+def validate(doc: object, check: Check, what: str,
+             error: Callable[[str], Exception] = ImageError) -> None:
+    """Raise one line, ``error("{what}: field F must be ..., not ...")``, on a type error.
+
+    ``error`` lets other untrusted JSON (the admission webhook's reviews) reuse
+    these checks with its own exception.
+    """
     try:
         check(doc, "")
     except _Invalid as exc:
         where = f" field {exc.path}" if exc.path else ""
         if exc.value is _MISSING:
-            raise ImageError(f"{what}:{where} is missing") from None
-        raise ImageError(f"{what}:{where} must be {exc.expected}, not {_kind(exc.value)}") from None
+            raise error(f"{what}:{where} is missing") from None
+        raise error(f"{what}:{where} must be {exc.expected}, not {_kind(exc.value)}") from None
     except ImageError as exc:
-        raise ImageError(f"{what}: {exc}") from None
+        raise error(f"{what}: {exc}") from None

@@ -1,10 +1,12 @@
 """AdmissionReview in, AdmissionReview out: the wire format of the webhook.
 
 Two kinds of bad input are told apart. A body that is not an AdmissionReview
-at all (not JSON, wrong kind or version, no uid) cannot be answered in the
-API's own terms, so it raises :class:`BadRequest` and the server replies
-HTTP 400. A well-formed review about something that is not a pod is answered
-with ``allowed: false`` and a message, which the API server shows the user.
+at all (not JSON, nested too deeply, wrong kind or version, no uid, or a pod
+whose fields the decision reads have the wrong JSON types) cannot be answered
+in the API's own terms, so it raises :class:`BadRequest` and the server
+replies HTTP 400. A well-formed review about something that is not a pod is
+answered with ``allowed: false`` and a message, which the API server shows
+the user.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ember.k8s.decide import ADMISSION_ANNOTATION, Decision, decide
+from ember.image import schema
+from ember.k8s import podschema
+from ember.k8s.decide import ADMISSION_ANNOTATION, Decision, decide, decide_ephemeral
 from ember.k8s.policy import Policy
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
+EPHEMERAL = "ephemeralcontainers"  # the pods/ephemeralcontainers subresource
 
 
 class BadRequest(Exception):
@@ -40,7 +45,9 @@ def parse_review(body: bytes) -> Review:
     """Check the envelope; raise BadRequest naming the first thing wrong."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise BadRequest("body is not JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
         raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest("body is not a JSON object")
@@ -55,15 +62,30 @@ def parse_review(body: bytes) -> Review:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadRequest("AdmissionReview request has no uid")
+    _check_types(request)
     return Review(doc["apiVersion"], uid, request)
+
+
+def _check_types(request: dict) -> None:
+    """Refuse a review whose fields (those the decision reads) have the wrong JSON types."""
+    schema.validate(request, podschema.REQUEST, "AdmissionReview request", BadRequest)
+    if _is_pod_kind(request.get("kind")):
+        for key in ("object", "oldObject"):
+            if isinstance(request.get(key), dict):
+                schema.validate(request[key], podschema.POD, f"AdmissionReview request.{key}",
+                                BadRequest)
+
+
+def _is_pod_kind(kind: object) -> bool:
+    return isinstance(kind, dict) and (kind.get("group"), kind.get("version"),
+                                       kind.get("kind")) == ("", "v1", "Pod")
 
 
 def _pod_problem(request: dict) -> str | None:
     kind = request.get("kind")
-    if not isinstance(kind, dict) or (kind.get("group"), kind.get("version"),
-                                      kind.get("kind")) != ("", "v1", "Pod"):
+    if not _is_pod_kind(kind):
         return f"ember webhook only admits core/v1 Pods, not {json.dumps(kind)}"
-    if request.get("subResource"):
+    if request.get("subResource") not in (None, "", EPHEMERAL):
         return f"ember webhook does not handle the {request['subResource']} subresource"
     obj = request.get("object")
     if not isinstance(obj, dict):
@@ -124,12 +146,13 @@ def review_pod(review: Review, labels_of: Callable[[str], dict[str, str]], polic
     problem = _pod_problem(review.request)
     if problem:
         return respond(review, False, message=problem, code=400), None
+    if review.request.get("subResource") == EPHEMERAL:
+        return _review_ephemeral(review, policy)
     if review.request.get("operation", "CREATE") != "CREATE":
         # runtimeClassName is immutable once the pod exists: nothing to decide.
         return respond(review, True), Decision(True, "unchanged", why="not a CREATE")
     pod = review.request["object"]
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    namespace = str(review.request.get("namespace") or meta.get("namespace") or "default")
+    namespace = _namespace(review.request, pod)
     ns_labels = {} if namespace in policy.exclude_namespaces else labels_of(namespace)
     decision = decide(pod, namespace, ns_labels, policy)
     if not decision.allowed:
@@ -140,3 +163,18 @@ def review_pod(review: Review, labels_of: Callable[[str], dict[str, str]], polic
         warnings.insert(0, f"ember: the mutating webhook would set runtimeClassName "
                            f"{decision.runtime_class} ({decision.why})")
     return respond(review, True, patch=patch, warnings=warnings), decision
+
+
+def _namespace(request: dict, pod: dict) -> str:
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    return str(request.get("namespace") or meta.get("namespace") or "default")
+
+
+def _review_ephemeral(review: Review, policy: Policy) -> tuple[dict, Decision]:
+    """Ephemeral containers (``kubectl debug``) added to a running pod: checked, never patched."""
+    pod = review.request["object"]
+    decision = decide_ephemeral(pod, review.request.get("oldObject"),
+                                _namespace(review.request, pod), policy)
+    if not decision.allowed:
+        return respond(review, False, message=decision.message, code=403), decision
+    return respond(review, True, warnings=list(decision.warnings)), decision

@@ -143,10 +143,15 @@ def _labels_source(namespace_labels: Path | None, kube_api: str | None,
 @click.option("--check", is_flag=True, help="Load everything, print the policy, and exit.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Threads serving connections; no client can make more.")
+@click.option("--request-timeout", default=10.0, show_default=True,
+              type=click.FloatRange(0.1, 300),
+              help="Seconds a connection gets for its TLS handshake and each request.")
 def webhook_cmd(tls_cert: str, tls_key: str, policy_file: str | None, port: int, host: str,
                 namespace_labels: Path | None, kube_api: str | None,
                 kube_token_file: Path | None, kube_ca: Path | None, check: bool,
-                log_level: str) -> None:
+                log_level: str, workers: int, request_timeout: float) -> None:
     """Serve the admission webhook over HTTPS (/mutate, /validate, /healthz, /metrics)."""
     from ember.k8s import policy as pol
     from ember.k8s import webhook
@@ -158,7 +163,8 @@ def webhook_cmd(tls_cert: str, tls_key: str, policy_file: str | None, port: int,
     if check:
         click.echo(json.dumps(pol.policy_to_dict(policy), indent=2))
         return
-    webhook.serve(host, port, ctx, policy, source)
+    webhook.serve(host, port, ctx, policy, source, workers=workers,
+                  request_timeout=request_timeout)
 
 
 @k8s_group.command("certs")

@@ -3,6 +3,11 @@
 Pure logic, no HTTP: the webhook feeds it a pod, its namespace and that
 namespace's labels. Order of precedence:
 
+0. ``forbid`` features are refused on every pod the webhook reviews, whatever
+   class it names or gets (hostNetwork, another runtime, an opt-out): forbid
+   is a cluster rule, not a property of Ember's classes. Only a namespace in
+   ``exclude.namespaces`` (system daemons, kept in step with the webhook
+   configuration's namespaceSelector) is outside the policy altogether;
 1. exclusions (listed namespaces, hostNetwork pods, pods that already name a
    class which is not Ember's) leave the pod alone;
 2. a pod that names an Ember class keeps it (unless ``podsWithClass: false``,
@@ -10,7 +15,11 @@ namespace's labels. Order of precedence:
 3. otherwise the class comes from the pod annotation, then the namespace
    label, then the first matching namespace rule, then ``defaultClass``;
 4. features the class cannot run are routed to another class or denied, per
-   feature, per the policy; ``forbid`` features are denied on any class.
+   feature, per the policy.
+
+Ephemeral containers added to a running pod (``pods/ephemeralcontainers``)
+are checked by :func:`decide_ephemeral`: forbidden features are refused, and
+on an Ember class so is what its backend cannot run (the pod cannot move).
 
 It never touches ``spec.overhead``: the RuntimeClass admission plugin fills
 that in from the class after all mutating webhooks ran.
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.k8s.detect import Usage, detect
+from ember.k8s.detect import Usage, detect, detect_ephemeral, new_ephemeral_containers
 from ember.k8s.features import CAVEAT, REQUIRED, UNSUPPORTED, feature
 from ember.k8s.policy import OPT_OUT, Policy
 
@@ -95,11 +104,26 @@ def _unknown_asks(pod: dict, ns_labels: dict[str, str], policy: Policy) -> list[
     return out
 
 
+def _forbidden(usages: list[Usage], policy: Policy, what: str) -> str | None:
+    """The denial message when the policy forbids any of these usages."""
+    forbidden = [u for u in usages if policy.action(u.feature) == "forbid"]
+    if not forbidden:
+        return None
+    listed = "; ".join(f"{feature(u.feature).title} ({u.where})" for u in forbidden)
+    return f"ember: policy forbids these {what}: {listed}"
+
+
 def decide(pod: dict, namespace: str, ns_labels: dict[str, str], policy: Policy) -> Decision:
     """The verdict for one pod (same for the mutating and validating endpoints)."""
     spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
     if namespace in policy.exclude_namespaces:
         return Decision(True, "excluded", why=f"namespace {namespace} is excluded")
+    usages = detect(pod)
+    forbidden = _forbidden(usages, policy, "pod features")
+    if forbidden:
+        own = spec.get("runtimeClassName")
+        return Decision(False, "denied", own if isinstance(own, str) else None,
+                        why="policy forbids a feature", message=forbidden)
     if spec.get("hostNetwork") is True and policy.exclude_host_network:
         return Decision(True, "excluded", why="hostNetwork pods are excluded")
     own = spec.get("runtimeClassName")
@@ -114,12 +138,6 @@ def decide(pod: dict, namespace: str, ns_labels: dict[str, str], policy: Policy)
         target, why = _requested_class(pod, ns_labels, policy)
         if target is None:
             return Decision(True, "unchanged", why=why, warnings=warnings)
-    usages = detect(pod)
-    forbidden = [u for u in usages if policy.action(u.feature) == "forbid"]
-    if forbidden:
-        listed = "; ".join(f"{feature(u.feature).title} ({u.where})" for u in forbidden)
-        return Decision(False, "denied", target, why=why,
-                        message=f"ember: policy forbids these pod features: {listed}")
     backend = policy.classes[target]
     problems = _problems(usages, backend)
     routed_from = None
@@ -144,3 +162,39 @@ def decide(pod: dict, namespace: str, ns_labels: dict[str, str], policy: Policy)
     if own == target:
         return Decision(True, "checked", target, why=why, warnings=warnings)
     return Decision(True, "set", target, set_class=True, why=why, warnings=warnings)
+
+
+def decide_ephemeral(pod: dict, old_pod: object, namespace: str, policy: Policy) -> Decision:
+    """The verdict for ephemeral containers added to a running pod.
+
+    The pod's class is fixed by now, so nothing is routed: forbidden features
+    are refused, and so is what the pod's Ember backend cannot run.
+    """
+    if namespace in policy.exclude_namespaces:
+        return Decision(True, "excluded", why=f"namespace {namespace} is excluded")
+    added = new_ephemeral_containers(pod, old_pod)
+    if not added:
+        return Decision(True, "unchanged", why="no new ephemeral container")
+    usages = detect_ephemeral(added)
+    forbidden = _forbidden(usages, policy, "ephemeral container features")
+    own = _dict_get(pod, "spec", "runtimeClassName")
+    if forbidden:
+        return Decision(False, "denied", own, why="policy forbids a feature", message=forbidden)
+    if own not in policy.classes:
+        return Decision(True, "unchanged", own, why="the pod is not on an Ember class")
+    backend = policy.classes[own]
+    problems = _problems(usages, backend)
+    if problems:
+        return Decision(False, "denied", own, why="pod's class", message=(
+            f"ember: runtime class {own} ({backend}) cannot run these ephemeral containers: "
+            f"{_explain(problems, backend)}"))
+    return Decision(True, "checked", own, why="ephemeral containers checked",
+                    warnings=_caveats(usages, own, backend))
+
+
+def _dict_get(doc: dict, *keys: str) -> str | None:
+    """A nested string field, or None when any level is missing or of another type."""
+    value: object = doc
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None

@@ -148,3 +148,19 @@ def detect(pod: dict) -> list[Usage]:
     for kind, c in _containers(spec):
         found.extend(_container_usages(kind, c))
     return list(dict.fromkeys(found))
+
+
+def new_ephemeral_containers(pod: dict, old_pod: object) -> list[dict]:
+    """Ephemeral containers the update adds (they can never be changed or removed)."""
+    old_spec = _dict(_dict(old_pod).get("spec"))
+    before = {c.get("name") for c in _list(old_spec.get("ephemeralContainers"))}
+    return [c for c in _list(_dict(pod.get("spec")).get("ephemeralContainers"))
+            if c.get("name") not in before]
+
+
+def detect_ephemeral(containers: list[dict]) -> list[Usage]:
+    """The features a set of new ephemeral containers uses, the feature itself first."""
+    found = [Usage("ephemeralContainers", "pod")]
+    for c in containers:
+        found.extend(_container_usages("ephemeralContainers", c))
+    return list(dict.fromkeys(found))
