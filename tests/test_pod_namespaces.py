@@ -8,6 +8,7 @@ exited process, as containerd's runc shim gives them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -182,24 +184,28 @@ LATE_HANDLER = ("import signal, sys, time; time.sleep({delay}); "
                 "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); time.sleep(60)")
 
 
-def _namespace_init(delay: float) -> tuple[subprocess.Popen, int]:
-    """A Python program as PID 1 of a new PID namespace, catching SIGTERM after delay."""
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c",
-                             LATE_HANDLER.format(delay=delay)])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        kids = psutil.Process(proc.pid).children()
-        if kids:
-            return proc, kids[0].pid
-        time.sleep(0.01)
-    proc.kill()
-    raise AssertionError("unshare started no child")
+@contextlib.contextmanager
+def _namespace_init(delay: float) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A Python program as PID 1 of a new PID namespace, catching SIGTERM after delay.
+
+    Yields (unshare's process, the program's pid); both are killed afterwards.
+    """
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable,
+                             "-c", LATE_HANDLER.format(delay=delay)])
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(proc.pid).children():
+            assert time.monotonic() < deadline, "unshare started no child"
+            time.sleep(0.01)
+        yield proc, psutil.Process(proc.pid).children()[0].pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @needs_root
 def test_signal_to_a_starting_namespace_init_is_held_until_caught() -> None:
-    proc, pid = _namespace_init(1.0)
-    try:
+    with _namespace_init(1.0) as (proc, pid):
         assert signals.would_be_lost(pid, signal.SIGTERM)
         assert not signals.would_be_lost(pid, signal.SIGKILL)
         started = time.monotonic()
@@ -207,36 +213,42 @@ def test_signal_to_a_starting_namespace_init_is_held_until_caught() -> None:
         assert time.monotonic() - started < 0.5, "holding must not block the caller"
         assert proc.wait(15) == 7  # the handler ran: the signal was not lost
         assert time.monotonic() - started < 10
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @needs_root
 def test_signal_sent_at_once_is_lost_without_holding() -> None:
     """The kernel behaviour the holding works around."""
-    proc, pid = _namespace_init(1.0)
-    try:
+    with _namespace_init(1.0) as (proc, pid):
         os.kill(pid, signal.SIGTERM)
         time.sleep(2.0)
         assert proc.poll() is None, "a namespace init without a handler ignores SIGTERM"
         assert not signals.would_be_lost(pid, signal.SIGTERM)  # now it catches it
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @needs_root
 def test_held_signal_gives_up_when_the_process_exits() -> None:
-    proc, pid = _namespace_init(60.0)
-    try:
+    with _namespace_init(60.0) as (proc, pid):
         t = signals.send_when_caught(pid, signal.SIGTERM, lambda: proc.poll() is None, "t")
         proc.kill()
         proc.wait()
         t.join(5)
         assert not t.is_alive()
-    finally:
-        proc.kill()
+        assert _wait_gone(pid), "--kill-child: the program goes with unshare"
+
+
+def _wait_gone(pid: int, timeout: float = 5) -> bool:
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not gone():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_an_ordinary_process_is_signalled_at_once() -> None:
