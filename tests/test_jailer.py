@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from test_jailer_support import cgroup_leaves, remove_cgroup_parent, status, wait_for
 
@@ -318,9 +319,67 @@ def test_spec_from_config_and_uid_allocation():
     spec = spec_from_config(cfg, id="a", exec_file="/bin/true", uid=1, gid=1)
     assert (spec.chroot_base_dir, spec.seccomp, spec.parent_cgroup) == ("/srv/jailer", "kill", "ember")
     assert spec.cgroup_version is None
-    cfg.jailer.uid_base = os.getuid()  # root is running: that uid is taken
-    with pytest.raises(EmberError, match="no free jailer uid"):
-        allocate_uid(cfg.jailer, "sandbox-b")
+    # A uid some running process has is taken (a VMM could signal it), listed or not.
+    busy = subprocess.Popen(["setpriv", "--reuid", "1879113000", "--regid", "1879113000",
+                             "--clear-groups", "sleep", "30"])
+    try:
+        wait_for(lambda: psutil.Process(busy.pid).uids().real == 1879113000, timeout=10)
+        cfg.jailer.uid_base = 1879113000
+        with pytest.raises(EmberError, match="no free jailer uid"):
+            allocate_uid(cfg.jailer, "sandbox-b")
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def _etc(tmp_path: Path, **files: str) -> Path:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name, text in files.items():
+        (etc / name).write_text(text)
+    return etc
+
+
+def test_uid_allocation_skips_ids_the_host_uses_or_delegates(tmp_path):
+    """Users, groups (the uid is the gid too) and subuid/subgid ranges are never handed out."""
+    from ember.config import JailerConfig
+    from ember.jailer.api import allocate_uid
+
+    etc = _etc(tmp_path,
+               passwd="root:x:0:0::/root:/bin/sh\nalice:x:300000:300000::/home/a:/bin/sh\n",
+               group="root:x:0:\nbuilders:x:300001:\n",
+               subuid="alice:300002:2\n# comment\nbroken-line\n",
+               subgid="alice:300004:1\n")
+    jcfg = JailerConfig(uid_base=300000, uid_count=6)
+    got = {allocate_uid(jcfg, f"sandbox-{i}", etc=etc) for i in range(50)}
+    assert got == {300005}  # 300000 user, 300001 group, 300002-3 subuid, 300004 subgid
+    (etc / "subuid").write_text("alice:300002:2\nbob:300005:1\n")  # delegated since
+    with pytest.raises(EmberError, match=r"no free jailer uid left in \[300000, 300006\).*subuid"):
+        allocate_uid(jcfg, "sandbox-x", etc=etc)
+
+
+def test_default_uid_range_avoids_the_distribution_defaults():
+    """Debian's first subuid range (100000-165535, then +65536 each) and systemd's ranges."""
+    from ember.config import JailerConfig
+    from ember.jailer.api import allocate_uid
+    from ember.jailer.uids import reserved_ids
+
+    jcfg = JailerConfig()
+    lo, hi = jcfg.uid_base, jcfg.uid_base + jcfg.uid_count
+    assert lo >= 0x70000000 and hi <= 0x7FFE0000 and hi < 2**31
+    debian = [(100000 + n * 65536, 165536 + n * 65536) for n in range(10000)]
+    assert not any(a < hi and lo < b for a, b in debian)
+    uid = allocate_uid(jcfg, "sandbox-default")
+    assert lo <= uid < hi and uid not in reserved_ids("/etc")
+
+
+@pytest.mark.parametrize("base,count", [(0, 10), (10, 0), (0xFFFFFFFE, 2)])
+def test_uid_range_must_be_valid(base, count):
+    from ember.config import JailerConfig
+    from ember.jailer.api import allocate_uid
+
+    with pytest.raises(EmberError, match="the range must lie within"):
+        allocate_uid(JailerConfig(uid_base=base, uid_count=count), "x")
 
 
 def test_a_dynamic_binary_gets_its_libraries(env):

@@ -64,7 +64,11 @@ class GuestConfig:
 class JailerConfig:
     enabled: bool = True
     chroot_base_dir: str = "/srv/jailer"
-    uid_base: int = 100000
+    # Jailed VMMs' uids/gids: 0x70000000.., high in the 32-bit space (and below 2^31):
+    # clear of Debian's subuid ranges (100000, 165536, ...), systemd's regular,
+    # dynamic and nspawn ranges (up to 0x6FFFFFFF) and its "foreign" 0x7FFE0000 range.
+    # ember.jailer.uids skips any id passwd, group, subuid or subgid still names.
+    uid_base: int = 0x70000000
     uid_count: int = 65536
     allow_root: bool = False
     seccomp: str = "kill"  # "kill" | "log" | "off"

@@ -208,15 +208,22 @@ def cleanup(spec: JailSpec) -> None:
     cgroups.remove_jail_cgroups(spec.cgroup_parent, spec.id)
 
 
-def allocate_uid(jcfg: JailerConfig, key: str) -> int:
+def allocate_uid(jcfg: JailerConfig, key: str, etc: str | os.PathLike = "/etc") -> int:
     """A uid (used as gid too) for one sandbox, from ``[uid_base, uid_base + uid_count)``.
 
     Starts at a hash of ``key`` and skips uids that a running process already
-    has, so two live sandboxes never share a uid (a shared uid could signal
-    the other's VMM).
+    has (a shared uid could signal the other's VMM) and ids the host's account
+    files use or delegate (``ember.jailer.uids``: passwd, group, subuid, subgid),
+    so a VMM never shares an id with a user, a group or a rootless container.
     """
     import psutil  # here: ember-jailer itself imports this module and must start fast
 
+    from ember.jailer.uids import MAX_ID, reserved_ids
+
+    if jcfg.uid_base < 1 or jcfg.uid_count < 1 or jcfg.uid_base + jcfg.uid_count - 1 > MAX_ID:
+        raise EmberError(f"jailer.uid_base {jcfg.uid_base} and uid_count {jcfg.uid_count}: "
+                         f"the range must lie within 1..{MAX_ID}")
+    reserved = reserved_ids(etc)
     taken = set()
     for proc in psutil.process_iter(["uids"]):
         try:
@@ -226,9 +233,11 @@ def allocate_uid(jcfg: JailerConfig, key: str) -> int:
     start = int(hashlib.sha256(key.encode()).hexdigest(), 16) % jcfg.uid_count
     for i in range(jcfg.uid_count):
         uid = jcfg.uid_base + (start + i) % jcfg.uid_count
-        if uid not in taken:
+        if uid not in taken and uid not in reserved:
             return uid
-    raise EmberError("no free jailer uid left (raise jailer.uid_count)")
+    raise EmberError(f"no free jailer uid left in [{jcfg.uid_base}, "
+                     f"{jcfg.uid_base + jcfg.uid_count}): all are running or used by "
+                     "/etc/passwd, group, subuid or subgid (change jailer.uid_base or uid_count)")
 
 
 def spec_from_config(cfg: Config, **fields) -> JailSpec:
