@@ -9,9 +9,10 @@ processes *and* its guest kernel stop) and freeze the container otherwise.
 
 Errors follow containerd's conventions (errdefs over gRPC codes): an unknown
 container or exec is NOT_FOUND, a bad spec INVALID_ARGUMENT, an operation
-that the process's state forbids (kill or delete of a stopped/running task)
-FAILED_PRECONDITION, checkpointing UNIMPLEMENTED. A failed request never takes
-the shim down.
+that the process's state forbids (delete of a running task, exec in a stopped
+one) FAILED_PRECONDITION, a kill of an exited process NOT_FOUND ("already
+finished", as runc's shim answers: containerd takes it as done), checkpointing
+UNIMPLEMENTED. A failed request never takes the shim down.
 """
 
 from __future__ import annotations
