@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember import __version__
-from ember.agent import cgroups, netconf, signals, spec, storage, system
+from ember.agent import cgroups, netconf, signals, spec, storage, system, volumes
 from ember.agent.crun import Crun
 from ember.agent.portfwd import PortTable
 from ember.agent.process import Process, launch
@@ -59,6 +59,7 @@ class AgentService:
         self._containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
         self._crun_version: str | None = None
+        self.volumes = volumes.Volumes(reaper.run_command, disk_timeout)
 
     def register(self, server: Server) -> None:
         server.register_proto_service(pb.DESCRIPTOR.services_by_name["Agent"], self)
@@ -338,16 +339,19 @@ class AgentService:
     # -- pod volumes (ember.agent.volumes) --------------------------------------
 
     def SyncTree(self, req: pb.SyncTreeRequest, ctx: Context) -> pb.Empty:
-        raise TTRPCError(Code.UNIMPLEMENTED, "SyncTree is not implemented")
+        self.volumes.sync_tree(req)
+        return EMPTY
 
     def ReadFile(self, req: pb.ReadFileRequest, ctx: Context) -> pb.ReadFileResponse:
-        raise TTRPCError(Code.UNIMPLEMENTED, "ReadFile is not implemented")
+        return self.volumes.read_file(req)
 
     def MountVolume(self, req: pb.MountVolumeRequest, ctx: Context) -> pb.Empty:
-        raise TTRPCError(Code.UNIMPLEMENTED, "MountVolume is not implemented")
+        self.volumes.mount_volume(req)
+        return EMPTY
 
     def UnmountVolume(self, req: pb.UnmountVolumeRequest, ctx: Context) -> pb.Empty:
-        raise TTRPCError(Code.UNIMPLEMENTED, "UnmountVolume is not implemented")
+        self.volumes.unmount_volume(req)
+        return EMPTY
 
     # -- port forwarding (ember.agent.portfwd) -----------------------------------
 
@@ -377,6 +381,7 @@ class AgentService:
                 self.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), ctx)
             except Exception:  # noqa: BLE001 - power off regardless
                 log.exception("removing %s", cid)
+        self.volumes.unmount_all()
         os.sync()
         # Answer first, then go: the host is waiting for this response.
         then = system.power_off if self.pid1 else self.on_destroy

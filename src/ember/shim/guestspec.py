@@ -13,10 +13,9 @@ So:
   app container's IPC, UTS and PID paths, which name the sandbox's: they join
   the sandbox container's in the guest (ember.shim.podns); host namespaces
   and shared/slave mount propagation are refused (podns.HostSharingError);
-* bind mounts of host files and small directories are *copied* into the
-  guest (under /run/ember/files/<id>/) and the mount points there; the pod's
-  /dev/shm becomes a tmpfs; anything else that cannot be carried is dropped
-  with a warning. There is no filesystem sharing: writes stay in the guest;
+* bind mounts of host files and folders (volumes) are carried by
+  ember.shim.volumes: copies kept in sync, pod-level disks and tmpfs, or a
+  clear refusal; there is no filesystem sharing;
 * the cgroup path becomes ``/ember/<id>`` inside the guest;
 * hooks, AppArmor and SELinux labels are removed.
 """
@@ -25,7 +24,7 @@ from __future__ import annotations
 
 import copy
 
-from ember.shim import podns, volumes
+from ember.shim import podns
 from ember.shim.volumes import GuestFile
 
 
@@ -41,5 +40,5 @@ def for_guest(spec: dict, container_id: str) -> tuple[dict, list[GuestFile]]:
     linux.pop("mountLabel", None)
     linux["namespaces"] = podns.guest_namespaces(out)
     linux["cgroupsPath"] = f"/ember/{container_id}"
-    files = volumes.carry_mounts(out, container_id)
-    return out, files
+    # Mounts are the pod volumes' business (ember.shim.volumes.PodVolumes.carry).
+    return out, []

@@ -190,6 +190,8 @@ def cleanup_dead_pod(pdir: Path) -> None:
 
         with contextlib.suppress(podnet.NetError):
             podnet.teardown(rec["netns"])
+    with contextlib.suppress(EmberError):  # pod volumes' disks (ember.shim.volumes)
+        shutil.rmtree(load_config().data_dir / "shim-volumes" / pdir.name, ignore_errors=True)
     shutil.rmtree(pdir, ignore_errors=True)
 
 

@@ -41,7 +41,7 @@ from ember.errors import (
     NotFoundError,
     VMError,
 )
-from ember.shim import guestspec, metrics, podns, rootfs
+from ember.shim import guestspec, metrics, podns, rootfs, volumes
 from ember.shim.events import Publisher, timestamp
 from ember.shim.pod import Pod, SizeError, pod_identity
 from ember.shim.proto import events_pb2 as ev
@@ -83,6 +83,8 @@ class TaskService:
         self.namespace = namespace
         self.events = publisher
         self.pod = Pod(cfg, pod_dir, group_id)
+        self.volumes = volumes.PodVolumes(cfg.data_dir / "shim-volumes" / pod_dir.name)
+        self.volumes.bind(self.pod)
         self.on_exit = on_exit
         self.pid = os.getpid()
         self._lock = threading.RLock()
@@ -185,6 +187,10 @@ class TaskService:
                                  f"sandbox {self.pod.group_id} has no running VM")
         elif self.pod.running or self.pod.vm is not None:
             raise TTRPCError(Code.ALREADY_EXISTS, "this pod already has its sandbox container")
+        try:
+            self.volumes.check(spec)  # refuse before anything is booted or attached
+        except EmberError as exc:
+            raise _err(exc) from None
         work = self.dir / "c" / short_key(cid, n=12)
         mounts = [rootfs.MountSpec(m.type, m.source, list(m.options)) for m in req.rootfs]
         boot_error: list[BaseException] = []
@@ -208,6 +214,7 @@ class TaskService:
             agent = self._agent()
             for f in files:
                 agent.copy_file(f.path, f.data, mode=f.mode, make_dirs=True)
+            guest["mounts"] = self.volumes.carry(guest, cid)
             c.drive_id, dev = self.pod.vm.attach_disk(c.disk.path, c.disk.format, c.disk.readonly)
             blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
                                         readonly=c.disk.readonly)
@@ -237,13 +244,14 @@ class TaskService:
         if agent is not None:
             with contextlib.suppress(EmberError):
                 agent.remove_container(c.id)
+            self.volumes.container_removed(c.id)
         if c.drive_id and self.pod.vm is not None:
             with contextlib.suppress(EmberError):
                 self.pod.vm.detach_disk(c.drive_id)
         if c.work_dir is not None:
             shutil.rmtree(c.work_dir, ignore_errors=True)
         if c.owner:
-            self.pod.shutdown()
+            self._stop_pod()
 
     # ------------------------------------------------------------------ start
     def Start(self, req: pb.StartRequest, ctx) -> pb.StartResponse:
@@ -291,6 +299,8 @@ class TaskService:
             log.warning("waiting for %s: %s", self._name(p), exc)
         if p.pumps is not None:
             p.pumps.drain(DRAIN_TIMEOUT)
+        if not p.exec_id:  # before /tasks/exit: the kubelet reads the message then
+            self.volumes.container_exited(c.id)
         self._exited(c, p, status, at_ns)
 
     def _exited(self, c: Container, p: Proc, status: int, at_ns: int = 0) -> None:
@@ -339,6 +349,7 @@ class TaskService:
                 agent.remove_container(c.id, timeout_ms=0)
             except EmberError as exc:
                 log.warning("removing %s in the guest: %s", c.id, exc)
+            self.volumes.container_removed(c.id)
             if c.drive_id and self.pod.vm is not None:
                 try:
                     self.pod.vm.detach_disk(c.drive_id)
@@ -355,12 +366,16 @@ class TaskService:
             # Stopping the sandbox stops the pod: whatever still runs in the VM ends with it.
             # The guest powers off in the background (containerd's Delete need not wait);
             # teardown() joins it before the shim exits.
-            self._vm_stopper = threading.Thread(target=self.pod.shutdown, name="vm-stop")
+            self._vm_stopper = threading.Thread(target=self._stop_pod, name="vm-stop")
             self._vm_stopper.start()
             for other in others:
                 for proc in [other.init, *other.execs.values()]:
                     if proc.status in (RUNNING, PAUSED, CREATED) and not proc.exited.is_set():
                         self._exited(other, proc, 255)
+
+    def _stop_pod(self) -> None:
+        self.pod.shutdown()
+        self.volumes.close()
 
     # ------------------------------------------------------------------- exec
     def Exec(self, req: pb.ExecProcessRequest, ctx) -> empty_pb2.Empty:
@@ -542,6 +557,6 @@ class TaskService:
                     p.pumps.close()
         if self._vm_stopper is not None:
             self._vm_stopper.join()
-        self.pod.shutdown()
+        self._stop_pod()
         self.events.flush(5.0)
         self.on_exit()
