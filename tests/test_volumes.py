@@ -32,9 +32,12 @@ class LocalAgent:
         self.calls.append(req)
         self.v.sync_tree(req)
 
-    def read_file(self, path, max_bytes=0):
-        r = self.v.read_file(pb.ReadFileRequest(path=path, max_bytes=max_bytes))
+    def read_file(self, path, max_bytes=0, offset=0):
+        r = self.v.read_file(pb.ReadFileRequest(path=path, max_bytes=max_bytes, offset=offset))
         return r.data if r.exists else None
+
+    def list_tree(self, root):
+        return list(self.v.list_tree(pb.ListTreeRequest(root=root)).entries)
 
 
 @pytest.fixture
@@ -98,23 +101,29 @@ def test_each_mount_is_carried_or_refused_by_kind(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mount, message", [
-    (lambda t: _bind(t / "data", "/data", "rw"), "mount /data: writable host directory"),
+    (lambda t: _bind(t / "pods/u/volumes/kubernetes.io~csi/pvc1", "/data", "rw"),
+     "mount /data: writable csi volume"),
+    (lambda t: _bind(t / "big", "/data", "rw"), "mount /data: writable host directory"),
     (lambda t: _bind(t / "data", "/data", "rshared"), "rshared propagation"),
     (lambda t: _bind(t / "data", "/data", "ro", "rslave"), "rslave propagation"),
     (lambda t: _bind(t / "nope", "/x", "ro"), "host path"),
 ])
 def test_what_cannot_be_carried_is_refused_naming_the_mount(tmp_path, mount, message) -> None:
     (tmp_path / "data").mkdir()
+    (tmp_path / "pods/u/volumes/kubernetes.io~csi/pvc1").mkdir(parents=True)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "f").write_bytes(b"x" * (volumes.COPY_MAX_BYTES + 1))
     with pytest.raises(VolumeError, match=message) as e:
         classify(mount(tmp_path))
     assert "\n" not in str(e.value)
 
 
 def test_check_refuses_before_anything_is_made(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir()
+    pvc = tmp_path / "pods/u/volumes/kubernetes.io~nfs/share"
+    pvc.mkdir(parents=True)
     pv = PodVolumes(tmp_path / "disks")
-    with pytest.raises(VolumeError, match="writable host directory"):
-        pv.check({"mounts": [_bind(tmp_path / "data", "/data", "rw")]})
+    with pytest.raises(VolumeError, match="writable nfs volume"):
+        pv.check({"mounts": [_bind(pvc, "/data", "rw")]})
     assert not (tmp_path / "disks").exists()
 
 
@@ -220,3 +229,37 @@ def test_guest_side_refuses_paths_outside_and_through_symlinks(run_root: Path) -
     with pytest.raises(TTRPCError):
         v.read_file(pb.ReadFileRequest(path=f"{run_root}/v/link"))
     assert not v.read_file(pb.ReadFileRequest(path=f"{run_root}/v/none")).exists
+
+
+def test_writable_host_folder_is_a_two_way_copy(tmp_path: Path, run_root: Path) -> None:
+    host = tmp_path / "hostdir"
+    (host / "sub").mkdir(parents=True)
+    (host / "sub" / "in").write_text("from host")
+    agent = LocalAgent()
+    pv = PodVolumes(tmp_path / "disks")
+    pv.pod = type("P", (), {"agent": agent, "vm": None})()
+    assert classify(_bind(host, "/data", "rw")) == "rwcopy"
+    [m] = pv.carry({"mounts": [_bind(host, "/data", "rw")]}, "c1")
+    g = Path(m["source"])
+    assert (g / "sub" / "in").read_text() == "from host"
+    # The container writes, makes a folder, deletes: the host sees it at the exec's exit.
+    (g / "out").write_bytes(b"y" * (5 << 20))  # more than one read chunk
+    (g / "newdir").mkdir()
+    (g / "sub" / "in").unlink()
+    pv.process_exited("c1", init=False)
+    assert (host / "out").read_bytes() == b"y" * (5 << 20)
+    assert (host / "newdir").is_dir() and not (host / "sub" / "in").exists()
+    # ... and a host change still flows in, without echoing the guest's writes back.
+    (host / "late").write_text("later")
+    agent.calls.clear()
+    assert pv.sync_once(pv._synced[0])
+    assert (g / "late").read_text() == "later"
+    assert [e.path for c in agent.calls for e in c.entries] == ["late"]
+    # A symlink planted by the guest is copied as a link, never written through.
+    (g / "esc").symlink_to(str(tmp_path / "outside"))
+    (tmp_path / "outside").mkdir()
+    pv.process_exited("c1", init=False)
+    assert (host / "esc").is_symlink() and not list((tmp_path / "outside").iterdir())
+    with pytest.raises(VolumeError, match="not a folder"):
+        volumes.apply_to_host(host, "esc/x", pb.TreeEntry(path="esc/x"), b"z")
+    pv.close()

@@ -211,11 +211,16 @@ class AgentClient:
                                                   remove=remove or [], tmpfs=tmpfs,
                                                   tmpfs_size=tmpfs_size), pb.Empty)
 
-    def read_file(self, path: str, max_bytes: int = 0) -> bytes | None:
-        """A guest file's content (at most max_bytes), or None if it does not exist."""
-        r = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes),
-                       pb.ReadFileResponse)
+    def read_file(self, path: str, max_bytes: int = 0, offset: int = 0) -> bytes | None:
+        """A guest file's content (at most max_bytes from offset), or None if it is absent."""
+        r = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes,
+                                                      offset=offset), pb.ReadFileResponse)
         return r.data if r.exists else None
+
+    def list_tree(self, root: str) -> list[pb.TreeEntry]:
+        """A guest tree's entries (sizes and times, no data)."""
+        return list(self._call("ListTree", pb.ListTreeRequest(root=root),
+                               pb.ListTreeResponse).entries)
 
     def mount_volume(self, target: str, device: Any = None, tmpfs_size: int = 0) -> None:
         self._call("MountVolume", pb.MountVolumeRequest(

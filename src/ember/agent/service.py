@@ -345,6 +345,9 @@ class AgentService:
     def ReadFile(self, req: pb.ReadFileRequest, ctx: Context) -> pb.ReadFileResponse:
         return self.volumes.read_file(req)
 
+    def ListTree(self, req: pb.ListTreeRequest, ctx: Context) -> pb.ListTreeResponse:
+        return self.volumes.list_tree(req)
+
     def MountVolume(self, req: pb.MountVolumeRequest, ctx: Context) -> pb.Empty:
         self.volumes.mount_volume(req)
         return EMPTY

@@ -37,6 +37,7 @@ ROOT = "/run/ember"
 READ_DEFAULT = 1 << 20
 READ_MAX = 3 << 20  # stays under the ttrpc frame limit
 MS_NOSUID, MS_NODEV = 2, 4
+LIST_MAX = 100_000
 
 
 def _guest_path(path: str, under: str | None = None) -> str:
@@ -159,6 +160,8 @@ class Volumes:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise TTRPCError(Code.INVALID_ARGUMENT, f"{path} is not a regular file")
+            if req.offset:
+                os.lseek(fd, req.offset, os.SEEK_SET)
             chunks, left = [], limit
             while left > 0:
                 chunk = os.read(fd, left)
@@ -169,6 +172,42 @@ class Volumes:
         finally:
             os.close(fd)
         return pb.ReadFileResponse(data=b"".join(chunks), exists=True)
+
+    def list_tree(self, req: pb.ListTreeRequest) -> pb.ListTreeResponse:
+        root = _guest_path(req.root)
+        limit = req.max_entries or LIST_MAX
+        out = pb.ListTreeResponse()
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            try:
+                children = list(os.scandir(os.path.join(root, rel_dir) if rel_dir else root))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for child in children:
+                if child.name.startswith(".ember-sync-"):
+                    continue  # a sync in progress
+                rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+                try:
+                    st = child.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                e = out.entries.add(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                                    gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+                if stat.S_ISLNK(st.st_mode):
+                    e.kind, e.target = pb.TreeEntry.SYMLINK, os.readlink(child.path)
+                elif stat.S_ISDIR(st.st_mode):
+                    e.kind, e.mtime_ns = pb.TreeEntry.DIR, 0
+                    if not _is_mount(child.path):  # never into another filesystem
+                        stack.append(rel)
+                elif stat.S_ISREG(st.st_mode):
+                    e.kind, e.size = pb.TreeEntry.FILE, st.st_size
+                else:
+                    del out.entries[-1]
+                if len(out.entries) > limit:
+                    raise TTRPCError(Code.RESOURCE_EXHAUSTED,
+                                     f"{root} holds more than {limit} entries")
+        return out
 
     # -- pod-level mounts -----------------------------------------------------------
 

@@ -299,8 +299,9 @@ class TaskService:
             log.warning("waiting for %s: %s", self._name(p), exc)
         if p.pumps is not None:
             p.pumps.drain(DRAIN_TIMEOUT)
-        if not p.exec_id:  # before /tasks/exit: the kubelet reads the message then
-            self.volumes.container_exited(c.id)
+        # Before /tasks/exit: the kubelet reads the termination message then, and a
+        # caller of exec expects the container's writes to host folders to be there.
+        self.volumes.process_exited(c.id, init=not p.exec_id)
         self._exited(c, p, status, at_ns)
 
     def _exited(self, c: Container, p: Proc, status: int, at_ns: int = 0) -> None:

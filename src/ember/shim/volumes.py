@@ -49,6 +49,7 @@ GUEST_VOLUMES = "/run/ember/volumes"
 COPY_MAX_BYTES = 16 << 20   # a tree above this is packed into an image, not copied
 COPY_MAX_FILE = 2 << 20     # one file must fit in one agent message
 BATCH_BYTES = 2 << 20
+READ_CHUNK = 2 << 20
 SYNC_INTERVAL = 0.5
 DEFAULT_EMPTYDIR_SIZE = 10 << 30  # sparse: costs only what is written
 TERMINATION_ANNOTATION = "io.kubernetes.container.terminationMessagePath"
@@ -194,11 +195,13 @@ def push(agent, root: str, entries: list[pb.TreeEntry], removes: list[str]) -> N
 # ------------------------------------------------------------------ pod volumes
 @dataclass
 class Synced:
-    """A host tree copied into the guest and kept equal to it."""
+    """A host tree copied into the guest and kept equal to it (both ways if writable)."""
 
     host: Path
     guest: str
-    state: dict[str, Entry] = field(default_factory=dict)
+    writable: bool = False
+    state: dict[str, Entry] = field(default_factory=dict)  # host side, as last synced
+    guest_state: dict[str, tuple] = field(default_factory=dict)  # guest side, ditto
 
 
 @dataclass
@@ -218,6 +221,8 @@ class PodVolumes:
         self._guest_paths: dict[str, str] = {}  # host path -> guest path (pod-level)
         self._synced: list[Synced] = []
         self._write_back: dict[str, list[WriteBack]] = {}
+        self._rw: dict[str, list[Synced]] = {}  # container id -> its writable copies
+        self._sync_lock = threading.Lock()  # one sync of a copy at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -265,6 +270,11 @@ class PodVolumes:
                 guest = self._emptydir(src, annotations)
             elif how == "packed":
                 guest = self._known(src) or self._packed(src, dest)
+            elif how == "rwcopy":
+                guest = self._known(src) or self._synced_copy(src, writable=True)
+                with self._lock:
+                    item = next(i for i in self._synced if i.guest == guest)
+                    self._rw.setdefault(cid, []).append(item)
             else:  # "copy"
                 guest = self._known(src) or self._synced_copy(src)
             mounts.append({**m, "source": guest})
@@ -327,12 +337,14 @@ class PodVolumes:
                                                        fstype="ext4", readonly=readonly))
         return self._remember(src, guest)
 
-    def _synced_copy(self, src: str) -> str:
+    def _synced_copy(self, src: str, writable: bool = False) -> str:
         guest = f"{GUEST_VOLUMES}/{_key(src)}"
-        item = Synced(Path(src), guest)
+        item = Synced(Path(src), guest, writable)
         tree = scan(item.host)
         push(self._agent, guest, *changes(item.host, {}, tree))
         item.state = tree
+        if writable:
+            item.guest_state = _guest_signature(self._agent.list_tree(guest))
         with self._lock:
             self._synced.append(item)
         self._start_sync()
@@ -359,6 +371,19 @@ class PodVolumes:
         push(self._agent, root, entries, [])
 
     # ----------------------------------------------------------- lifecycle
+    def process_exited(self, cid: str, init: bool) -> None:
+        """Before containerd hears of an exit: the container's writes to writable
+        host folders reach the host, and its termination message the kubelet's file."""
+        with self._lock:
+            rw = list(self._rw.get(cid, []))
+        for item in rw:
+            try:
+                self.sync_once(item)
+            except (EmberError, OSError) as exc:
+                log.warning("writing %s back to the host: %s", item.host, exc)
+        if init:
+            self.container_exited(cid)
+
     def container_exited(self, cid: str) -> None:
         """Write the termination message back to the host file the kubelet reads."""
         with self._lock:
@@ -380,6 +405,7 @@ class PodVolumes:
         """Drop the container's file copies from guest memory."""
         with self._lock:
             self._write_back.pop(cid, None)
+            self._rw.pop(cid, None)
         agent = self.pod.agent if self.pod is not None else None
         if agent is not None:
             try:
@@ -397,6 +423,7 @@ class PodVolumes:
             self._synced.clear()
             self._guest_paths.clear()
             self._write_back.clear()
+            self._rw.clear()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self._stop = threading.Event()
 
@@ -416,20 +443,121 @@ class PodVolumes:
             for item in items:
                 try:
                     self.sync_once(item)
-                except EmberError as exc:
+                except (EmberError, OSError) as exc:
                     log.warning("syncing %s into the guest: %s", item.host, exc)
 
     def sync_once(self, item: Synced) -> bool:
-        """Bring one copy up to date; True if anything changed."""
-        if not item.host.is_dir():
-            return False  # the kubelet is tearing the volume down
-        tree = scan(item.host)
-        if tree == item.state:
+        """Bring one copy up to date (the guest's writes first); True if anything changed."""
+        with self._sync_lock:
+            if not item.host.is_dir():
+                return False  # the kubelet is tearing the volume down
+            pulled = item.writable and self._pull(item)
+            tree = scan(item.host)
+            if tree == item.state:
+                return pulled
+            entries, removes = changes(item.host, item.state, tree)
+            push(self._agent, item.guest, entries, removes)
+            item.state = tree
+            if item.writable:
+                item.guest_state = _guest_signature(self._agent.list_tree(item.guest))
+            return True
+
+    def _pull(self, item: Synced) -> bool:
+        """Apply what the guest changed in a writable copy to the host folder."""
+        listed = self._agent.list_tree(item.guest)
+        now = _guest_signature(listed)
+        if now == item.guest_state:
             return False
-        entries, removes = changes(item.host, item.state, tree)
-        push(self._agent, item.guest, entries, removes)
-        item.state = tree
+        by_path = {e.path: e for e in listed}
+        for rel in sorted(now, key=lambda r: (now[r][0] != pb.TreeEntry.DIR, r)):
+            if item.guest_state.get(rel) == now[rel]:
+                continue
+            e = by_path[rel]
+            data = self._read_guest(f"{item.guest}/{rel}", e.size) \
+                if e.kind == pb.TreeEntry.FILE else b""
+            if data is not None:
+                apply_to_host(item.host, rel, e, data)
+        gone = sorted(r for r in item.guest_state if r not in now)
+        for rel in gone:
+            if not any(rel.startswith(g + "/") for g in gone if g != rel):
+                remove_on_host(item.host, rel)
+        item.guest_state = now
+        item.state = scan(item.host)  # what came from the guest is not pushed back
         return True
+
+    def _read_guest(self, path: str, size: int) -> bytes | None:
+        chunks, offset = [], 0
+        while True:
+            chunk = self._agent.read_file(path, READ_CHUNK, offset)
+            if chunk is None:
+                return None  # gone since the listing: the next round sees it
+            chunks.append(chunk)
+            offset += len(chunk)
+            if len(chunk) < READ_CHUNK:
+                return b"".join(chunks)
+
+
+def _guest_signature(entries: list[pb.TreeEntry]) -> dict[str, tuple]:
+    return {e.path: (e.kind, e.size, e.mtime_ns, e.target, e.mode, e.uid, e.gid)
+            for e in entries}
+
+
+def _host_parent(root: Path, rel: str) -> Path:
+    """The host folder an entry goes in, refusing any symlink on the way (a guest
+    could plant one to make the host write outside the volume)."""
+    parts = [p for p in rel.split("/")]
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise VolumeError(f"guest entry {rel!r} is not a plain relative path")
+    cur = root
+    for part in parts[:-1]:
+        cur = cur / part
+        st = os.lstat(cur)
+        if not stat.S_ISDIR(st.st_mode):
+            raise VolumeError(f"guest entry {rel!r} goes through {cur}, not a folder")
+    return cur
+
+
+def apply_to_host(root: Path, rel: str, e: pb.TreeEntry, data: bytes) -> None:
+    """Write one guest entry into the host folder: never through a symlink, files by rename."""
+    parent = _host_parent(root, rel)
+    path = parent / rel.rsplit("/", 1)[-1]
+    if e.kind == pb.TreeEntry.DIR:
+        if not path.is_dir() or path.is_symlink():
+            remove_on_host(root, rel)
+            os.mkdir(path, e.mode or 0o755)
+        os.chmod(path, e.mode or 0o755, follow_symlinks=False)
+        os.chown(path, e.uid, e.gid, follow_symlinks=False)
+        return
+    tmp = parent / f".ember-sync-{path.name}"
+    remove_on_host(root, str(tmp.relative_to(root)))
+    if e.kind == pb.TreeEntry.SYMLINK:
+        os.symlink(e.target, tmp)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, e.mode or 0o644)
+        finally:
+            os.close(fd)
+    os.chown(tmp, e.uid, e.gid, follow_symlinks=False)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+
+
+def remove_on_host(root: Path, rel: str) -> None:
+    path = _host_parent(root, rel) / rel.rsplit("/", 1)[-1]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _bind_mounts(spec: dict) -> list[dict]:
@@ -469,10 +597,16 @@ def classify(m: dict) -> str:
         return "copy"
     if readonly:
         return "copy" if small else "packed"
-    raise VolumeError(
-        f"mount {dest}: writable host directory {src} cannot be carried into the VM "
-        "(no filesystem sharing; a copy would lose its writes): mount it read-only, "
-        "or use an emptyDir or a block volume")
+    if kind:  # a kubelet-managed filesystem volume (PVC: csi, nfs, local, ...)
+        raise VolumeError(
+            f"mount {dest}: writable {kind} volume {src} cannot be carried into the VM "
+            "(no filesystem sharing): use a block volume (volumeDevices) or an emptyDir")
+    if not small:
+        raise VolumeError(
+            f"mount {dest}: writable host directory {src} holds {total} bytes, more than "
+            f"the {COPY_MAX_BYTES} a two-way copy carries (no filesystem sharing): mount "
+            "it read-only, or use an emptyDir")
+    return "rwcopy"
 
 
 def _tmpfs_size(src: str) -> int:

@@ -257,7 +257,7 @@ class ProcessInfo(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[bool] = ..., exit_status: _Optional[int] = ...) -> None: ...
 
 class TreeEntry(_message.Message):
-    __slots__ = ("path", "kind", "data", "mode", "target", "uid", "gid")
+    __slots__ = ("path", "kind", "data", "mode", "target", "uid", "gid", "size", "mtime_ns")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FILE: _ClassVar[TreeEntry.Kind]
@@ -273,6 +273,8 @@ class TreeEntry(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     GID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
     path: str
     kind: TreeEntry.Kind
     data: bytes
@@ -280,7 +282,23 @@ class TreeEntry(_message.Message):
     target: str
     uid: int
     gid: int
-    def __init__(self, path: _Optional[str] = ..., kind: _Optional[_Union[TreeEntry.Kind, str]] = ..., data: _Optional[bytes] = ..., mode: _Optional[int] = ..., target: _Optional[str] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
+    size: int
+    mtime_ns: int
+    def __init__(self, path: _Optional[str] = ..., kind: _Optional[_Union[TreeEntry.Kind, str]] = ..., data: _Optional[bytes] = ..., mode: _Optional[int] = ..., target: _Optional[str] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., size: _Optional[int] = ..., mtime_ns: _Optional[int] = ...) -> None: ...
+
+class ListTreeRequest(_message.Message):
+    __slots__ = ("root", "max_entries")
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    root: str
+    max_entries: int
+    def __init__(self, root: _Optional[str] = ..., max_entries: _Optional[int] = ...) -> None: ...
+
+class ListTreeResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[TreeEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[TreeEntry, _Mapping]]] = ...) -> None: ...
 
 class SyncTreeRequest(_message.Message):
     __slots__ = ("root", "entries", "remove", "tmpfs", "tmpfs_size")
@@ -297,12 +315,14 @@ class SyncTreeRequest(_message.Message):
     def __init__(self, root: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[TreeEntry, _Mapping]]] = ..., remove: _Optional[_Iterable[str]] = ..., tmpfs: _Optional[bool] = ..., tmpfs_size: _Optional[int] = ...) -> None: ...
 
 class ReadFileRequest(_message.Message):
-    __slots__ = ("path", "max_bytes")
+    __slots__ = ("path", "max_bytes", "offset")
     PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     path: str
     max_bytes: int
-    def __init__(self, path: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., max_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ReadFileResponse(_message.Message):
     __slots__ = ("data", "exists")
