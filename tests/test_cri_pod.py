@@ -11,19 +11,14 @@ and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
-from shimtools import (
-    BUSYBOX,
-    RUNTIME,
-    discard_pod,
-    leftovers,
-    private_containerd,
-    shims,
-    vmms,
-)
+import test_cri
+from shimtools import BUSYBOX, RUNTIME, discard_pod, leftovers, shims, vmms
 
 from ember.cri import api_pb2 as api
 from ember.cri.client import CRIClient
@@ -32,27 +27,8 @@ pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.containerd,
               pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def cri(guest_assets):
-    with private_containerd(cri=True) as (c, work), CRIClient(c.address) as client:
-        try:
-            yield c, work, client
-        finally:
-            try:
-                pods = client.runtime.ListPodSandbox(api.ListPodSandboxRequest()).items
-            except grpc.RpcError:
-                pods = []
-            for pod in pods:
-                discard_pod(client, pod.id)
-
-
-def _wait(cond, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
+# The CRI set-up of test_cri: a private containerd with the ember handler, pods discarded.
+cri, _wait = test_cri.cri, test_cri._wait
 
 
 def _namespaces(pid: int = api.CONTAINER, network: int = api.POD,
@@ -86,6 +62,18 @@ def create(client: CRIClient, pod: str, name: str, command: list[str],
     return resp.container_id
 
 
+@contextlib.contextmanager
+def pod_of(cri, name: str, **kw) -> Iterator[tuple[CRIClient, str]]:
+    """A pod for one test; afterwards it is gone and nothing of it is left."""
+    _, work, client = cri
+    pod = run_pod(client, name, **kw)
+    try:
+        yield client, pod
+    finally:
+        discard_pod(client, pod)
+    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
+
+
 def sh(client: CRIClient, cid: str, script: str) -> str:
     r = client.exec_sync(cid, ["sh", "-c", script])
     assert r.exit_code == 0, r.stderr
@@ -93,10 +81,8 @@ def sh(client: CRIClient, cid: str, script: str) -> str:
 
 
 def test_pod_hostname_ipc_and_sysctls_are_shared(cri) -> None:
-    _, work, client = cri
-    pod = run_pod(client, "ember-ns", hostname="pod-host",
-                  sysctls={"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"})
-    try:
+    sysctls = {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}
+    with pod_of(cri, "ember-ns", hostname="pod-host", sysctls=sysctls) as (client, pod):
         one = create(client, pod, "one", ["sleep", "1001"])
         two = create(client, pod, "two", ["sleep", "1002"])
         probe = ("hostname; cat /etc/hostname; cat /proc/sys/kernel/shm_rmid_forced "
@@ -107,30 +93,20 @@ def test_pod_hostname_ipc_and_sysctls_are_shared(cri) -> None:
         # Per-container PID namespaces (CRI CONTAINER mode): each sees only itself.
         assert "sleep 1002" not in sh(client, one, "ps -o args")
         assert "sleep 1001" not in sh(client, two, "ps -o args")
-    finally:
-        discard_pod(client, pod)
-    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
 
 
 def test_share_process_namespace(cri) -> None:
-    _, work, client = cri
-    pod = run_pod(client, "ember-pidns")
-    try:
+    with pod_of(cri, "ember-pidns") as (client, pod):
         one = create(client, pod, "one", ["sleep", "1001"], pid=api.POD)
         two = create(client, pod, "two", ["sleep", "1002"], pid=api.POD)
         procs = sh(client, two, "ps -o args")
         assert "sleep 1001" in procs and "sleep 1002" in procs, procs
         # PID 1 is the pod's sandbox (pause) process, as with runc.
         assert sh(client, one, "tr '\\0' ' ' < /proc/1/cmdline") == "/bin/sleep 2147483647"
-    finally:
-        discard_pod(client, pod)
-    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
 
 
 def test_stop_right_after_start_returns_when_the_program_exits(cri) -> None:
-    _, work, client = cri
-    pod = run_pod(client, "ember-stop")
-    try:
+    with pod_of(cri, "ember-stop") as (client, pod):
         # PID 1 of its namespace, catching SIGTERM only two seconds after start.
         cid = create(client, pod, "trap",
                      ["sh", "-c", 'sleep 2; trap "exit 0" TERM; while :; do sleep 0.2; done'])
@@ -144,9 +120,6 @@ def test_stop_right_after_start_returns_when_the_program_exits(cri) -> None:
         assert took < 20, f"StopContainer took {took:.1f}s of its 60s grace period"
         client.runtime.RemoveContainer(api.RemoveContainerRequest(container_id=cid),
                                        timeout=60)
-    finally:
-        discard_pod(client, pod)
-    assert _wait(lambda: not leftovers(work), 30), leftovers(work)
 
 
 def test_kill_after_exit_is_not_found(cri) -> None:
