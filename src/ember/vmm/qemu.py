@@ -294,7 +294,8 @@ class QemuVMM(VMM):
         return GuestDevice("scsi", f"{target}:0")
 
     def _jail_drive(self, drive: Drive, node: dict) -> dict:
-        """Hard-link a hot-plugged disk (and a qcow2 overlay's base) into the running jail.
+        """Hard-link a hot-plugged writable disk into the running jail (read-only ones,
+        and a qcow2 overlay's base, go in as descriptors).
 
         A qcow2 overlay names its base by host path, which the jailed QEMU
         cannot see, so the base is linked in as well and given explicitly.
@@ -304,6 +305,10 @@ class QemuVMM(VMM):
         assert self.jail is not None
 
         def link(src: Path, name: str, writable: bool) -> str:
+            if not writable:
+                # Read-only disks (flattened images, packed volumes) stay root-only
+                # on the host: QEMU gets an open descriptor, never the path.
+                return self._pass_fd(src, False)
             dest = host_path(self.jail, f"/disks/{name}")
             dest.parent.mkdir(exist_ok=True)
             try:
