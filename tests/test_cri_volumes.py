@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,16 +55,26 @@ class Node:
         self.root = root
         vols = root / "volumes"
         self.cache = vols / "kubernetes.io~empty-dir" / "cache"
+        self.mem = vols / "kubernetes.io~empty-dir" / "mem"  # medium: Memory
         self.cfg = vols / "kubernetes.io~configmap" / "cfg"
+        self.copied = [vols / f"kubernetes.io~{kind}" / kind
+                       for kind in ("secret", "projected", "downward-api")]
         self.pvc = vols / "kubernetes.io~csi" / "pvc-1" / "mount"
         self.big = root / "big-ro"
         self.hostpath = root / "hostpath"
         self.termlog = root / "containers" / "term" / "0"
-        for d in (self.cache, self.cfg, self.pvc, self.big, self.hostpath,
-                  self.termlog.parent):
+        for d in (self.cache, self.mem, self.cfg, self.pvc, self.big, self.hostpath,
+                  self.termlog.parent, *self.copied):
             d.mkdir(parents=True)
         os.chmod(self.cache, 0o777)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(self.mem)],
+                       check=True)
         _atomic_write(self.cfg, "gen1", {"mode": "old"})
+        for d in self.copied:
+            _atomic_write(d, "gen1", {"token": f"{d.name}-value"})
+            # fsGroup: the kubelet gives the files the pod's group on the node.
+            os.chown(d / "..gen1" / "token", 0, 2345)
+            os.chmod(d / "..gen1" / "token", 0o440)
         (self.big / "blob").write_bytes(os.urandom(24 << 20))
         self.big_md5 = hashlib.md5((self.big / "blob").read_bytes()).hexdigest()
         (self.hostpath / "seed").write_text("seeded\n")
@@ -99,6 +110,8 @@ def _run_pod_story(client: CRIClient, handler: str, node: Node) -> dict:
     try:
         a = _create(client, pod, "a", ["sleep", "1000"], [
             _mount(node.cache, "/cache"), _mount(node.cfg, "/cfg", readonly=True),
+            _mount(node.mem, "/mem"),
+            *[_mount(d, f"/{d.name}", readonly=True) for d in node.copied],
             _mount(node.big, "/big", readonly=True), _mount(node.hostpath, "/host")])
         client.start_container(a)
         b = _create(client, pod, "b", ["sleep", "1000"], [_mount(node.cache, "/cache")])
@@ -108,6 +121,11 @@ def _run_pod_story(client: CRIClient, handler: str, node: Node) -> dict:
         _sh(client, b, "echo from-b > /cache/b")
         seen["b reads a"] = _sh(client, b, "cat /cache/a")
         seen["a reads b"] = _sh(client, a, "cat /cache/b")
+        seen["memory emptyDir"] = _sh(client, a, "stat -f -c %T /mem; df -k /mem | tail -1")
+        seen["memory emptyDir"] = seen["memory emptyDir"].split()[0:3:2]  # type, size
+        seen["secret/projected/downwardAPI"] = _sh(
+            client, a, "for k in secret projected downward-api; do "
+            "cat /$k/token; echo; stat -L -c '%g %a' /$k/token; done")
         # configMap: the kubelet's swap reaches the container, atomically, within 5 s.
         seen["cfg before"] = _sh(client, a, "cat /cfg/mode")
         _atomic_write(node.cfg, "gen2", {"mode": "new"})
@@ -154,13 +172,20 @@ def _run_pod_story(client: CRIClient, handler: str, node: Node) -> dict:
 def test_kubelet_volumes_behave_as_under_runc(cri, tmp_path: Path) -> None:
     _, work, client = cri
     disks_before = set(VOLUME_DISKS.iterdir()) if VOLUME_DISKS.is_dir() else set()
-    runc = _run_pod_story(client, "runc", Node(tmp_path / "runc"))
-    ember = _run_pod_story(client, "ember", Node(tmp_path / "ember"))
+    nodes = [Node(tmp_path / "runc"), Node(tmp_path / "ember")]
+    try:
+        runc = _run_pod_story(client, "runc", nodes[0])
+        ember = _run_pod_story(client, "ember", nodes[1])
+    finally:
+        for node in nodes:
+            subprocess.run(["umount", "-l", str(node.mem)], capture_output=True)
     assert runc.pop("pvc") == "created"  # runc shares the host's filesystem
     pvc = ember.pop("pvc")
     assert "mount /data: writable csi volume" in pvc and "\n" not in pvc, pvc
     assert ember == runc
     assert runc["b reads a"] == "from-a\n" and runc["termination message"] == "goodbye\n"
+    assert runc["memory emptyDir"] == ["tmpfs", "8192"]
+    assert "secret-value\n2345 440" in runc["secret/projected/downwardAPI"]
     assert runc["big read-only"] != 0 and runc["restart keeps emptyDir"] == "from-a\nfrom-b\n"
     assert _wait(lambda: not leftovers(work), 30), leftovers(work)
     disks_after = set(VOLUME_DISKS.iterdir()) if VOLUME_DISKS.is_dir() else set()

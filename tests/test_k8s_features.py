@@ -67,8 +67,10 @@ def test_python_m_ember_k8s_runs_as_a_program():
     res = subprocess.run([sys.executable, "-m", "ember.k8s", "features", "--backend", "qemu"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("pvcBlock "))
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("portForward "))
     assert line.split()[1] == "supported"
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("pvcBlock "))
+    assert line.split()[1] == "unsupported"
     res = subprocess.run([sys.executable, "-m", "ember.k8s", "features", "--backend", "xen"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "xen" in res.stderr

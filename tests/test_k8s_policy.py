@@ -24,6 +24,11 @@ def pod(**spec) -> dict:
 BLOCK = {"volumes": [{"name": "b", "persistentVolumeClaim": {"claimName": "c"}}],
          "containers": [{"name": "a", "image": "x",
                          "volumeDevices": [{"name": "b", "devicePath": "/dev/b"}]}]}
+# A feature QEMU carries (with a caveat) and Firecracker cannot: routed between classes.
+HOSTPATH = {"volumes": [{"name": "h", "hostPath": {"path": "/srv/conf"}}],
+            "containers": [{"name": "a", "image": "x",
+                            "volumeMounts": [{"name": "h", "mountPath": "/conf",
+                                              "readOnly": True}]}]}
 
 
 def apply(p: dict, policy: Policy, ns: str = "default", labels: dict | None = None) -> dict:
@@ -83,11 +88,12 @@ def test_namespace_rules_with_expressions_first_match_wins():
 
 def test_on_unsupported_deny_and_per_feature_override():
     fc = {"defaultClass": "ember-fc"}
-    assert apply(pod(**BLOCK), policy_from_dict(fc))["spec"]["runtimeClassName"] == "ember-qemu"
-    d = decide(pod(**BLOCK), "default", {}, policy_from_dict({**fc, "onUnsupported": "deny"}))
+    assert apply(pod(**HOSTPATH), policy_from_dict(fc))["spec"]["runtimeClassName"] \
+        == "ember-qemu"
+    d = decide(pod(**HOSTPATH), "default", {}, policy_from_dict({**fc, "onUnsupported": "deny"}))
     assert not d.allowed and "policy says deny" in d.message
-    d = decide(pod(**BLOCK), "default", {}, policy_from_dict(
-        {**fc, "onUnsupported": "deny", "features": {"pvcBlock": "route"}}))
+    d = decide(pod(**HOSTPATH), "default", {}, policy_from_dict(
+        {**fc, "onUnsupported": "deny", "features": {"hostPath": "route"}}))
     assert d.allowed and d.runtime_class == "ember-qemu" and d.result == "routed"
 
 

@@ -206,14 +206,12 @@ def test_patch_escapes_slashes_in_annotation_keys(server, tls):
     assert "ember.io/admission" in result["metadata"]["annotations"]
 
 
-def test_block_pvc_is_routed_to_a_class_that_supports_it(server, tls):
+def test_block_pvc_is_denied_since_no_class_attaches_it(server, tls):
     pod = make_pod(volumes=[{"name": "raw", "persistentVolumeClaim": {"claimName": "disk"}}])
     pod["spec"]["containers"][0]["volumeDevices"] = [{"name": "raw", "devicePath": "/dev/xvdb"}]
     resp = post(server, tls, make_review(pod))
-    result = patched(pod, resp)
-    assert result["spec"]["runtimeClassName"] == "ember-qemu"
-    assert "routed from ember-fc" in result["metadata"]["annotations"]["ember.io/admission"]
-    assert "pvcBlock" in result["metadata"]["annotations"]["ember.io/admission"]
+    assert resp["allowed"] is False and "patch" not in resp
+    assert "volumeMode Block" in resp["status"]["message"]
 
 
 def test_hostpath_is_denied_with_the_feature_and_reason(server, tls):
@@ -501,7 +499,8 @@ def test_default_policy_when_none_is_given(tls, tmp_path):
         pod = make_pod()
         assert patched(pod, post(url, tls, make_review(pod)))["spec"]["runtimeClassName"] \
             == "ember-qemu"
-        pod = make_pod(volumes=[{"name": "h", "hostPath": {"path": "/"}}])
+        pod = make_pod(volumes=[{"name": "raw", "persistentVolumeClaim": {"claimName": "d"}}])
+        pod["spec"]["containers"][0]["volumeDevices"] = [{"name": "raw", "devicePath": "/dev/b"}]
         resp = post(url, tls, make_review(pod))
         assert resp["allowed"] is False and "no other Ember class" in resp["status"]["message"]
 

@@ -32,6 +32,7 @@ class Support:
     status: str
     priority: str
     reason: str
+    proof: str = ""  # the test(s) that show it through containerd's CRI plugin
 
 
 @dataclass(frozen=True)
@@ -59,119 +60,144 @@ _NO_FS_SHARE_FC = Support(
     _U, BY_DESIGN, "Firecracker has no filesystem-sharing device (no virtio-fs or 9p)"
 )
 _COPIED = (
-    "files are copied into the guest through the agent (no host filesystem is shared); "
-    "updates to the source object reach the guest on the next copy, not instantly"
+    "copied into guest memory and kept in sync: a change on the node reaches the "
+    "container within about a second, and the kubelet's atomic ..data swap stays atomic"
 )
+_VOL = "tests/test_cri_volumes.py::test_kubelet_volumes_behave_as_under_runc"
+_POD = "tests/test_cri_pod.py"
+_CT = "critest "
 
 FEATURES: tuple[Feature, ...] = (
     # --- volumes -------------------------------------------------------------
     _f("emptyDir", "emptyDir volume (disk)", "Volumes",
-       Support(_S, REQUIRED, "a per-pod scratch disk attached as a block device and "
-               "formatted in the guest; sizeLimit becomes the disk size")),
+       Support(_S, REQUIRED, "one sparse ext4 disk per volume and pod, shared by the pod's "
+               "containers and kept across container restarts; its size is the pod annotation "
+               "ember.io/emptydir-size.NAME (default 10 GiB), since the kubelet does not pass "
+               "sizeLimit to the runtime", _VOL)),
     _f("emptyDirMemory", "emptyDir volume (medium: Memory)", "Volumes",
        Support(_C, REQUIRED, "a tmpfs inside the guest: it counts against the guest's RAM "
-               "(the pod's memory limit), not the node's page cache")),
-    _f("configMap", "configMap volume", "Volumes", Support(_C, REQUIRED, _COPIED)),
+               "(the pod's memory limit), not the node's page cache", _VOL)),
+    _f("configMap", "configMap volume", "Volumes", Support(_C, REQUIRED, _COPIED, _VOL)),
     _f("secret", "secret volume", "Volumes",
-       Support(_C, REQUIRED, _COPIED + "; kept on a guest tmpfs, never on a disk image")),
+       Support(_C, REQUIRED, _COPIED + "; kept in guest memory, never on a disk image", _VOL)),
     _f("projected", "projected volume (incl. service account tokens)", "Volumes",
-       Support(_C, REQUIRED, _COPIED + "; rotated tokens are re-copied")),
-    _f("downwardAPI", "downwardAPI volume", "Volumes", Support(_C, REQUIRED, _COPIED)),
+       Support(_C, REQUIRED, _COPIED + "; rotated tokens are re-copied", _VOL)),
+    _f("downwardAPI", "downwardAPI volume", "Volumes", Support(_C, REQUIRED, _COPIED, _VOL)),
     _f("hostPath", "hostPath volume", "Volumes",
-       Support(_U, BY_DESIGN, "it would share a host directory with the VM; Ember shares "
-               "no host filesystem with a guest, which is what the VM boundary is for"),
+       Support(_C, NICE, "read-only: copied (packed into a read-only image above 16 MiB); "
+               "writable: a two-way copy of at most 16 MiB whose writes reach the node at every "
+               "exec and container exit and every 0.5 s (not instantly, and the last writer "
+               "of a file wins); a larger writable one is refused when the task is created",
+               _VOL + "; " + _CT + "'starting container with volume' (and 'when host path "
+               "is a symlink', 'rprivate')"),
        _NO_FS_SHARE_FC),
     _f("pvcFilesystem", "PersistentVolumeClaim, volumeMode Filesystem", "Volumes",
-       Support(_U, NICE, "kubelet mounts the volume on the node; passing a mounted "
-               "filesystem into the guest needs virtio-fs, which Ember does not use yet"),
+       Support(_U, NICE, "kubelet mounts the volume on the node and it may be shared and "
+               "large; Ember shares no filesystem with the guest, so a writable one is "
+               "refused when the task is created (read-only ones are copied like hostPath)"),
        _NO_FS_SHARE_FC),
     _f("pvcBlock", "PersistentVolumeClaim, volumeMode Block", "Volumes",
-       Support(_S, NICE, "the raw device is given to the guest as a virtio-blk drive when "
-               "the sandbox starts"),
+       Support(_U, NICE, "the host block device is not attached to the guest yet: a "
+               "non-privileged container asking for one is refused when its task is created"),
        Support(_U, NICE, "Firecracker cannot hotplug drives, and Ember's pre-boot "
                "placeholder drives are reserved for container root filesystems")),
     _f("csiEphemeral", "CSI ephemeral inline volume", "Volumes",
-       Support(_U, NICE, "the CSI driver mounts a filesystem on the node; passing it in "
-               "needs virtio-fs, which Ember does not use yet"),
+       Support(_U, NICE, "the CSI driver mounts a filesystem on the node; a writable one "
+               "is refused like a filesystem PVC"),
        _NO_FS_SHARE_FC),
     _f("otherVolume", "other node-mounted volumes (nfs, iscsi, cephfs, ...)", "Volumes",
-       Support(_U, NICE, "mounted by kubelet on the node; passing a mounted filesystem "
-               "into the guest needs virtio-fs, which Ember does not use yet"),
+       Support(_U, NICE, "mounted by kubelet on the node; a writable one is refused like a "
+               "filesystem PVC"),
        _NO_FS_SHARE_FC),
     # --- host namespaces and privileges --------------------------------------
     _f("hostNetwork", "hostNetwork", "Host access",
        Support(_U, BY_DESIGN, "the guest has its own kernel and network stack; it cannot "
-               "join the node's network namespace")),
+               "join the node's network namespace (RunPodSandbox is refused at once)")),
     _f("hostPID", "hostPID", "Host access",
        Support(_U, BY_DESIGN, "the guest kernel has its own process table; host processes "
-               "are not visible from a VM")),
+               "are not visible from a VM (RunPodSandbox is refused at once)")),
     _f("hostIPC", "hostIPC", "Host access",
        Support(_U, BY_DESIGN, "System V IPC and POSIX shared memory live in the guest "
-               "kernel; they cannot be shared with the host")),
+               "kernel; they cannot be shared with the host (RunPodSandbox is refused)")),
+    _f("mountPropagation", "mountPropagation HostToContainer / Bidirectional", "Host access",
+       Support(_U, BY_DESIGN, "the guest has its own mount table: rslave/rshared mounts "
+               "are refused when the task is created")),
     _f("privileged", "privileged containers", "Host access",
-       Support(_C, NICE, "privilege applies inside the guest only: all capabilities and "
-               "the guest's devices, never the host's")),
+       Support(_C, NICE, "privilege applies inside the guest only: all capabilities, the "
+               "guest's devices and its kernel modules (loaded on demand), never the host's",
+               _CT + "'Privileged is true'; tests/test_guest_modules.py")),
     _f("capabilitiesAdd", "added Linux capabilities", "Host access",
-       Support(_S, REQUIRED, "granted by the guest kernel, so they cannot act on the host")),
+       Support(_S, REQUIRED, "granted by the guest kernel, so they cannot act on the host",
+               _CT + "'adding capability', 'adding ALL capabilities'")),
     _f("devices", "host devices and extended resources (GPUs, DRA claims)", "Host access",
        Support(_U, NICE, "device passthrough needs VFIO on a PCI bus; Ember's microvm "
                "machine has no PCI bus"),
        Support(_U, BY_DESIGN, "Firecracker has no device passthrough")),
     _f("shareProcessNamespace", "shareProcessNamespace", "Host access",
-       Support(_S, NICE, "all of a pod's containers run in one guest; the agent gives them "
-               "one PID namespace")),
+       Support(_S, NICE, "all of a pod's containers run in one guest and join the pod "
+               "container's PID namespace there", _CT + "'PodPID'; " + _POD)),
     _f("sysctls", "sysctls", "Host access",
-       Support(_S, NICE, "set in the pod's own guest kernel, so even 'unsafe' sysctls "
-               "affect only the pod")),
+       Support(_S, NICE, "set in the pod's own guest kernel (the pod's IPC and UTS "
+               "namespaces are shared by its containers), so even 'unsafe' sysctls affect "
+               "only the pod", _CT + "'safe sysctls', 'unsafe sysctls'; " + _POD)),
     # --- security context ----------------------------------------------------
     _f("seccompProfile", "seccomp profiles", "Security context",
        Support(_C, REQUIRED, "enforced by the guest kernel; Localhost profiles must exist "
-               "on the node and are copied in; the VMM runs under Ember's own filter")),
+               "on the node and are copied in; the VMM runs under Ember's own filter",
+               _CT + "'SeccompProfilePath' and 'docker/default' specs")),
     _f("appArmorProfile", "AppArmor profiles", "Security context",
-       Support(_C, NICE, "the guest kernel runs without AppArmor, so the profile is not "
-               "enforced inside the VM; the VM boundary is the isolation")),
+       Support(_C, NICE, "the guest kernel runs without AppArmor, so the profile is "
+               "dropped, not enforced inside the VM; the VM boundary is the isolation",
+               "tests/test_shim.py::test_guest_spec_drops_host_paths_and_leaves_mounts_to_the_volumes")),
     _f("runAsUser", "runAsUser / runAsGroup / runAsNonRoot / supplementalGroups",
        "Security context", Support(_S, REQUIRED, "applied by the agent when it starts the "
-                                   "process in the guest")),
+                                   "process in the guest",
+                                   _CT + "'RunAsUser', 'RunAsGroup', 'SupplementalGroups'")),
     _f("fsGroup", "fsGroup", "Security context",
-       Support(_C, REQUIRED, "ownership is set inside the guest when the agent mounts a "
-               "volume; fsGroupChangePolicy OnRootMismatch is treated as Always")),
+       Support(_C, REQUIRED, "the kubelet sets group ownership on the node; copies and "
+               "emptyDir disks keep the node's owners and modes", _VOL)),
     _f("readOnlyRootFilesystem", "readOnlyRootFilesystem", "Security context",
        Support(_S, REQUIRED, "the container's root block device is mounted read-only in "
-               "the guest")),
+               "the guest", _CT + "'ReadOnlyRootfs is true'")),
     # --- resources -----------------------------------------------------------
     _f("resourceLimits", "CPU and memory requests/limits", "Resources",
        Support(_C, REQUIRED, "limits size the guest (vCPUs, RAM) and its cgroups; the VMM "
-               "and shim are charged to the pod through RuntimeClass overhead")),
+               "and shim are charged to the pod through RuntimeClass overhead",
+               "tests/test_cri.py::test_pod_with_two_containers_runs_in_one_vm")),
     _f("inPlaceResize", "in-place pod resize (resizePolicy)", "Resources",
-       Support(_C, NICE, "takes effect in the guest's cgroups up to the size the guest "
-               "booted with: the microvm machine cannot hot-add CPUs or memory"),
-       Support(_C, NICE, "takes effect in the guest's cgroups up to the size the guest "
-               "booted with: Firecracker has no CPU or memory hotplug")),
+       Support(_U, NICE, "no test shows it yet (the guest could only shrink within the "
+               "size it booted with: the microvm machine cannot hot-add CPUs or memory)"),
+       Support(_U, NICE, "no test shows it yet (Firecracker has no CPU or memory hotplug)")),
     _f("hugepages", "hugepages", "Resources",
-       Support(_C, NICE, "the guest reserves huge pages out of its own RAM; host backing "
-               "uses ordinary pages")),
+       Support(_U, NICE, "no test shows it yet: the guest would have to reserve huge "
+               "pages out of its own RAM")),
     # --- containers and operations -------------------------------------------
     _f("initContainers", "init containers", "Containers",
-       Support(_S, REQUIRED, "run in order in the pod's guest before the app containers")),
+       Support(_S, REQUIRED, "containers that run to completion one after another in the "
+               "pod's guest (the kubelet orders them)", _VOL)),
     _f("sidecarContainers", "sidecar containers (init, restartPolicy: Always)", "Containers",
        Support(_S, NICE, "started in the pod's guest and kept running beside the app "
-               "containers")),
+               "containers", _CT + "'when running multiple containers in a pod'; " + _POD)),
     _f("ephemeralContainers", "ephemeral (debug) containers", "Containers",
-       Support(_C, NICE, "started in the pod's guest by the agent; they see the pod, "
-               "never the node")),
+       Support(_C, NICE, "started in the pod's guest; they see the pod, never the node; "
+               "targeting one container's PID namespace joins the pod's",
+               _CT + "'ContainerPID', 'PodPID'")),
     _f("probes", "liveness / readiness / startup probes", "Containers",
        Support(_C, REQUIRED, "network probes reach the guest like any pod traffic; exec "
-               "probes go through the agent and need a few hundred ms")),
+               "probes go through the agent and need a few hundred ms",
+               _CT + "'execSync', 'execSync with timeout'; "
+               "tests/test_cri.py::test_pod_network_reaches_the_host_through_the_vm")),
     _f("execAttach", "exec and attach", "Operations",
-       Support(_S, REQUIRED, "served by the guest agent over the VM's control channel")),
+       Support(_S, REQUIRED, "served by the guest agent over the VM's control channel",
+               _CT + "'exec with tty=...', 'attach'")),
     _f("logs", "container logs", "Operations",
        Support(_S, REQUIRED, "stdout and stderr are streamed from the guest to the CRI "
-               "log file")),
+               "log file", _CT + "'starting container with log', 'reopening container log'")),
     _f("portForward", "port-forward", "Operations",
-       Support(_C, REQUIRED, "containerd dials localhost inside the pod's network namespace "
-               "on the host, which is not the guest (its eth0 is joined to the guest's NIC by "
-               "a tc redirect): forward to the pod IP with a Service instead, for now")),
+       Support(_S, REQUIRED, "the shim serves the guest's listening TCP ports on localhost "
+               "in the pod's network namespace, where containerd dials, over the agent "
+               "channel", _CT + "'portforward'; "
+               "tests/test_portforward.py::test_cri_port_forward_reaches_the_guest")),
 )
 
 BY_ID: dict[str, Feature] = {f.id: f for f in FEATURES}
@@ -196,5 +222,7 @@ def check_matrix() -> None:
             assert s.status in STATUSES, f"{f.id}/{backend}: status {s.status!r}"
             assert s.priority in PRIORITIES, f"{f.id}/{backend}: priority {s.priority!r}"
             assert s.reason and not s.reason.endswith("."), f"{f.id}/{backend}: reason"
+            if s.status != UNSUPPORTED:
+                assert s.proof, f"{f.id}/{backend}: a claim needs the test that proves it"
             if s.priority == BY_DESIGN:
                 assert s.status == UNSUPPORTED, f"{f.id}/{backend}: by design but supported"

@@ -43,7 +43,13 @@ def render() -> str:
         "support is routed to a class that does, or refused with the reasons below.",
         "",
         "Statuses: **supported**; **supported, with a caveat** (works, but differs from",
-        "runc as described); **not supported** (the webhook routes or denies the pod).",
+        "runc as described); **not supported** (the webhook routes or denies the pod, and",
+        "the node refuses it with a one-line reason). Every supported row names the test",
+        "that proves it through containerd's CRI plugin: a spec of the CRI validation",
+        "suite (`critest`, run by `scripts/critest.sh` in CI) or a project test. The",
+        "Firecracker column shares the guest, agent and shim with QEMU, but is checked",
+        "only against a contract-checking fake Firecracker (no binary can be installed",
+        "on the project's machines).",
         "",
         "## Summary",
         "",
@@ -61,9 +67,9 @@ def render() -> str:
             if not rows:
                 out.append("(none)")
                 continue
-            out += ["| Feature | Status | Why |", "|---|---|---|"]
+            out += ["| Feature | Status | Why | Proven by |", "|---|---|---|---|"]
             for f in rows:
                 s = f.on(backend)
                 out.append(f"| {_cell(f.title)} (`{f.id}`) | {_STATUS_TEXT[s.status]} | "
-                           f"{_cell(s.reason)} |")
+                           f"{_cell(s.reason)} | {_cell(s.proof) or '-'} |")
     return "\n".join(out) + "\n"
