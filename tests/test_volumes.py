@@ -263,3 +263,21 @@ def test_writable_host_folder_is_a_two_way_copy(tmp_path: Path, run_root: Path) 
     with pytest.raises(VolumeError, match="not a folder"):
         volumes.apply_to_host(host, "esc/x", pb.TreeEntry(path="esc/x"), b"z")
     pv.close()
+
+
+@pytest.mark.root
+def test_a_host_mount_made_inside_a_volume_is_not_copied(tmp_path: Path) -> None:
+    """critest's rprivate spec: a mount the host makes in the volume after the
+    container started must not show up in the container."""
+    import subprocess
+
+    vol, other = tmp_path / "vol", tmp_path / "other"
+    (vol / "mnt").mkdir(parents=True)
+    other.mkdir()
+    (other / "flagFile").write_text("x")
+    subprocess.run(["mount", "--bind", str(other), str(vol / "mnt")], check=True)
+    try:
+        tree = volumes.scan(vol)
+    finally:
+        subprocess.run(["umount", "-l", str(vol / "mnt")], check=True)
+    assert "mnt" in tree and "mnt/flagFile" not in tree

@@ -120,9 +120,27 @@ class Entry:
     target: str = ""
 
 
+def _mounts_below(root: Path) -> set[str]:
+    """Mount points strictly below root: a copy does not cross them (a host mount made
+    inside a volume after the container started stays private to the host, as with
+    runc's default rprivate bind mounts)."""
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    found = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].replace("\\040", " ")
+                if point.startswith(prefix):
+                    found.add(point[len(prefix):])
+    except OSError:
+        pass
+    return found
+
+
 def scan(root: Path) -> dict[str, Entry]:
     """Every directory, regular file and symlink below root (not root itself)."""
     out: dict[str, Entry] = {}
+    mounts = _mounts_below(root)
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -142,7 +160,8 @@ def scan(root: Path) -> dict[str, Entry]:
                                  st.st_mtime_ns, os.readlink(child.path))
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = Entry(pb.TreeEntry.DIR, mode, st.st_uid, st.st_gid, 0, 0)
-                stack.append(rel)
+                if rel not in mounts:
+                    stack.append(rel)
             elif stat.S_ISREG(st.st_mode):
                 out[rel] = Entry(pb.TreeEntry.FILE, mode, st.st_uid, st.st_gid, st.st_size,
                                  st.st_mtime_ns)
