@@ -484,3 +484,114 @@ def test_keep_fd_passes_an_open_file_to_the_vmm(env):
     finally:
         os.close(fd)
     assert (res.returncode, res.stdout) == (0, "state bytes\n"), res.stderr
+
+
+PROBE_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/if_packet.h>
+#include <linux/io_uring.h>
+#include <linux/sched.h>
+/* Makes the one call named by its last argument (Firecracker gets --id first) under the VMM's seccomp profile and
+   prints "<ret> <errno name>"; a call the filter kills prints nothing. */
+static void *thread(void *arg) { return arg; }
+static void report(long ret) {
+    printf("%ld %s\n", ret < 0 ? -1L : 0L, ret < 0 ? strerrorname_np(errno) : "OK");
+}
+int main(int argc, char **argv) {
+    const char *c = argv[argc - 1];
+    struct io_uring_params params = {0};
+    struct clone_args cargs = {.exit_signal = SIGCHLD};
+    int fds[2], on = 1;
+    char buf[128] = {0};
+    long r;
+    setvbuf(stdout, NULL, _IONBF, 0);
+    if (!strcmp(c, "io_uring_setup")) report(syscall(SYS_io_uring_setup, 4, &params));
+    else if (!strcmp(c, "io_uring_enter")) report(syscall(SYS_io_uring_enter, 0, 1, 0, 0, NULL, 0));
+    else if (!strcmp(c, "clone-newnet") || !strcmp(c, "clone-newuser") || !strcmp(c, "clone")) {
+        long flags = SIGCHLD | (c[5] ? (c[9] == 'n' ? CLONE_NEWNET : CLONE_NEWUSER) : 0);
+        r = syscall(SYS_clone, flags, 0, 0, 0, 0);
+        if (r == 0) _exit(0);
+        report(r);
+    }
+    else if (!strcmp(c, "clone3")) report(syscall(SYS_clone3, &cargs, sizeof cargs));
+    else if (!strcmp(c, "pthread")) {  /* glibc: clone3, then clone on ENOSYS */
+        pthread_t t;
+        void *out = NULL;
+        errno = pthread_create(&t, NULL, thread, &on);
+        report(errno ? -1 : pthread_join(t, &out) || out != &on ? -1 : 0);
+    }
+    else if (!strcmp(c, "unix")) report(socket(AF_UNIX, SOCK_STREAM, 0));
+    else if (!strcmp(c, "socketpair")) report(socketpair(AF_UNIX, SOCK_STREAM, 0, fds));
+    else if (!strcmp(c, "inet")) report(socket(AF_INET, SOCK_STREAM, 0));
+    else if (!strcmp(c, "inet6")) report(socket(AF_INET6, SOCK_DGRAM, 0));
+    else if (!strcmp(c, "netlink")) report(socket(AF_NETLINK, SOCK_RAW, 0));
+    else if (!strcmp(c, "packet")) report(socket(AF_PACKET, SOCK_RAW, 0));
+    else if (!strcmp(c, "socketpair-inet")) report(socketpair(AF_INET, SOCK_STREAM, 0, fds));
+    else if (!strcmp(c, "TCGETS")) report(ioctl(0, TCGETS, buf));  /* not a tty: ENOTTY */
+    else if (!strcmp(c, "FIONBIO")) report(ioctl(1, FIONBIO, &on));
+    else if (!strcmp(c, "TIOCSTI")) report(ioctl(0, TIOCSTI, "x"));
+    else if (!strcmp(c, "SIOCGIFFLAGS")) report(ioctl(1, SIOCGIFFLAGS, buf));
+    else if (!strcmp(c, "LOOP_CTL_GET_FREE")) report(ioctl(0, 0x4C82, 0));
+    else return 2;
+    return 0;
+}
+"""
+
+KILLED = "killed"
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.c").write_text(PROBE_C)
+    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(d / "probe"), str(d / "probe.c")],
+                   check=True)
+    return str(d / "probe")
+
+
+@pytest.mark.parametrize("kind", ["qemu", "firecracker"])
+@pytest.mark.parametrize("call, expected", [
+    # io_uring: refused, so its in-kernel openat/mkdirat/renameat... cannot bypass the list
+    ("io_uring_setup", "-1 EPERM"),
+    ("io_uring_enter", "-1 EPERM"),
+    # clone: no namespace flags; clone3 ENOSYS so that glibc threads fall back to clone
+    ("clone-newnet", KILLED),
+    ("clone-newuser", KILLED),
+    ("clone", "0 OK"),
+    ("clone3", "-1 ENOSYS"),
+    ("pthread", "0 OK"),
+    # socket: AF_UNIX only
+    ("unix", "0 OK"),
+    ("socketpair", "0 OK"),
+    ("netlink", KILLED),
+    ("packet", KILLED),
+    ("inet", KILLED),
+    ("inet6", KILLED),
+    ("socketpair-inet", KILLED),
+    # ioctl: KVM, TUN, block and a few terminal requests only
+    ("TCGETS", "-1 ENOTTY"),
+    ("FIONBIO", "0 OK"),
+    ("TIOCSTI", KILLED),
+    ("SIOCGIFFLAGS", KILLED),
+    ("LOOP_CTL_GET_FREE", KILLED),
+])
+def test_seccomp_argument_rules(env, probe, kind, call, expected):
+    """Each rule of the VMM profiles, under the jail: the refused form is killed
+    (SIGSYS) or fails with its errno; the allowed form still works."""
+    spec = make_spec(env, exec_file=probe, vmm_kind=kind, args=[call], kvm=False)
+    res = subprocess.run(build_argv(spec), capture_output=True, text=True, env=env["env"],
+                         stdin=subprocess.DEVNULL, timeout=30)
+    if expected == KILLED:
+        assert (res.returncode, res.stdout) == (128 + signal.SIGSYS, ""), res.stderr
+    else:
+        assert (res.returncode, res.stdout) == (0, expected + "\n"), res.stderr

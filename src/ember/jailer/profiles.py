@@ -14,9 +14,30 @@ loading its own seccomp filters, opening the API socket), which our filter —
 loaded before exec — has to let through.
 
 Every list implicitly gets ``execve`` (the jailer's own exec of the VMM).
+
+Names alone are not enough for four families of calls; ``ARG_RULES`` below
+narrows them by argument (and ``ember.jailer.seccomp`` applies those rules to
+any list, an ``--seccomp-allow-file`` one included):
+
+* ``io_uring_setup/enter/register`` are refused with EPERM whatever the list
+  says: a ring performs mkdirat, symlinkat, renameat, openat... in the kernel
+  without those syscalls ever passing the filter. QEMU probes io_uring at start
+  and falls back to ppoll when the probe fails; Firecracker does not use it.
+* ``clone`` passes only without namespace flags, and ``clone3`` (whose flags
+  live in memory, out of seccomp's reach) fails with ENOSYS so that glibc
+  falls back to ``clone`` — the approach of Docker's and systemd's filters.
+* ``socket``/``socketpair`` pass only for AF_UNIX: QMP, the agent socket and
+  Firecracker's API and vsock sockets. Networking reaches both VMMs as a tap
+  descriptor, so neither opens AF_INET/AF_INET6, netlink or packet sockets.
+* ``ioctl`` passes only for the request families the VMMs use: KVM, the
+  terminal requests of a serial console on stdio, TUN/TAP, and block-device
+  queries. TIOCSTI (typing into the jailer's terminal), SIOC* (network
+  configuration), loop, userfaultfd, perf... are killed.
 """
 
 from __future__ import annotations
+
+import errno
 
 _COMMON_RUNTIME = """
     read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2
@@ -30,7 +51,6 @@ _COMMON_RUNTIME = """
     clock_gettime clock_getres clock_nanosleep nanosleep gettimeofday
     timerfd_create timerfd_settime timerfd_gettime eventfd2
     poll ppoll epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2
-    io_uring_setup io_uring_enter io_uring_register
     socket socketpair bind listen accept accept4 connect getsockname getpeername
     getsockopt setsockopt sendmsg recvmsg sendto recvfrom shutdown
     ioctl prctl arch_prctl prlimit64 getrandom uname sysinfo
@@ -54,6 +74,44 @@ FIRECRACKER = _COMMON_RUNTIME + """
 GENERIC = QEMU + FIRECRACKER
 
 PROFILES: dict[str, str] = {"qemu": QEMU, "firecracker": FIRECRACKER, "generic": GENERIC}
+
+
+# Denied with an errno instead of killing, so that a VMM's probe falls back.
+ERRNO_RULES: dict[str, int] = {
+    "io_uring_setup": errno.EPERM, "io_uring_enter": errno.EPERM,
+    "io_uring_register": errno.EPERM, "clone3": errno.ENOSYS,
+}
+
+CLONE_NAMESPACES = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000  # NEWNS CGROUP UTS IPC
+                    | 0x10000000 | 0x20000000 | 0x40000000)             # NEWUSER NEWPID NEWNET
+AF_UNIX = 1
+
+# ioctl requests: (mask, value) pairs, one allowed if (request & mask) == value.
+_BYTE = 0x0000FF00  # the request's "type" byte
+_EXACT = 0xFFFFFFFF  # the kernel truncates the request to 32 bits
+IOCTLS: list[tuple[int, int]] = [
+    (_BYTE, 0xAE00),  # KVMIO: every KVM ioctl (system, VM, vCPU, device fds)
+    (_BYTE, 0x1200),  # block-device queries: BLKGETSIZE64, BLKSSZGET, BLKDISCARD...
+    (_BYTE, 0x2200),  # SCSI generic: QEMU's host_device driver probes a /dev disk with SG_GET_*
+    (0x4000FF00, 0x40005400),  # 'T' with a write direction: TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ...
+    (0x8000FF00, 0x80005400),  # 'T' with a read direction: TUNGETIFF, TUNGETFEATURES...
+    # Terminal requests without a direction, one by one (TIOCSTI 0x5412 is not one):
+    *((_EXACT, req) for req in (
+        0x5401, 0x5402, 0x5403, 0x5404,  # TCGETS TCSETS TCSETSW TCSETSF
+        0x5413, 0x5414,  # TIOCGWINSZ TIOCSWINSZ
+        0x540F,  # TIOCGPGRP
+        0x541B, 0x5421, 0x5450, 0x5451, 0x5452,  # FIONREAD FIONBIO FIONCLEX FIOCLEX FIOASYNC
+    )),
+]
+
+# syscall -> (argument index, [(mask, value)...]): the call passes when the
+# argument matches one of the pairs; otherwise the filter's default (kill/log).
+ARG_RULES: dict[str, tuple[int, list[tuple[int, int]]]] = {
+    "clone": (0, [(CLONE_NAMESPACES, 0)]),
+    "socket": (0, [(_EXACT, AF_UNIX)]),
+    "socketpair": (0, [(_EXACT, AF_UNIX)]),
+    "ioctl": (1, IOCTLS),
+}
 
 
 def syscalls_for(kind: str) -> list[str]:

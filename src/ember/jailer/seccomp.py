@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes.util
 
 from ember.errors import EmberError
+from ember.jailer import profiles
 
 
 def _import_pyseccomp():
@@ -40,7 +41,10 @@ def build_filter(mode: str, syscalls: list[str]):
 
     "kill" kills the whole process (SECCOMP_RET_KILL_PROCESS, seen as SIGSYS);
     "log" lets the call through and records it in the kernel audit log, for
-    tuning a list; "off" installs nothing.
+    tuning a list; "off" installs nothing. Listed calls that have an entry in
+    ``profiles.ARG_RULES`` pass only with the arguments given there (other
+    arguments meet the default action), and ``profiles.ERRNO_RULES`` (io_uring,
+    clone3) fail with their errno in every mode, listed or not.
     """
     if mode == "off":
         return None
@@ -55,10 +59,20 @@ def build_filter(mode: str, syscalls: list[str]):
     except OSError:
         pass  # libseccomp < 2.5: the linear filter is still correct
     for name in syscalls:
+        if name in profiles.ERRNO_RULES:
+            continue
         try:
-            filt.add_rule(pyseccomp.ALLOW, name)
+            if name in profiles.ARG_RULES:
+                index, pairs = profiles.ARG_RULES[name]
+                for mask, value in pairs:
+                    filt.add_rule(pyseccomp.ALLOW, name,
+                                  pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value))
+            else:
+                filt.add_rule(pyseccomp.ALLOW, name)
         except (OSError, ValueError, RuntimeError) as exc:
             raise EmberError(f"seccomp: unknown syscall {name!r} ({exc})") from None
+    for name, err in profiles.ERRNO_RULES.items():
+        filt.add_rule(pyseccomp.ERRNO(err), name)
     return filt
 
 
