@@ -431,20 +431,21 @@ int main(int argc, char **argv) {
 """
 
 
-def test_firecracker_kind_gets_its_id_kvm_and_tun(env, tmp_path):
+@pytest.mark.parametrize("tun", [False, True])
+def test_firecracker_kind_gets_its_id_kvm_and_tun_only_when_asked(env, tmp_path, tun):
+    """/dev/net/tun exists only in a jail whose VMM opens a tap by name (--tun)."""
     src = tmp_path / "fc.c"
     src.write_text(FAKE_FC_C)
     binary = tmp_path / "firecracker"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(src)], check=True)
     spec = make_spec(env, exec_file=str(binary), vmm_kind="firecracker",
-                     args=["--api-sock", "/run/api.sock"])
+                     args=["--api-sock", "/run/api.sock"], tun=tun)
     res = jailer(env, spec)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["/firecracker", "--id", spec.id, "--api-sock", "/run/api.sock"]
     assert f"kvm 10:232 uid {UID}" in lines
-    if os.path.exists("/dev/net/tun"):
-        assert "tun 10:200" in lines
+    assert ("tun 10:200" in lines) == tun
     assert lines[-1] == f"uid {UID}"
 
 

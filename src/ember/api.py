@@ -426,13 +426,9 @@ class Sandbox:
             from ember.net import bridge
 
             bridge.disconnect(self.cfg, self.id)  # the monitor may have died before doing it
-        if st.jail:
-            from ember.jailer.api import JailSpec, cleanup
+        from ember.sandbox.vm import cleanup_jail
 
-            j = st.jail
-            cleanup(JailSpec(id=j["id"], exec_file=j["exec_file"], uid=j["uid"], gid=j["uid"],
-                             chroot_base_dir=j["chroot_base_dir"],
-                             parent_cgroup=j.get("parent_cgroup")))
+        cleanup_jail(self.cfg, self.id)  # from the id, never from the record
         self.close()
         with self.store.lock():
             shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)

@@ -76,7 +76,7 @@ class JailSpec:
     chroot_base_dir: str = DEFAULT_BASE
     netns: str | None = None
     daemonize: bool = False
-    new_pid_ns: bool = False
+    new_pid_ns: bool = True  # always on: accepted for Firecracker's command line only
     cgroups: dict[str, str] = field(default_factory=dict)
     cgroup_version: int | None = None  # None: detect (1 on hybrid hosts like this one)
     parent_cgroup: str | None = None  # None: the exec file's name, as Firecracker does
@@ -87,6 +87,7 @@ class JailSpec:
     seccomp_allow_file: str | None = None  # overrides the vmm_kind list
     vmm_kind: str = "generic"
     kvm: bool | None = None  # None: qemu → from its args, firecracker → yes, generic → no
+    tun: bool = False  # /dev/net/tun in the jail (a VMM that opens its tap by name)
     keep_fds: list[int] = field(default_factory=list)  # open fds the VMM inherits
     jailer_binary: str | None = None
 
@@ -153,6 +154,8 @@ def build_argv(spec: JailSpec) -> list[str]:
         argv += ["--seccomp-allow-file", spec.seccomp_allow_file]
     if spec.kvm is not None:
         argv.append("--kvm" if spec.kvm else "--no-kvm")
+    if spec.tun:
+        argv.append("--tun")
     for fd in spec.keep_fds:
         argv += ["--keep-fd", str(fd)]
     return argv + ["--", *spec.args]

@@ -6,6 +6,11 @@ rlimits, enter the cgroups, unshare the mount namespace, pivot_root, create
 device nodes, daemonize, new PID namespace, drop uid/gid, exec), with three
 differences that make it safe for any VMM:
 
+* the VMM always gets new PID, IPC and UTS namespaces and a network
+  namespace: the one ``--netns`` names, else a new empty one, so a
+  compromised VMM reaches no host socket (its NIC, if any, comes as a
+  descriptor, or as a tap in the named namespace with ``--tun``);
+
 * it stays behind as a small supervisor (parent of the VMM) so it can remove
   the jail and cgroups when the VMM exits and forward signals to it;
 * the child also sets no_new_privs, empties every capability set and loads a
@@ -148,7 +153,9 @@ def validate(spec: JailSpec, allow_root: bool) -> Plan:
         kind = resource.RLIMIT_FSIZE if name == "fsize" else resource.RLIMIT_NOFILE
         rlimits = [r for r in rlimits if r[0] != kind] + [(kind, value)]
     devices = list(_DEVICES)
-    if os.path.exists("/dev/net/tun"):
+    if spec.tun:
+        if not os.path.exists("/dev/net/tun"):
+            raise EmberError("--tun: /dev/net/tun does not exist on this host")
         devices.append(_TUN)
     if _wants_kvm(spec):
         if not os.path.exists("/dev/kvm"):
@@ -253,6 +260,9 @@ def child(plan: Plan) -> None:
         fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
         linux.setns(fd, linux.CLONE_NEWNET)
         os.close(fd)
+    else:
+        linux.unshare(linux.CLONE_NEWNET)  # empty: not even lo is up, no host socket to reach
+    linux.unshare(linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
     for kind, value in plan.rlimits:
         resource.setrlimit(kind, (value, value))
     root = str(jail_root(spec))
@@ -361,17 +371,13 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         if pid:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            waiter.deliver(pid, signum)
         else:
             pending.append(signum)
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
-    if spec.new_pid_ns:
-        linux.unshare(linux.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+    linux.unshare(linux.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
     errr, errw = os.pipe2(os.O_CLOEXEC)
     child_pid = os.fork()
     if child_pid == 0:

@@ -14,6 +14,8 @@ import os
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would fork ldconfig
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 

@@ -31,10 +31,15 @@ def _parser() -> _Parser:
     p.add_argument("--uid", required=True, type=int)
     p.add_argument("--gid", required=True, type=int)
     p.add_argument("--chroot-base-dir", default="/srv/jailer")
-    p.add_argument("--netns", help="network namespace to join, e.g. /var/run/netns/NAME")
+    p.add_argument("--netns", help="network namespace to join, e.g. /var/run/netns/NAME "
+                                   "(without it the VMM gets a new, empty one)")
     p.add_argument("--daemonize", action="store_true",
                    help="detach (setsid, stdio to /dev/null) once the VMM runs")
-    p.add_argument("--new-pid-ns", action="store_true")
+    p.add_argument("--new-pid-ns", action="store_true",
+                   help="accepted for Firecracker's command line: the VMM always gets new "
+                        "PID, IPC and UTS namespaces")
+    p.add_argument("--tun", action="store_true",
+                   help="create /dev/net/tun in the jail (for a VMM that opens its tap by name)")
     p.add_argument("--cgroup", action="append", default=[], metavar="FILE=VALUE")
     p.add_argument("--cgroup-version", type=int, choices=(1, 2))
     p.add_argument("--parent-cgroup")
@@ -89,11 +94,11 @@ def parse(argv: list[str]) -> JailSpec:
     return JailSpec(
         id=ns.id, exec_file=ns.exec_file, uid=ns.uid, gid=ns.gid, args=exec_args,
         chroot_base_dir=ns.chroot_base_dir, netns=ns.netns, daemonize=ns.daemonize,
-        new_pid_ns=ns.new_pid_ns, cgroups=dict(_pairs(ns.cgroup, "--cgroup")),
+        new_pid_ns=True, cgroups=dict(_pairs(ns.cgroup, "--cgroup")),
         cgroup_version=ns.cgroup_version, parent_cgroup=ns.parent_cgroup,
         resource_limits=limits, files=files, dirs=ns.mkdir, seccomp=ns.seccomp_level,
         seccomp_allow_file=ns.seccomp_allow_file, vmm_kind=ns.vmm_kind, kvm=ns.kvm,
-        keep_fds=ns.keep_fd,
+        keep_fds=ns.keep_fd, tun=ns.tun,
     )
 
 

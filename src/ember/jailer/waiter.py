@@ -48,6 +48,33 @@ def rmdir_cgroup(path: str | os.PathLike, timeout: float = 3.0) -> None:
         time.sleep(0.02)
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for signum (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+def deliver(pid: int, signum: int) -> bool:
+    """Send a forwarded signal to the VMM as if it were not PID 1 of its namespace.
+
+    The VMM is its PID namespace's init, and the kernel drops a signal that
+    an init has no handler for; every forwarded signal would end an ordinary
+    process, so one the VMM does not catch becomes SIGKILL. True if escalated.
+    """
+    escalate = not _catches(pid, signum)
+    try:
+        os.kill(pid, signal.SIGKILL if escalate else signum)
+    except ProcessLookupError:
+        return False
+    return escalate
+
+
 def status_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -56,12 +83,11 @@ def status_code(status: int) -> int:
 
 def main(argv: list[str]) -> int:
     vmm, jail, leaves = int(argv[0]), argv[1], argv[2:]
+    escalated: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(vmm, signum)
-        except ProcessLookupError:
-            pass
+        if deliver(vmm, signum):
+            escalated.append(signum)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -74,6 +100,8 @@ def main(argv: list[str]) -> int:
             rmdir_cgroup(leaf)
         except OSError:
             pass
+    if escalated and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return 128 + escalated[0]  # what the signal we were sent would have given
     return status_code(status)
 
 

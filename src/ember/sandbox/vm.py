@@ -34,6 +34,30 @@ def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
     raise EmberError(f"config vm.hypervisor: unknown hypervisor {kind!r}")
 
 
+def vmm_binaries(cfg: Config) -> list[str]:
+    """Every VMM binary a sandbox may run under, the configured hypervisor's first."""
+    first = cfg.vm.qemu_binary if cfg.vm.hypervisor == "qemu" else cfg.vm.firecracker_binary
+    return list(dict.fromkeys([first, cfg.vm.qemu_binary, cfg.vm.firecracker_binary]))
+
+
+def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> None:
+    """Remove the jail (VMM, folder, cgroups) of VM ``vm_id`` if one is left.
+
+    Worked out from the id and the configuration alone, never from a record:
+    whatever a compromised VMM wrote cannot steer what root removes. Every
+    configured VMM binary is tried, so a hypervisor switched in the config
+    while sandboxes ran still finds their jails.
+    """
+    from ember.jailer.api import cleanup, spec_from_config
+
+    for binary in vmm_binaries(cfg):
+        spec = spec_from_config(cfg, id=vm_id[:64], exec_file=os.path.basename(binary),
+                                uid=0, gid=0)
+        if parent_cgroup:
+            spec.parent_cgroup = parent_cgroup.strip("/")
+        cleanup(spec)
+
+
 class SandboxVM:
     def __init__(self, cfg: Config, vm_id: str, work_dir: Path, vcpus: int, memory_mib: int,
                  use_template: bool | None = None, nic: bool = False) -> None:
@@ -83,7 +107,7 @@ class SandboxVM:
         cgroups = {"memory.max" if v2 else "memory.limit_in_bytes": limit, "pids.max": "4096"}
         return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=self.cfg.vm.qemu_binary,
                                 uid=uid, gid=uid, vmm_kind=self.cfg.vm.hypervisor,
-                                kvm=accel == "kvm", new_pid_ns=False, cgroups=cgroups)
+                                kvm=accel == "kvm", cgroups=cgroups)
 
     def jail_record(self) -> dict:
         """What `ember rm -f` needs to remove the jail if everything else died."""

@@ -140,7 +140,7 @@ def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Pat
         proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=logf, cwd=str(pdir), env=env, start_new_session=True,
                                 close_fds=True)
-    atomic_write_json(pdir / "pod.json", {"shim_pid": proc.pid})
+    atomic_write_json(pdir / "pod.json", {"shim_pid": proc.pid, "group": group})
 
 
 # -------------------------------------------------------------------- delete
@@ -166,16 +166,13 @@ def cleanup_dead_pod(pdir: Path) -> None:
     """Everything a dead shim's pod leaves: VMM, mounts, cgroups, files."""
     rec = read_record(pdir)
     vmm_pid, vm_dir = rec.get("vmm_pid"), rec.get("vm_dir") or str(pdir / "vm")
-    jail = rec.get("jail")
-    if jail:
-        # A jailed VMM: the jailer knows it by its chroot (no pid-reuse risk).
-        from ember.jailer.api import JailSpec
-        from ember.jailer.api import cleanup as jail_cleanup
+    if rec.get("group"):
+        # A jailed VMM is found by its chroot (no pid-reuse risk), derived from the pod's
+        # id and the configuration, never from what a record says about the jail.
+        from ember.sandbox.vm import cleanup_jail
 
-        jail_cleanup(JailSpec(id=jail["id"], exec_file=jail["exec_file"], uid=jail["uid"],
-                              gid=jail["uid"], chroot_base_dir=jail["chroot_base_dir"],
-                              parent_cgroup=jail.get("parent_cgroup")))
-    elif vmm_pid and vm_dir in _cmdline(vmm_pid):
+        cleanup_jail(load_config(), rec["group"], rec.get("cgroup") or None)
+    if not rec.get("jail") and vmm_pid and vm_dir in _cmdline(vmm_pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(vmm_pid, signal.SIGKILL)
         deadline = time.monotonic() + 5

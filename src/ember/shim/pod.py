@@ -128,6 +128,7 @@ class Pod:
             else {}
         atomic_write_json(self.dir / "pod.json", {
             "shim_pid": os.getpid(),
+            "group": self.group_id,
             "vmm_pid": self.vmm_pid,
             "vm_dir": str(self.dir / "vm"),
             "jail": jail or None,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from ember.errors import VMError
+from ember.vmm.peer import check_peer
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -38,9 +39,10 @@ def one_line(text: str) -> str:
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, peer_uid: int | None = None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._unix_path = path
+        self._peer_uid = peer_uid
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,6 +52,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         except OSError:
             sock.close()
             raise
+        check_peer(sock, self._peer_uid, f"Firecracker API socket {self._unix_path}")
         self.sock = sock
 
 
@@ -61,16 +64,17 @@ class FirecrackerAPI:
     """
 
     def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
-                 alive: Callable[[], None] | None = None) -> None:
+                 alive: Callable[[], None] | None = None, peer_uid: int | None = None) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self._alive = alive or (lambda: None)
+        self.peer_uid = peer_uid  # a jailed Firecracker's uid: nobody else may answer
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout: float | None = None) -> dict | None:
         """Send one request; the decoded JSON answer, or None for 204."""
         limit = self.timeout if timeout is None else timeout
-        conn = _UnixHTTPConnection(self.socket_path, limit)
+        conn = _UnixHTTPConnection(self.socket_path, limit, self.peer_uid)
         payload = None if body is None else json.dumps(body)
         headers = {"Accept": "application/json"}
         if payload is not None:

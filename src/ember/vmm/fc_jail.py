@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
@@ -72,6 +73,15 @@ class DirectLayout:
     def vmm_pid(self, proc: subprocess.Popen) -> int | None:
         return proc.pid
 
+    @property
+    def peer_uid(self) -> int | None:
+        """The uid that must serve the sockets Firecracker creates (None: not checked)."""
+        return None
+
+    def collect(self, staged: Path, dest: Path) -> None:
+        """Move a file Firecracker wrote (a snapshot) to its final place."""
+        shutil.move(staged, dest)
+
     def cleanup(self) -> None:
         pass
 
@@ -81,7 +91,8 @@ class JailLayout(DirectLayout):
 
     jailed = True
 
-    def __init__(self, binary: str, work_dir: Path, template: object, vm_id: str) -> None:
+    def __init__(self, binary: str, work_dir: Path, template: object, vm_id: str,
+                 tun: bool = False) -> None:
         from ember.jailer import api as jailer_api
 
         if not isinstance(template, jailer_api.JailSpec):
@@ -95,7 +106,7 @@ class JailLayout(DirectLayout):
         jail_id = re.sub(r"[^A-Za-z0-9-]", "-", vm_id)[:64]
         self.spec = dataclasses.replace(
             template, id=jail_id, exec_file=self.binary, vmm_kind="firecracker",
-            args=["--api-sock", "/run/firecracker.sock"], daemonize=False,
+            args=["--api-sock", "/run/firecracker.sock"], daemonize=False, tun=tun,
             files=list(template.files), dirs=[*template.dirs, "/run", "/drives", "/snapshot"])
         self.root = jailer_api.jail_root(self.spec)
         self.api_socket = self.root / "run" / "firecracker.sock"
@@ -148,6 +159,28 @@ class JailLayout(DirectLayout):
 
     def vmm_pid(self, proc: subprocess.Popen) -> int | None:
         return self._api.vmm_pid(self.spec)
+
+    @property
+    def peer_uid(self) -> int | None:
+        return self.spec.uid
+
+    def collect(self, staged: Path, dest: Path) -> None:
+        """Take a file out of the VMM's reach first, then check it is one it wrote.
+
+        The staging folder is Firecracker's: the name could be a symlink or a
+        hard link to something else by now. Renamed into the root-owned jail
+        folder it can no longer change, so the checks that follow hold.
+        """
+        hold = self._api.jail_dir(self.spec) / f".collect-{staged.name}"
+        os.rename(staged, hold)
+        st = os.lstat(hold)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != self.spec.uid:
+            hold.unlink()
+            raise VMError(f"{staged.name}: Firecracker left something other than a file it "
+                          "wrote in its snapshot folder; refusing it")
+        os.chown(hold, 0, 0)
+        os.chmod(hold, 0o644)  # a later jailed restore reads it through a bind mount
+        shutil.move(hold, dest)
 
     def kill_vmm(self) -> None:
         pid = self._api.vmm_pid(self.spec)

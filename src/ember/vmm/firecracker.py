@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -89,11 +88,13 @@ class FirecrackerVMM(VMM):
 
             placeholder_drives = load_config().vm.fc_placeholder_drives
         self.options = options or FirecrackerOptions()
-        self.layout = (fc_jail.JailLayout(binary, spec.work_dir, spec.jailer, spec.vm_id)
+        self.layout = (fc_jail.JailLayout(binary, spec.work_dir, spec.jailer, spec.vm_id,
+                                          tun=bool(self.options.network_interfaces))
                        if spec.jailer is not None else fc_jail.DirectLayout(binary, spec.work_dir))
         self.api_socket = self.layout.api_socket
         self.vsock_api, self.vsock_host = self.layout.vsock(spec.agent_socket)
-        self.api = FirecrackerAPI(str(self.api_socket), api_timeout, alive=self._check_alive)
+        self.api = FirecrackerAPI(str(self.api_socket), api_timeout, alive=self._check_alive,
+                                  peer_uid=self.layout.peer_uid)
         self.pool = fc_drives.PlaceholderPool(spec.work_dir / "fc-drives", placeholder_drives)
         self._proc: subprocess.Popen | None = None
         self._paths: dict[str, str] = {}  # what Firecracker opens, by role, as it names them
@@ -299,7 +300,7 @@ class FirecrackerVMM(VMM):
     # --------------------------------------------------------------- agent
     def connect_agent(self, timeout: float) -> socket.socket:
         return vsock.connect(str(self.vsock_host), vsock.AGENT_PORT, timeout,
-                             alive=self._check_alive)
+                             alive=self._check_alive, peer_uid=self.layout.peer_uid)
 
     # ---------------------------------------------------- pause / snapshot
     def pause(self) -> None:
@@ -342,8 +343,8 @@ class FirecrackerVMM(VMM):
                              {"snapshot_type": "Full",
                               "snapshot_path": f"{stage_api}/{tmp_state}",
                               "mem_file_path": f"{stage_api}/{tmp_mem}"}, timeout=120)
-            shutil.move(stage_host / tmp_mem, mem)
-            shutil.move(stage_host / tmp_state, state)
+            self.layout.collect(stage_host / tmp_mem, mem)
+            self.layout.collect(stage_host / tmp_state, state)
         finally:
             (stage_host / tmp_state).unlink(missing_ok=True)
             (stage_host / tmp_mem).unlink(missing_ok=True)

@@ -14,11 +14,17 @@ lets a restored template serve any sandbox):
   template is built (the backend is not part of the migration stream).
 
 Control goes through QMP on ``qmp.sock``.
+
+The control plane opens every file and socket QEMU uses on the host side
+(``qmp.sock`` and ``agent.sock`` as listening sockets, ``console.log`` for
+appending, the snapshot, hot-plugged disks) and hands QEMU descriptors, so a
+jailed QEMU needs no writable folder at all: a compromised VMM cannot create,
+replace or link anything in the sandbox folder that root later reads or
+connects to.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -36,6 +42,20 @@ from ember.vmm.qmp import QMPClient
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 MAX_UNIX_PATH = 107
+CONSOLE_FDSET = 1  # -add-fd set of the console descriptor (QMP add-fd picks other ids)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening Unix socket at path, made by us; QEMU gets only its descriptor."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        sock.listen(8)
+    except OSError as exc:
+        sock.close()
+        raise VMError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
 
 
 def _blockdev(drive: Drive) -> dict:
@@ -77,6 +97,8 @@ class QemuVMM(VMM):
         self._next_target = 1
         self._targets: dict[str, int] = {}
         self._restore_fd: int | None = None
+        self._channels: dict[str, int] = {}  # qmp, agent, console: descriptors QEMU inherits
+        self._listeners: list[socket.socket] = []
         self.jail = None  # ember.jailer.api.JailSpec when the VMM runs jailed
         if spec.jailer is not None:
             import copy
@@ -107,9 +129,39 @@ class QemuVMM(VMM):
             return str(host)
         return self.jail.place(host, mode, writable, jail_path)
 
-    def _work(self, host: Path) -> str:
-        """Files in the sandbox folder: the jail sees that folder as /run."""
-        return str(host) if self.jail is None else f"/run/{host.name}"
+    def _open_channels(self) -> dict[str, int]:
+        """Open QMP and agent listening sockets and the console log, in the sandbox folder.
+
+        The folder stays root-only; QEMU inherits the descriptors. The console
+        is opened without following a symlink and appended to, so whoever caps
+        it can truncate it under QEMU's feet.
+        """
+        if self._channels:
+            return self._channels
+        s = self.spec
+        try:
+            for name, path in (("qmp", s.control_socket), ("agent", s.agent_socket)):
+                sock = _listen(path)
+                self._listeners.append(sock)
+                self._channels[name] = sock.fileno()
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                self._channels["console"] = os.open(s.console_log, flags, 0o600)
+            except OSError as exc:
+                raise VMError(f"cannot open {s.console_log}: {exc.strerror}") from None
+        except BaseException:
+            self._close_channels()
+            raise
+        return self._channels
+
+    def _close_channels(self) -> None:
+        """Our copies only: QEMU keeps its own (the paths stay connectable while it runs)."""
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        if "console" in self._channels:
+            os.close(self._channels["console"])
+        self._channels.clear()
 
     def argv(self) -> list[str]:
         """The full QEMU command line for this VM (inside the jail when jailed)."""
@@ -119,7 +171,7 @@ class QemuVMM(VMM):
                 raise VMError(f"socket path too long for a Unix socket: {sock}")
         if self.jail is not None:
             self.jail.files.clear()
-            self._path(s.work_dir, "bind", True, "/run")
+        ch = self._open_channels()
         kernel = self._path(s.kernel)
         initrd = self._path(s.initrd)
         rootfs = self._path(s.rootfs, "bind")
@@ -129,12 +181,15 @@ class QemuVMM(VMM):
             "-m", str(s.memory_mib), "-smp", str(s.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", kernel, "-initrd", initrd, "-append", s.cmdline,
-            "-chardev", f"file,id=con,path={self._work(s.console_log)}", "-serial", "chardev:con",
-            "-qmp", f"unix:{self._work(s.control_socket)},server=on,wait=off",
+            "-add-fd", f"fd={ch['console']},set={CONSOLE_FDSET},opaque=console",
+            "-chardev", f"file,id=con,path=/dev/fdset/{CONSOLE_FDSET},append=on",
+            "-serial", "chardev:con",
+            "-chardev", f"socket,id=qmp,fd={ch['qmp']},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
             "-drive", f"id=root,file={rootfs},format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=agent,path={self._work(s.agent_socket)},server=on,wait=off",
+            "-chardev", f"socket,id=agent,fd={ch['agent']},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent.0",
             "-device", "virtio-scsi-device,id=scsi0",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -167,7 +222,8 @@ class QemuVMM(VMM):
         return args
 
     def _inherited_fds(self) -> list[int]:
-        return [fd for fd in (self._restore_fd, self.spec.net_fd) if fd is not None]
+        fds = [self._restore_fd, self.spec.net_fd, *self._channels.values()]
+        return [fd for fd in fds if fd is not None]
 
     def _nic_args(self) -> list[str]:
         s = self.spec
@@ -193,23 +249,26 @@ class QemuVMM(VMM):
 
     def start(self) -> None:
         s = self.spec
-        s.work_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (s.agent_socket, s.control_socket):
-            stale.unlink(missing_ok=True)
+        s.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if shutil.which(self.binary) is None:
             raise VMError(f"QEMU not found: {self.binary} (install qemu-system-x86)")
-        argv = self.argv()
-        log = open(s.work_dir / "vmm.log", "ab")
         try:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
-                pass_fds=tuple(self._inherited_fds()),
-            )
-        except FileNotFoundError:
-            raise VMError(f"cannot run {argv[0]}") from None
+            argv = self.argv()
+            log = os.open(s.work_dir / "vmm.log",
+                          os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600)
+            try:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, close_fds=True,
+                    pass_fds=tuple(self._inherited_fds()),
+                )
+            except FileNotFoundError:
+                raise VMError(f"cannot run {argv[0]}") from None
+            finally:
+                os.close(log)
         finally:
-            log.close()
+            self._close_channels()
             if self._restore_fd is not None:
                 os.close(self._restore_fd)
                 self._restore_fd = None
@@ -294,48 +353,28 @@ class QemuVMM(VMM):
         return GuestDevice("scsi", f"{target}:0")
 
     def _jail_drive(self, drive: Drive, node: dict) -> dict:
-        """Hard-link a hot-plugged writable disk into the running jail (read-only ones,
-        and a qcow2 overlay's base, go in as descriptors).
+        """A hot-plugged disk reaches the jailed QEMU as a descriptor (QMP add-fd).
 
-        A qcow2 overlay names its base by host path, which the jailed QEMU
-        cannot see, so the base is linked in as well and given explicitly.
+        QEMU never sees a host path and the files stay root-only on the host:
+        nothing is chowned to the VMM's uid. A qcow2 overlay names its base by
+        host path, so the base is passed (read-only) and named explicitly too.
         """
-        from ember.jailer.api import host_path
-
-        assert self.jail is not None
-
-        def link(src: Path, name: str, writable: bool) -> str:
-            if not writable:
-                # Read-only disks (flattened images, packed volumes) stay root-only
-                # on the host: QEMU gets an open descriptor, never the path.
-                return self._pass_fd(src, False)
-            dest = host_path(self.jail, f"/disks/{name}")
-            dest.parent.mkdir(exist_ok=True)
-            try:
-                if not dest.exists():
-                    os.link(src, dest)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise VMError(f"cannot place {src} in the jail: {exc}") from None
-                return self._pass_fd(src, writable)  # another file system: hand QEMU an fd
-            if writable:
-                os.chown(dest, self.jail.uid, self.jail.gid)
-            return f"/disks/{name}"
-
-        node["file"]["filename"] = link(drive.path, drive.drive_id, not drive.readonly)
+        node["file"]["filename"] = self._pass_fd(drive.path, not drive.readonly)
         if drive.format == "qcow2":
             base = _qcow2_backing(drive.path)
             if base is not None:
                 node["backing"] = {
                     "driver": "raw", "read-only": True,
-                    "file": {"driver": "file",
-                             "filename": link(base, f"{drive.drive_id}.base", False)},
+                    "file": {"driver": "file", "filename": self._pass_fd(base, False)},
                 }
         return node
 
     def _pass_fd(self, path: Path, writable: bool) -> str:
         """Give QEMU an open descriptor for path (QMP add-fd); returns its /dev/fdset name."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VMError(f"cannot open disk {path}: {exc.strerror}") from None
         try:
             info = self.qmp_fds("add-fd", [fd])
         finally:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from ember.errors import VMError
+from ember.vmm.peer import check_peer
 
 AGENT_PORT = 1024
 MAX_REPLY = 64
@@ -50,7 +51,8 @@ def handshake(sock: socket.socket, port: int, timeout: float) -> int:
 
 
 def connect(uds_path: str, port: int, timeout: float,
-            alive: Callable[[], None] | None = None, interval: float = 0.05) -> socket.socket:
+            alive: Callable[[], None] | None = None, interval: float = 0.05,
+            peer_uid: int | None = None) -> socket.socket:
     """A stream socket to guest ``port``, retrying until the guest listens.
 
     ``alive`` is called between attempts and should raise when the VMM has
@@ -63,6 +65,7 @@ def connect(uds_path: str, port: int, timeout: float,
         try:
             sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
             sock.connect(uds_path)
+            check_peer(sock, peer_uid, f"vsock socket {uds_path}")
             handshake(sock, port, max(0.1, min(2.0, deadline - time.monotonic())))
             return sock
         except (FileNotFoundError, ConnectionRefusedError):
