@@ -34,6 +34,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) 
         raise
 
 
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create a root-only (0700) folder, and make an older, looser one 0700 too.
+
+    Images, disks, templates, logs and records can hold what a workload or an
+    image baked in (keys, tokens): no other user needs to traverse them, and a
+    jailed VMM gets what it must open by descriptor or through its jail.
+    """
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

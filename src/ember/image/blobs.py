@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from typing import IO
 
 from ember.errors import ImageError
 from ember.image.oci import check_digest
+from ember.util import private_dir
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -32,23 +32,12 @@ def blob_path(root: Path, digest: str) -> Path:
     return root / "blobs" / "sha256" / check_digest(digest, "blob").split(":", 1)[1]
 
 
-def private_root(images_dir: Path) -> None:
-    """Create the store root as 0700 (and fix an older 0755 one).
-
-    Blobs hold whatever an image baked in (keys, tokens); only root reads them,
-    so no other user needs to traverse the store at all.
-    """
-    images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(images_dir.stat().st_mode) != 0o700:
-        os.chmod(images_dir, 0o700)
-
-
 class Staging:
     """A private folder of verified blobs waiting to be committed to the store."""
 
     def __init__(self, images_dir: Path) -> None:
         self.store_root = images_dir
-        private_root(images_dir)
+        private_dir(images_dir)  # blobs hold whatever an image baked in (keys, tokens)
         tmp_root = images_dir / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="stage-", dir=tmp_root))

@@ -28,10 +28,10 @@ from pathlib import Path
 from ember.config import Config
 from ember.errors import ImageError
 from ember.image import oci
-from ember.image.blobs import Staging, blob_path, private_root
+from ember.image.blobs import Staging, blob_path
 from ember.image.oci import Image
 from ember.image.reference import familiar_name, parse_reference
-from ember.util import atomic_write_json
+from ember.util import atomic_write_json, private_dir
 
 _HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{4,64})$")  # shorter prefixes match too easily
 
@@ -160,7 +160,7 @@ class ImageStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         """Hold the store lock and yield the current index for modification."""
-        private_root(self.root)
+        private_dir(self.root)
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

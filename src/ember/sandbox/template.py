@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ember.config import Config
 from ember.errors import EmberError
-from ember.util import atomic_write_json
+from ember.util import atomic_write_json, private_dir
 from ember.vmm.base import VMSpec
 
 LAYOUT_VERSION = "1"
@@ -66,7 +66,7 @@ class TemplateCache:
         path = self.path_for(key)
         if path.exists():
             return path
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         with open(self.root / f".{key}.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

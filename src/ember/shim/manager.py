@@ -41,7 +41,7 @@ from ember.shim.proto import options_pb2
 from ember.shim.proto import task_pb2 as pb
 from ember.shim.state import MAX_SOCKET_PATH, STOPPED, pod_dir, socket_path
 from ember.ttrpc import bind_unix
-from ember.util import atomic_write, atomic_write_json
+from ember.util import atomic_write, atomic_write_json, private_dir
 
 log = logging.getLogger("ember.shim")
 
@@ -112,7 +112,8 @@ def start(args: ShimArgs, options: bytes) -> str:
         return address
     if joining:
         raise EmberError(f"the shim of sandbox {group} is not running")
-    pdir.mkdir(parents=True, exist_ok=True)
+    private_dir(pdir.parent)
+    private_dir(pdir)
     listener = bind_unix(str(sock))
     try:
         _spawn_server(args, listener, group, pdir, config_path)

@@ -35,6 +35,7 @@ from pathlib import Path
 from ember.errors import EmberError
 from ember.storage.ext4 import content_size, make_ext4
 from ember.storage.rootfs import prepare_writable, rootfs_size
+from ember.util import private_dir
 
 log = logging.getLogger("ember.shim.rootfs")
 
@@ -169,12 +170,12 @@ def _layer_key(lower: list[str]) -> str:
 
 def cached_base(lower: list[str], cache_dir: Path, mnt: Path) -> Path:
     """The read-only ext4 image of a layer stack, built once and shared by containers."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cache_dir)
     key = _layer_key(lower)
     dest = cache_dir / f"{key}.ext4"
     if dest.exists():
         return dest
-    lock_fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock_fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if dest.exists():
@@ -199,7 +200,7 @@ def cached_base(lower: list[str], cache_dir: Path, mnt: Path) -> Path:
 def _build_base(src: Path, dest: Path) -> None:
     size = rootfs_size(content_size(src))
     make_ext4(src, dest, size, label="ember-rootfs", journal=True, error=RootfsError)
-    os.chmod(dest, 0o444)
+    os.chmod(dest, 0o400)  # root-only; a jailed VMM gets a descriptor
 
 
 def _evict_stale(cache_dir: Path) -> None:

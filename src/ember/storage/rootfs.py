@@ -15,7 +15,6 @@ import errno
 import fcntl
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ember.errors import ImageError
 from ember.image.store import Image, ImageStore
 from ember.storage.ext4 import content_size, make_ext4
 from ember.storage.layers import apply_layer
+from ember.util import private_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 GIB = 1 << 30
@@ -48,7 +48,7 @@ def flatten(store: ImageStore, image: Image) -> Path:
     dest = store.rootfs_path(image.id)
     if dest.exists():
         return dest
-    _private_dir(dest.parent)
+    private_dir(dest.parent)
     lock_fd = os.open(dest.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # two `ember run`s of a new image build it once
@@ -80,23 +80,12 @@ def flatten(store: ImageStore, image: Image) -> Path:
                 inodes=max(entries * 2 + 4096, size // 16384),
                 error=ImageError,
             )
-            os.chmod(dest, 0o444)
+            os.chmod(dest, 0o400)  # root-only; a jailed VMM gets a descriptor
         finally:
             shutil.rmtree(outer, ignore_errors=True)
         return dest
     finally:
         os.close(lock_fd)
-
-
-def _private_dir(path: Path) -> None:
-    """Make the flattened-image folder root-only, also when an older Ember made it 0755.
-
-    Jailed VMMs never open images by this path: they get a hard link in their
-    jail or a descriptor, so nothing but root needs to traverse it.
-    """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(path.stat().st_mode) != 0o700:
-        os.chmod(path, 0o700)
 
 
 def _drop_leftovers(rootfs_dir: Path) -> None:
