@@ -131,6 +131,8 @@ class Sandbox:
         """
         cfg = cfg or load_config()
         ports = _check_network(network, publish or [])
+        if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1) * 4):
+            raise EmberError(f"invalid --cpus {cpus}: must be > 0 and at most 4 x host cores")
         from ember.image.store import ImageStore
 
         images = ImageStore(cfg)
@@ -138,8 +140,6 @@ class Sandbox:
         memory_bytes = parse_size(memory) if memory is not None else None
         if memory_bytes is not None and memory_bytes < (6 << 20):
             raise EmberError(f"memory {memory} is too small: the minimum is 6m")
-        if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1) * 4):
-            raise EmberError(f"invalid --cpus {cpus}: must be > 0 and at most 4 x host cores")
         vcpus = max(1, int(-(-cpus // 1))) if cpus else cfg.vm.vcpus
         mem_mib = (memory_bytes >> 20) + GUEST_OVERHEAD_MIB if memory_bytes else cfg.vm.memory_mib
         sandbox_id = new_id()
@@ -156,8 +156,8 @@ class Sandbox:
                 raise EmberError(f"the name {name!r} is already in use by another sandbox")
             state = SandboxState(
                 id=sandbox_id, name=name, image=image, image_id=img.id,
-                command=spec["process"]["args"], vcpus=vcpus, memory_mib=mem_mib, tty=tty,
-                stdin=stdin, auto_remove=auto_remove, labels=labels or {},
+                command=spec["process"]["args"], vcpus=vcpus, cpus=cpus, memory_mib=mem_mib,
+                tty=tty, stdin=stdin, auto_remove=auto_remove, labels=labels or {},
                 vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
             )
             store.save(state)

@@ -12,6 +12,13 @@ guest NIC owns the container's address and MAC.
 Everything per sandbox can be derived from its id, so :func:`disconnect`
 works from ``state.json`` alone even after the monitor was SIGKILLed:
 deleting the namespace destroys eth0 and with it the veth pair.
+
+Forwarding is one-way: sandboxes may open connections to anywhere, but into
+ember0 the host forwards only replies (conntrack ESTABLISHED, plus the ICMP
+errors RELATED to a flow) and drops every new connection routed in from
+elsewhere, whatever the FORWARD policy. Inbound connections come only through
+``-p``, whose proxy (:mod:`ember.net.proxy`) connects from the host itself,
+which is the OUTPUT path, not FORWARD.
 """
 
 from __future__ import annotations
@@ -50,9 +57,33 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def _iptables_ensure(table: str, chain: str, rule: list[str]) -> None:
+def _iptables_ensure(table: str, chain: str, rule: list[str], first: bool = False) -> None:
     if _run("iptables", "-w", "-t", table, "-C", chain, *rule, check=False).returncode != 0:
-        _run("iptables", "-w", "-t", table, "-A", chain, *rule)
+        _run("iptables", "-w", "-t", table, *(("-I", chain, "1") if first else ("-A", chain)),
+             *rule)
+
+
+def _iptables_delete(table: str, chain: str, rule: list[str]) -> None:
+    while _run("iptables", "-w", "-t", table, "-C", chain, *rule, check=False).returncode == 0:
+        _run("iptables", "-w", "-t", table, "-D", chain, *rule)
+
+
+_REPLIES = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"]
+# Sandboxes' own traffic (out, and sandbox to sandbox across the bridge).
+FORWARD_OUT = ["-i", BRIDGE, "-j", "ACCEPT"]
+# Replies into sandboxes: a host whose FORWARD policy is DROP (Docker's) must pass them.
+FORWARD_REPLIES = ["-o", BRIDGE, *_REPLIES, "-j", "ACCEPT"]
+# Anything else routed into ember0 from outside it: new connections, INVALID. It names
+# neither of the rules above, so it works wherever it sits; it goes first so that no
+# ACCEPT of the host's (or a policy of ACCEPT) lets a new connection in.
+FORWARD_NEW_IN = ["!", "-i", BRIDGE, "-o", BRIDGE, "-m", "conntrack", "!", "--ctstate",
+                  "RELATED,ESTABLISHED", "-j", "DROP"]
+# Versions before issue 11 forwarded every new connection in; removed on sight.
+FORWARD_LEGACY_IN = ["-o", BRIDGE, "-j", "ACCEPT"]
+
+
+def _masquerade() -> list[str]:
+    return ["-s", str(ipam.SUBNET), "!", "-o", BRIDGE, "-j", "MASQUERADE"]
 
 
 def ensure_bridge() -> None:
@@ -61,31 +92,32 @@ def ensure_bridge() -> None:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "replace", f"{ipam.GATEWAY}/{ipam.SUBNET.prefixlen}", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
+    # The drop before ip_forward: no moment in which new connections are forwarded in.
+    _iptables_ensure("filter", "FORWARD", FORWARD_NEW_IN, first=True)
+    _iptables_delete("filter", "FORWARD", FORWARD_LEGACY_IN)
+    _iptables_ensure("filter", "FORWARD", FORWARD_OUT)
+    _iptables_ensure("filter", "FORWARD", FORWARD_REPLIES)
+    _iptables_ensure("nat", "POSTROUTING", _masquerade())
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1")
-    subnet = str(ipam.SUBNET)
-    _iptables_ensure("nat", "POSTROUTING", ["-s", subnet, "!", "-o", BRIDGE, "-j", "MASQUERADE"])
-    # A host whose FORWARD policy is DROP (e.g. one with Docker) must still pass our traffic.
-    _iptables_ensure("filter", "FORWARD", ["-i", BRIDGE, "-j", "ACCEPT"])
-    _iptables_ensure("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"])
 
 
 def remove_bridge() -> bool:
     """Remove ember0 and its NAT/forward rules when no sandbox uses it; True if removed.
 
     Like docker0 the bridge normally stays; this is for uninstalling and for
-    tests that created it.
+    tests that created it. The broad inbound ACCEPT of older versions goes too.
     """
     if addresses_in_use():
         return False
-    subnet = str(ipam.SUBNET)
     for table, chain, rule in (
-        ("nat", "POSTROUTING", ["-s", subnet, "!", "-o", BRIDGE, "-j", "MASQUERADE"]),
-        ("filter", "FORWARD", ["-i", BRIDGE, "-j", "ACCEPT"]),
-        ("filter", "FORWARD", ["-o", BRIDGE, "-j", "ACCEPT"]),
+        ("nat", "POSTROUTING", _masquerade()),
+        ("filter", "FORWARD", FORWARD_OUT),
+        ("filter", "FORWARD", FORWARD_REPLIES),
+        ("filter", "FORWARD", FORWARD_LEGACY_IN),
+        ("filter", "FORWARD", FORWARD_NEW_IN),
     ):
-        while _run("iptables", "-w", "-t", table, "-C", chain, *rule, check=False).returncode == 0:
-            _run("iptables", "-w", "-t", table, "-D", chain, *rule)
+        _iptables_delete(table, chain, rule)
     if os.path.exists(f"/sys/class/net/{BRIDGE}"):
         _run("ip", "link", "del", BRIDGE)
     return True

@@ -51,7 +51,7 @@ class Monitor:
         self.publish = list(st.publish)
         self.proxies: list = []  # ember.net.proxy.TCPProxy, one per published port
         self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib,
-                            nic=st.network == "bridge")
+                            nic=st.network == "bridge", cpus=st.cpus)
         self.server = Server()
         self.done = threading.Event()
         self._stopping = threading.Lock()

@@ -42,6 +42,7 @@ class SandboxState:
     vmm_pid: int | None = None
     vmm_kind: str = "qemu"
     vcpus: int = 1
+    cpus: float | None = None  # --cpus: the VMM's cgroup CPU limit too (None: none)
     memory_mib: int = 512
     tty: bool = False
     stdin: bool = False

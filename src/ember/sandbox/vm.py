@@ -9,6 +9,7 @@ disks. Errors carry the last console lines so a VM that does not boot says why.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import threading
@@ -60,13 +61,18 @@ def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> N
 
 class SandboxVM:
     def __init__(self, cfg: Config, vm_id: str, work_dir: Path, vcpus: int, memory_mib: int,
-                 use_template: bool | None = None, nic: bool = False) -> None:
+                 use_template: bool | None = None, nic: bool = False,
+                 cpus: float | None = None) -> None:
         self.cfg = cfg
         self.nic = nic  # one virtio-net device (pod networking); part of the template key
         self.vm_id = vm_id
         self.work_dir = work_dir
         self.vcpus = vcpus
         self.memory_mib = memory_mib
+        # CPU time the whole VMM may use (`--cpus`), enforced in its jail cgroup; None: no limit.
+        if cpus is not None and not cpus > 0:
+            raise EmberError(f"invalid cpu limit {cpus}: must be > 0")
+        self.cpus = cpus
         self.use_template = cfg.vm.snapshot if use_template is None else use_template
         self.vmm: VMM | None = None
         self.agent = None  # ember.agent.client.AgentClient once booted
@@ -96,6 +102,7 @@ class SandboxVM:
         """The jail for this VM's VMM when `[jailer] enabled` (a uid of its own)."""
         if not self.cfg.jailer.enabled:
             return None
+        from ember.jailer import cgroups as cgroups_mod
         from ember.jailer.api import allocate_uid, spec_from_config
 
         uid = allocate_uid(self.cfg.jailer, self.vm_id)
@@ -103,8 +110,17 @@ class SandboxVM:
             raise EmberError("jailer: refusing to run the VMM as uid 0 (jailer.allow_root)")
         # Cap the VMM's memory: guest RAM plus room for QEMU itself.
         limit = str((self.memory_mib + 256) << 20)
-        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        v2 = (self.cfg.jailer.cgroup_version or cgroups_mod.detect_version()) == 2
         cgroups = {"memory.max" if v2 else "memory.limit_in_bytes": limit, "pids.max": "4096"}
+        if self.cpus is not None:
+            # All of the VMM (vCPU threads, I/O, emulation) shares the sandbox's CPU time.
+            period = 100000
+            quota = max(1000, math.ceil(self.cpus * period))  # the kernel's minimum is 1 ms
+            if v2:
+                cgroups["cpu.max"] = f"{quota} {period}"
+            else:  # period first: the jailer writes the files in this order
+                cgroups["cpu.cfs_period_us"] = str(period)
+                cgroups["cpu.cfs_quota_us"] = str(quota)
         return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=self.cfg.vm.qemu_binary,
                                 uid=uid, gid=uid, vmm_kind=self.cfg.vm.hypervisor,
                                 kvm=accel == "kvm", cgroups=cgroups)

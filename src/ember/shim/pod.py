@@ -90,6 +90,23 @@ def vm_size(cfg: Config, spec: dict, annotations: dict) -> tuple[int, int]:
     return vcpus, memory
 
 
+def vmm_cpu_limit(spec: dict, annotations: dict) -> float | None:
+    """The CPUs the whole VMM may use (its jail cgroup), for a lone container only.
+
+    A CRI pod's VMM already runs below the pod cgroup, which the kubelet caps at
+    the pod's limit plus its Pod Overhead; the sandbox-cpu-* annotations leave
+    the overhead out (they are for sizing the VM), so a jail limit taken from
+    them would starve the VMM of the overhead the pod pays for. A lone container
+    (``ctr run --cpus``) has no such cgroup: its own limit goes on the VMM, as
+    ``ember run --cpus`` does.
+    """
+    if pod_identity(annotations)[1]:
+        return None
+    cpu = (((spec.get("linux") or {}).get("resources") or {}).get("cpu") or {})
+    quota, period = int(cpu.get("quota") or 0), int(cpu.get("period") or 0)
+    return quota / (period or 100000) if quota > 0 else None
+
+
 class Pod:
     """The VM of one pod and the host resources around it."""
 
@@ -157,7 +174,7 @@ class Pod:
         self.record()  # before the tc set-up, so `delete` after a crash can undo it
         net_fd, nic = None, None
         vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory,
-                       nic=netns is not None)
+                       nic=netns is not None, cpus=vmm_cpu_limit(spec, annotations))
         self.vm = vm
         try:
             if netns is not None:
