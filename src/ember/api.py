@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -358,29 +357,16 @@ class Sandbox:
 
     # ----------------------------------------------------------------- logs
     def logs(self, follow: bool = False, poll: float = 0.1) -> Iterator[tuple[str, bytes]]:
-        """(stream, data) pairs from the container's log, optionally following it."""
-        path = self.dir / "container.log"
-        pos = 0
-        pending = b""
-        while True:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                    pos = f.tell()
-            except FileNotFoundError:
-                chunk = b""
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    rec = json.loads(line)
-                    yield rec["stream"], base64.b64decode(rec["b64"])
-            if not follow:
-                return
-            if self.status not in ("running", "paused", "creating") and not chunk:
-                return
-            time.sleep(poll)
+        """(stream, data) pairs from the container's log, optionally following it.
+
+        The rotated files (``container.log.N``, oldest first) come before
+        ``container.log``; the files are streamed in small chunks, and a
+        follower keeps up with rotations until the container has exited.
+        """
+        from ember.sandbox.logfile import LOG_NAME, read_log
+
+        return read_log(self.dir / LOG_NAME, follow=follow, poll=poll,
+                        running=lambda: self.status in ("running", "paused", "creating"))
 
     # -------------------------------------------------------------- inspect
     def inspect(self) -> dict:

@@ -21,6 +21,10 @@ Example::
     rootfs = ""
     [jailer]
     enabled = true                  # run every VMM through ember-jailer
+    [logs]
+    max_size = "10m"                # container.log is rotated at this size
+    max_files = 3                   # container.log + container.log.1 + .2
+    console_max_size = "1m"         # the guest console log's cap
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.util import parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/ember/config.toml"
 
@@ -77,12 +82,70 @@ class JailerConfig:
 
 
 @dataclass
+class LogsConfig:
+    """Caps on a sandbox's logs, which live under ``state_dir`` (a tmpfs, /run).
+
+    ``container.log`` is rotated the way Docker's json-file driver rotates:
+    when the next record would take it past ``max_size`` it becomes
+    ``container.log.1`` (``.1`` becomes ``.2``, ...), at most ``max_files``
+    files are kept counting the current one, and the oldest is dropped.
+    Docker's own defaults are no limit at all (max-size -1), which is what let
+    20 MB of output fill RAM under /run; the defaults here are the values
+    Docker's documentation gives in its example daemon.json (max-size "10m",
+    max-file "3"), so a sandbox's container log takes at most 30 MiB.
+    Sizes take Docker's units ("100k", "10m", "1g", binary multiples) or a
+    byte count. ``console_max_size`` caps the guest console log
+    (``console.log``): past it, its newest half moves to ``console.log.1``.
+    """
+
+    max_size: str | int = "10m"
+    max_files: int = 3
+    console_max_size: str | int = "1m"
+
+    @property
+    def max_bytes(self) -> int:
+        return _log_size(self.max_size, "max_size")
+
+    @property
+    def console_max_bytes(self) -> int:
+        return _log_size(self.console_max_size, "console_max_size")
+
+    def check(self) -> None:
+        """Raise a one-line EmberError naming the first bad key."""
+        _log_size(self.max_size, "max_size")
+        _log_size(self.console_max_size, "console_max_size")
+        n = self.max_files
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_LOG_FILES:
+            raise EmberError(f"config logs.max_files: must be a whole number from 1 to "
+                             f"{MAX_LOG_FILES}, not {n!r}")
+
+
+MIN_LOG_SIZE = 1024  # a record's JSON costs about 70 bytes besides the output
+MAX_LOG_FILES = 100
+
+
+def _log_size(value: object, key: str) -> int:
+    bad = EmberError(f"config logs.{key}: expected a size such as \"10m\" or a byte count "
+                     f"of at least {MIN_LOG_SIZE}, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise bad
+    try:
+        size = parse_size(value)
+    except EmberError:
+        raise bad from None
+    if size < MIN_LOG_SIZE:
+        raise bad
+    return size
+
+
+@dataclass
 class Config:
     data_dir: Path = Path("/var/lib/ember")
     state_dir: Path = Path("/run/ember")
     vm: VMConfig = field(default_factory=VMConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     jailer: JailerConfig = field(default_factory=JailerConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
     source: str = ""
 
     # Derived locations; every module asks here rather than joining paths itself.
@@ -118,17 +181,22 @@ def _apply(obj: object, values: dict, where: str) -> None:
             value = {"enabled": value}
         if key not in known:
             raise EmberError(f"config {where}: unknown key {key!r}")
+        name = f"{where}.{key}" if where else key
         current = getattr(obj, key)
         if isinstance(value, dict):
-            _apply(current, value, f"{where}.{key}" if where else key)
+            if not is_dataclass(current):
+                raise EmberError(f"config {name}: expected a value, not a table")
+            _apply(current, value, name)
             continue
+        if is_dataclass(current):
+            raise EmberError(f"config {name}: expected a table ([{name}])")
         if isinstance(current, Path):
             value = Path(value)
         elif isinstance(current, bool):
             if not isinstance(value, bool):
-                raise EmberError(f"config {where}{key}: expected true or false")
+                raise EmberError(f"config {name}: expected true or false")
         elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
-            raise EmberError(f"config {where}{key}: expected a number, got {value!r}")
+            raise EmberError(f"config {name}: expected a number, got {value!r}")
         elif isinstance(current, float):
             value = float(value)
         setattr(obj, key, value)
@@ -158,6 +226,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         cfg.vm.accel = os.environ["EMBER_ACCEL"]
     if cfg.vm.accel not in ("auto", "tcg", "kvm"):
         raise EmberError(f"config vm.accel: must be auto, tcg or kvm, not {cfg.vm.accel!r}")
+    cfg.logs.check()
     return cfg
 
 
@@ -192,6 +261,9 @@ KEY_HELP = {
     "jailer.seccomp": 'The VMM\'s seccomp filter: "kill" | "log" | "off".',
     "jailer.cgroup_version": "1 or 2; 0 detects the host's.",
     "jailer.parent_cgroup": "The cgroup under which jails get theirs.",
+    "logs.max_size": 'container.log is rotated past this size ("10m", "1g", or bytes).',
+    "logs.max_files": "Container log files kept, counting the current one (Docker's max-file).",
+    "logs.console_max_size": "The guest console log's cap; its newest half moves to console.log.1.",
 }
 
 _DEFAULT_FILE_HEAD = f"""\

@@ -10,9 +10,11 @@ may use at once:
   and detach disks, watch the main container, pause/resume, shut down.
 
 While a container is watched, its output is copied into ``container.log``
-(JSON lines, like Docker's json-file driver) so ``ember logs`` works after the
-VM is gone, and its exit status is recorded in ``state.json``. When the main
-container exits, the monitor stops the VM and exits.
+(JSON lines, like Docker's json-file driver, rotated past ``[logs] max_size``:
+see :mod:`ember.sandbox.logfile`) so ``ember logs`` works after the VM is gone,
+and its exit status is recorded in ``state.json``. The guest console log is
+kept under ``[logs] console_max_size``. When the main container exits, the
+monitor stops the VM and exits.
 
 Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N``.
 """
@@ -20,7 +22,6 @@ Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N``.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
@@ -32,12 +33,14 @@ from pathlib import Path
 from ember.agent.proto import agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError
+from ember.sandbox.logfile import CONSOLE_NAME, LOG_NAME, RotatingLog, cap_console
 from ember.sandbox.state import StateStore
 from ember.sandbox.vm import SandboxVM
 from ember.ttrpc import Server, TTRPCError
 
 AGENT_SERVICE = "ember.agent.v1.Agent"
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
+CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
 
 
 class Monitor:
@@ -55,7 +58,8 @@ class Monitor:
         self.server = Server()
         self.done = threading.Event()
         self._stopping = threading.Lock()
-        self._log_lock = threading.Lock()
+        self._log: RotatingLog | None = None
+        self._complained: set[str] = set()
 
     # ------------------------------------------------------------- serving
     def register(self) -> None:
@@ -112,7 +116,10 @@ class Monitor:
         return {}
 
     def Watch(self, container_id: str, auto_stop: bool = True) -> dict:
-        log = self.dir / "container.log"
+        if self._log is None:
+            self._log = RotatingLog(self.dir / LOG_NAME, self.cfg.logs.max_bytes,
+                                    self.cfg.logs.max_files)
+        log = self._log
         streams = [threading.Thread(target=self._pump, args=(container_id, s, log), daemon=True)
                    for s in ("stdout", "stderr")]
         for t in streams:
@@ -126,26 +133,40 @@ class Monitor:
         return {}
 
     # ---------------------------------------------------------- watching
-    def _pump(self, cid: str, stream: str, log: Path) -> None:
+    def _pump(self, cid: str, stream: str, log: RotatingLog) -> None:
         method = "ReadStdout" if stream == "stdout" else "ReadStderr"
         offset = 0
-        with open(log, "ab") as f:
-            while not self.done.is_set() and self.vm.rpc is not None:
-                req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset, wait_ms=1000)
+        while not self.done.is_set() and self.vm.rpc is not None:
+            req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset, wait_ms=1000)
+            try:
+                resp = self.vm.rpc.call(AGENT_SERVICE, method, req,
+                                        agent_pb2.ReadStreamResponse, timeout=30)
+            except (TTRPCError, OSError):
+                return
+            if resp.data:
                 try:
-                    resp = self.vm.rpc.call(AGENT_SERVICE, method, req,
-                                            agent_pb2.ReadStreamResponse, timeout=30)
-                except (TTRPCError, OSError):
-                    return
-                if resp.data:
-                    record = {"stream": stream, "time": time.time(),
-                              "b64": base64.b64encode(resp.data).decode()}
-                    with self._log_lock:
-                        f.write(json.dumps(record).encode() + b"\n")
-                        f.flush()
-                    offset = resp.offset + len(resp.data)
-                if resp.eof:
-                    return
+                    log.write(stream, resp.data)
+                except (OSError, EmberError) as exc:
+                    # Keep draining, so the container never blocks on a full pipe.
+                    self._complain("log", f"container output dropped: {exc}")
+                offset = resp.offset + len(resp.data)
+            if resp.eof:
+                return
+
+    def _cap_console(self) -> None:
+        """Keep the guest console log under [logs] console_max_size while the VM runs."""
+        path, limit = self.dir / CONSOLE_NAME, self.cfg.logs.console_max_bytes
+        while not self.done.wait(CONSOLE_CHECK_S):
+            try:
+                cap_console(path, limit)
+            except (OSError, EmberError) as exc:
+                self._complain("console", f"console log not capped: {exc}")
+
+    def _complain(self, what: str, message: str) -> None:
+        """One line in monitor.log per kind of trouble, not one per record."""
+        if what not in self._complained:
+            self._complained.add(what)
+            print(f"ember-monitor {self.id[:12]}: {message}", file=sys.stderr, flush=True)
 
     def _wait_main(self, cid: str, streams: list[threading.Thread], auto_stop: bool) -> None:
         req = agent_pb2.ProcessRequest(container_id=cid)
@@ -182,6 +203,8 @@ class Monitor:
         try:
             self.vm.shutdown(timeout=5)
         finally:
+            if self._log is not None:
+                self._log.close()
             self._release_network()
             changes: dict[str, object] = {"vmm_pid": None, "monitor_pid": None, **(final or {})}
             if self.network == "bridge":
@@ -259,6 +282,7 @@ class Monitor:
             return 1
         self.register()
         threading.Thread(target=self._watch_vmm, daemon=True).start()
+        threading.Thread(target=self._cap_console, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
             target=self.stop, args=("exited",), daemon=True).start())
         ready = threading.Event()
