@@ -34,7 +34,15 @@ from pathlib import Path
 from ember.config import Config, load_config
 from ember.errors import EmberError, NotFoundError
 from ember.sandbox.spec import ProcessOptions, build_process, build_spec
-from ember.sandbox.state import SandboxState, StateStore, kill_pid, pid_alive
+from ember.sandbox.state import (
+    LIVE,
+    SandboxState,
+    StateStore,
+    kill_pid,
+    monitor_alive,
+    pid_alive,
+    sandbox_processes,
+)
 from ember.util import new_id, parse_size
 
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
@@ -74,12 +82,15 @@ class Sandbox:
     def list(cls, all: bool = True, cfg: Config | None = None) -> list[Sandbox]:
         cfg = cfg or load_config()
         states = StateStore(cfg).all()
-        return [cls(s, cfg) for s in states if all or s.status in ("running", "paused", "creating")]
+        # Without all: what may still run, an unreadable record included.
+        return [cls(s, cfg) for s in states if all or s.status in (*LIVE, "unknown")]
 
     @property
     def state(self) -> SandboxState:
+        """The record, refreshed: ``dead`` once the monitor is gone, ``unknown``
+        (with the reason in ``error``) when it cannot be read."""
         try:
-            self._state = self.store.refresh(self.store.load(self._state.id))
+            self._state = self.store.read(self._state.id)
         except NotFoundError:
             pass
         return self._state
@@ -159,7 +170,7 @@ class Sandbox:
                 tty=tty, stdin=stdin, auto_remove=auto_remove, labels=labels or {},
                 vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
             )
-            store.save(state)
+            store.create(state)
         sb = cls(state, cfg)
         try:
             sb._launch(images, img, spec, stdin)
@@ -185,9 +196,9 @@ class Sandbox:
                                stdin=stdin)
         agent.start_container(self.id)
         self.monitor_call("Watch", container_id=self.id, auto_stop=True)
-        st = self.store.load(self.id)
-        if st.status == "creating":
-            self.store.update(self.id, status="running")
+        # Under the record lock: the monitor may already have recorded the exit.
+        self.store.modify(self.id, lambda st: {"status": "running"}
+                          if st.status == "creating" else None)
 
     def _spawn_monitor(self) -> tuple[subprocess.Popen, int]:
         ready_r, ready_w = os.pipe()
@@ -242,11 +253,11 @@ class Sandbox:
         if self._rpc is None or self._rpc.closed:
             sock = self.dir / "api.sock"
             if not sock.exists():
-                raise EmberError(f"sandbox {self.name} is not running (status {self.status})")
+                raise self.not_running_error()
             try:
                 self._rpc = Client.connect_unix(str(sock), timeout=5)
             except OSError:
-                raise EmberError(f"sandbox {self.name} is not running (status {self.status})") from None
+                raise self.not_running_error() from None
         return self._rpc
 
     def agent(self):
@@ -265,6 +276,8 @@ class Sandbox:
                                       timeout=120)
         except TTRPCError as exc:
             raise EmberError(f"{method}: {exc.message}") from None
+        except OSError as exc:  # the monitor went away mid-call (ConnectionClosed)
+            raise EmberError(f"{method}: lost the sandbox monitor: {exc}") from None
         return json.loads(out or b"{}")
 
     def close(self) -> None:
@@ -285,6 +298,8 @@ class Sandbox:
             st = self.state
             if st.status in ("exited", "dead"):
                 return st.exit_code if st.exit_code is not None else 137
+            if st.status == "unknown":
+                raise self.not_running_error()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"sandbox {self.name} still running")
             time.sleep(0.02)
@@ -296,6 +311,8 @@ class Sandbox:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after timeout; the exit code."""
+        if self.status == "unknown":
+            raise self.not_running_error()
         if self.status not in ("running", "paused"):
             return self.state.exit_code
         try:
@@ -351,9 +368,32 @@ class Sandbox:
         return exec_id
 
     def _require_running(self) -> None:
+        if self.state.status not in ("running", "paused"):
+            raise self.not_running_error()
+
+    def not_running_error(self) -> EmberError:
+        """A one-line error saying why the sandbox cannot be used."""
         st = self.state
-        if st.status not in ("running", "paused"):
-            raise EmberError(f"sandbox {st.name} is not running (status {st.status})")
+        label = st.name or st.short_id
+        if st.status == "dead":
+            return EmberError(f"sandbox {label} is dead: {st.error or 'its VM is gone'}")
+        if st.status == "unknown":
+            return EmberError(f"sandbox {label}: {st.error}; `ember rm -f {st.short_id}` "
+                              "removes it")
+        if st.status in ("running", "paused"):
+            return EmberError(f"sandbox {label} does not answer (status {st.status})")
+        return EmberError(f"sandbox {label} is not running (status {st.status})")
+
+    def death_error(self, wait: float = 0.0) -> EmberError | None:
+        """The error to end with if the sandbox died (monitor or VM gone), waiting up
+        to ``wait`` seconds for the monitor to record it; None while it lives."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self.state.status in ("dead", "unknown"):
+                return self.not_running_error()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     # ----------------------------------------------------------------- logs
     def logs(self, follow: bool = False, poll: float = 0.1) -> Iterator[tuple[str, bytes]]:
@@ -391,24 +431,41 @@ class Sandbox:
         st = self.state
         if st.status in ("running", "paused", "creating") and not force:
             raise EmberError(f"sandbox {st.name} is {st.status}: stop it first or use force")
+        if st.status == "unknown" and not force:
+            raise EmberError(f"sandbox {st.name or st.short_id}: {st.error}: it may still run, "
+                             "remove it with force (`ember rm -f`)")
         self._destroy()
 
     def _destroy(self) -> None:
         st = self._state
+        readable = True
         try:
             st = self.store.load(self.id)
         except EmberError:
-            pass
-        if pid_alive(st.monitor_pid, self.id):
+            readable = False  # what cleanup needs is worked out from the id below
+        # The record's pids, and whatever runs under this id by its command line:
+        # a record can be unreadable, or older than the processes.
+        jail_dirs = [str(Path(self.cfg.jailer.chroot_base_dir) / os.path.basename(b) / self.id)
+                     for b in (self.cfg.vm.qemu_binary, self.cfg.vm.firecracker_binary)]
+        monitors = set(sandbox_processes(self.id, jail_dirs)[0])
+        if monitor_alive(st):
+            monitors.add(st.monitor_pid)  # type: ignore[arg-type]
+        if monitors:
             try:
                 self.monitor_call("Shutdown")
             except EmberError:
-                kill_pid(st.monitor_pid, self.id, signal.SIGTERM)
-            _wait_gone(st.monitor_pid, self.id, 15)
-            kill_pid(st.monitor_pid, self.id)
-        kill_pid(st.vmm_pid, self.id[:12])
-        _wait_gone(st.vmm_pid, self.id[:12], 5)
-        if st.network == "bridge":
+                for pid in monitors:
+                    kill_pid(pid, self.id, signal.SIGTERM)
+            _wait_gone(monitors, self.id, 15)
+            for pid in monitors:
+                kill_pid(pid, self.id)
+        vmms = set(sandbox_processes(self.id, jail_dirs)[1])
+        if pid_alive(st.vmm_pid, self.id[:12]):
+            vmms.add(st.vmm_pid)  # type: ignore[arg-type]
+        for pid in vmms:
+            kill_pid(pid, self.id[:12])
+        _wait_gone(vmms, self.id[:12], 5)
+        if st.network == "bridge" or not readable:
             from ember.net import bridge
 
             bridge.disconnect(self.cfg, self.id)  # the monitor may have died before doing it
@@ -418,7 +475,11 @@ class Sandbox:
         self.close()
         with self.store.lock():
             shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                with self.store.record_lock(self.id):  # no update lands mid-removal
+                    shutil.rmtree(self.dir, ignore_errors=True)
+            except EmberError:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _check_network(network: str, publish: list[str]) -> list[str]:
@@ -436,9 +497,9 @@ def _check_network(network: str, publish: list[str]) -> list[str]:
     return [str(p) for p in ports]
 
 
-def _wait_gone(pid: int | None, marker: str, timeout: float) -> None:
+def _wait_gone(pids: set[int], marker: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while pid_alive(pid, marker) and time.monotonic() < deadline:
+    while any(pid_alive(p, marker) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 

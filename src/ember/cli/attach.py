@@ -4,7 +4,8 @@ Output comes from the sandbox's log, which the monitor fills as the container
 writes, so an attached `ember run` and a later `ember logs` see the same bytes.
 Stdin goes to the agent; SIGINT/SIGTERM (and friends) are forwarded to the
 container the way `docker run` does; with a terminal the local tty goes raw
-and window-size changes follow.
+and window-size changes follow. When the sandbox's monitor or VM dies, both
+end with a one-line error (exit 125) instead of an exit code.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def attach_main(sb: Sandbox, stdin: bool, tty: bool) -> int:
             threading.Thread(target=pump_stdin, args=(sb, ""), daemon=True).start()
         for stream, data in sb.logs(follow=True, poll=0.02):
             _write(sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer, data)
+        died = sb.death_error()
+        if died:  # the monitor or the VM died: no exit code to pass on
+            raise died
         return sb.wait()
     finally:
         for sig, handler in old_handlers.items():
@@ -100,7 +104,10 @@ def attach_exec(sb: Sandbox, exec_id: str, stdin: bool, tty: bool) -> int:
                    for s in ("stdout", "stderr")]
         for t in threads:
             t.start()
-        code = agent.wait_process(sb.id, exec_id).exit_status
+        try:
+            code = agent.wait_process(sb.id, exec_id).exit_status
+        except EmberError as exc:  # the connection went: say so if the sandbox died
+            raise sb.death_error(wait=6) or exc from None
         for t in threads:
             t.join(timeout=10)
         return code

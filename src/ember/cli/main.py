@@ -101,7 +101,8 @@ def _spawn_reaper(sandbox_id: str) -> None:
 
 # ------------------------------------------------------------- lifecycle
 @main.command()
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show exited sandboxes too.")
+@click.option("-a", "--all", "show_all", is_flag=True,
+              help="Show exited and dead sandboxes too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only ids.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @handle_errors
@@ -123,6 +124,8 @@ def ps(show_all, quiet, as_json) -> None:
         status = st.status
         if st.status == "exited":
             status = f"exited ({st.exit_code}{', OOM killed' if st.oom_killed else ''})"
+        elif st.status == "unknown":
+            status = f"unknown ({st.error})"
         cmd = " ".join(st.command)
         rows.append((st.short_id, st.image, (cmd[:27] + "...") if len(cmd) > 30 else cmd,
                      _ago(st.created), status, st.name))
@@ -173,6 +176,9 @@ def logs(follow, sandbox) -> None:
         out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
         out.write(data)
         out.flush()
+    died = sb.death_error() if follow else None
+    if died:  # the monitor or the VM died: the output ends here, not with an exit
+        raise died
 
 
 @main.command()

@@ -264,7 +264,11 @@ class Monitor:
                 except OSError:
                     pass
         try:
-            self.store.update(self.id, monitor_pid=os.getpid())
+            from ember.sandbox.state import process_started
+
+            # With its start time: `ember ps` tells this process from a reused pid.
+            self.store.update(self.id, monitor_pid=os.getpid(),
+                              monitor_started=process_started(os.getpid()))
             self._boot()
             assert self.vm.vmm is not None
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,

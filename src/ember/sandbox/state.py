@@ -5,15 +5,33 @@
 so a crash of the CLI or the monitor at any moment leaves a readable record
 that ``ember rm -f`` can use to find and clean up whatever is left (the VMM
 pid, the monitor pid, the disk folder).
+
+The CLI and the sandbox monitor both change the record, so every
+read-modify-write (:meth:`StateStore.update`, :meth:`StateStore.modify`)
+holds an ``flock`` on ``state.lock`` in the sandbox folder. That folder is
+also the jailed VMM's ``/run`` and belongs to its uid: the lock file is
+opened with ``O_NOFOLLOW``, made 0600, and used only if it is a regular file
+of ours with a single link (anything else in its place is removed first).
+
+The folder is the sandbox: it appears whole (made under a temporary name and
+renamed into place, with a ``name`` file that is never rewritten) and as long
+as it exists the sandbox is listed and its name stays taken, even when
+``state.json`` is missing or unreadable (status ``unknown``). The status is
+also checked against the processes: a sandbox whose monitor is gone is
+``dead``, whatever the record says.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
+import shutil
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +40,7 @@ import psutil
 
 from ember.config import Config
 from ember.errors import EmberError, NotFoundError
-from ember.util import atomic_write_json
+from ember.util import atomic_write, atomic_write_json
 
 
 @dataclass
@@ -33,7 +51,7 @@ class SandboxState:
     image_id: str = ""
     command: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    status: str = "creating"  # creating | running | paused | exited | dead
+    status: str = "creating"  # creating | running | paused | exited | dead | unknown
     exit_code: int | None = None
     oom_killed: bool = False
     finished: float | None = None
@@ -55,10 +73,21 @@ class SandboxState:
     publish: list[str] = field(default_factory=list)  # "IP:HOSTPORT:PORT/tcp"
     ip_address: str = ""  # on the ember0 bridge; recorded before the netns is made
     netns: str = ""
+    monitor_started: float | None = None  # the monitor's start time (guards pid reuse)
 
     @property
     def short_id(self) -> str:
         return self.id[:12]
+
+
+LIVE = ("running", "paused", "creating")
+LOCK_NAME = "state.lock"
+NAME_FILE = "name"
+SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class RecordUnreadable(EmberError):
+    """The sandbox folder exists but its state.json is missing or cannot be read."""
 
 
 class StateStore:
@@ -85,37 +114,140 @@ class StateStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def create(self, st: SandboxState) -> None:
+        """Make the sandbox folder with its record, all at once (call under :meth:`lock`).
+
+        The folder is filled under a temporary name and renamed into place, so
+        nobody sees it without its record and name; an id whose folder exists
+        (even an unreadable one) is never reused.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".new-*"):  # a create killed half-way (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.dir(st.id)
+        if os.path.lexists(final):
+            raise EmberError(f"sandbox id {st.id} is already in use")
+        tmp = self.root / f".new-{st.id}"
+        os.mkdir(tmp, 0o755)
+        try:
+            atomic_write(tmp / NAME_FILE, st.name + "\n")
+            atomic_write_json(tmp / "state.json", asdict(st))
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def save(self, st: SandboxState) -> None:
-        atomic_write_json(self.dir(st.id) / "state.json", asdict(st))
+        """Replace the whole record of an existing sandbox."""
+        with self.record_lock(st.id):
+            self._write(st)
+
+    def _write(self, st: SandboxState) -> None:
+        path = self.dir(st.id) / "state.json"
+        if not path.parent.is_dir():  # never re-create a removed folder
+            raise NotFoundError(f"no such sandbox: {st.id}")
+        atomic_write_json(path, asdict(st))
 
     def load(self, sandbox_id: str) -> SandboxState:
-        path = self.dir(sandbox_id) / "state.json"
+        """The record as written; NotFoundError without a folder, RecordUnreadable
+        when the folder has no readable record."""
+        folder = self.dir(sandbox_id)
+        path = folder / "state.json"
         try:
-            data = json.loads(path.read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise RecordUnreadable(f"sandbox {sandbox_id}: record unreadable: "
+                                           "state.json is not a regular file")
+                data = json.loads(f.read())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            known = SandboxState.__dataclass_fields__
+            st = SandboxState(**{k: v for k, v in data.items() if k in known})
+            if st.id != sandbox_id:
+                raise ValueError(f"it names sandbox {st.id!r}")
+            return st
         except FileNotFoundError:
-            raise NotFoundError(f"no such sandbox: {sandbox_id}") from None
-        except (OSError, ValueError) as exc:
-            raise EmberError(f"sandbox {sandbox_id}: unreadable state ({exc})") from None
-        known = SandboxState.__dataclass_fields__
-        return SandboxState(**{k: v for k, v in data.items() if k in known})
+            if not folder.is_dir():
+                raise NotFoundError(f"no such sandbox: {sandbox_id}") from None
+            reason = "state.json is missing"
+        except RecordUnreadable:
+            raise
+        except OSError as exc:
+            reason = f"state.json: {exc.strerror or exc}"
+        except (ValueError, TypeError) as exc:  # empty, garbage, wrong types
+            reason = f"state.json is not a valid record ({exc})" if str(exc) else \
+                "state.json is not a valid record"
+        raise RecordUnreadable(f"sandbox {sandbox_id}: record unreadable: {reason}")
+
+    def read(self, sandbox_id: str) -> SandboxState:
+        """The refreshed record, or an ``unknown`` stand-in when it cannot be read.
+
+        Raises NotFoundError only when the sandbox folder does not exist.
+        """
+        try:
+            return self.refresh(self.load(sandbox_id))
+        except RecordUnreadable as exc:
+            return self.unknown(sandbox_id, exc.message.split(": ", 1)[-1])
+
+    def unknown(self, sandbox_id: str, reason: str) -> SandboxState:
+        """What can be said of a sandbox whose record is unreadable: its id, its
+        name (from the ``name`` file written at creation) and why."""
+        folder = self.dir(sandbox_id)
+        name, created = "", 0.0
+        try:
+            fd = os.open(folder / NAME_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    created = os.fstat(f.fileno()).st_mtime
+                    name = f.read(256).decode(errors="replace").strip()
+        except OSError:
+            pass
+        if not created:
+            try:
+                created = folder.stat().st_mtime
+            except OSError:
+                created = time.time()
+        return SandboxState(id=sandbox_id, name=name, created=created, status="unknown",
+                            error=reason)
+
+    @contextmanager
+    def record_lock(self, sandbox_id: str) -> Iterator[None]:
+        """Hold the sandbox's record lock (NotFoundError if its folder is gone)."""
+        fd = _open_lock(self.dir(sandbox_id) / LOCK_NAME, sandbox_id)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def modify(self, sandbox_id: str,
+               change: Callable[[SandboxState], dict[str, object] | None]) -> SandboxState:
+        """Read-modify-write under the record lock: ``change(record)`` returns the
+        fields to set (or edits the record and returns None)."""
+        with self.record_lock(sandbox_id):
+            st = self.load(sandbox_id)
+            for key, value in (change(st) or {}).items():
+                setattr(st, key, value)
+            self._write(st)
+            return st
 
     def update(self, sandbox_id: str, **changes: object) -> SandboxState:
-        st = self.load(sandbox_id)
-        for key, value in changes.items():
-            setattr(st, key, value)
-        self.save(st)
-        return st
+        return self.modify(sandbox_id, lambda _st: changes)
 
     def all(self) -> list[SandboxState]:
+        """Every sandbox folder, readable or not (status ``unknown``)."""
         out = []
         if not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and (entry / "state.json").exists():
-                try:
-                    out.append(self.refresh(self.load(entry.name)))
-                except EmberError:
-                    continue
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+                continue  # the lock file, folders being made
+            try:
+                out.append(self.read(entry.name))
+            except NotFoundError:
+                continue  # removed meanwhile
         return sorted(out, key=lambda s: s.created, reverse=True)
 
     def find(self, ref: str) -> SandboxState:
@@ -137,25 +269,94 @@ class StateStore:
         return any(st.name == name for st in self.all())
 
     def refresh(self, st: SandboxState) -> SandboxState:
-        """Notice a sandbox whose monitor and VMM died without recording it."""
-        if st.status in ("running", "paused", "creating"):
-            monitor_alive = pid_alive(st.monitor_pid, st.id)
-            vmm_alive = pid_alive(st.vmm_pid, st.id[:12])
-            if not monitor_alive and not vmm_alive and st.status != "creating":
+        """Say ``dead`` for a live-looking sandbox whose monitor is gone.
+
+        The monitor owns the VM: without it nothing serves the sandbox, records
+        its exit or stops its VM, whatever the record says. A sandbox still
+        being created has no monitor pid yet for a moment; it is dead if no
+        monitor appeared within 5 minutes.
+        """
+        if st.status not in LIVE:
+            return st
+        if not st.monitor_pid and st.status == "creating":
+            if time.time() - st.created > 300:
                 st.status = "dead"
-                st.error = st.error or "the VM and its monitor are gone"
-            elif st.status == "creating" and not monitor_alive and time.time() - st.created > 300:
-                st.status = "dead"
+                st.error = st.error or "its creation was abandoned (no sandbox monitor)"
+            return st
+        if monitor_alive(st):
+            return st
+        st.status = "dead"
+        if not st.error:
+            who = f"the sandbox monitor (pid {st.monitor_pid})" if st.monitor_pid else \
+                "the sandbox monitor"
+            if pid_alive(st.vmm_pid, st.id[:12]):
+                st.error = f"{who} is gone; its VM still runs until `ember rm -f`"
+            else:
+                st.error = f"{who} and its VM are gone"
         return st
 
 
-def pid_alive(pid: int | None, marker: str) -> bool:
-    """True if pid runs and its command line mentions marker (guards pid reuse)."""
+def _open_lock(path: Path, sandbox_id: str) -> int:
+    """Open (making it if need be) a lock file only root can use: never through a
+    symbolic link, never a FIFO, device or directory, never a file with other
+    links or another owner; such an entry is removed and the open retried."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for _ in range(5):
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            raise NotFoundError(f"no such sandbox: {sandbox_id}") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES,
+                                 errno.EPERM, errno.ETXTBSY, errno.EWOULDBLOCK):
+                raise EmberError(f"sandbox {sandbox_id}: cannot open {path}: {exc}") from None
+            _remove_entry(path)
+            continue
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1:
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            return fd
+        os.close(fd)
+        _remove_entry(path)
+    raise EmberError(f"sandbox {sandbox_id}: {path} keeps being replaced: cannot lock the record")
+
+
+def _remove_entry(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise EmberError(f"cannot remove {path}: {exc}") from None
+
+
+def monitor_alive(st: SandboxState) -> bool:
+    """True while the sandbox's monitor process runs (the very process, not a pid reuse)."""
+    return pid_alive(st.monitor_pid, st.id, started=st.monitor_started)
+
+
+def process_started(pid: int) -> float | None:
+    """A process's start time, as :func:`pid_alive` compares it."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def pid_alive(pid: int | None, marker: str, started: float | None = None) -> bool:
+    """True if pid runs and its command line mentions marker (guards pid reuse);
+    with ``started``, it must also have started then."""
     if not pid:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is not None and abs(proc.create_time() - started) > 0.5:
             return False
         cmdline = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -171,9 +372,37 @@ def _environ_mentions(pid: int, marker: str) -> bool:
         return False
 
 
-def kill_pid(pid: int | None, marker: str, sig: int = 9) -> None:
-    if pid_alive(pid, marker):
+def kill_pid(pid: int | None, marker: str, sig: int = 9, started: float | None = None) -> None:
+    if pid_alive(pid, marker, started):
         try:
             os.kill(pid, sig)  # type: ignore[arg-type]
         except ProcessLookupError:
             pass
+
+
+def sandbox_processes(sandbox_id: str, jail_dirs: list[str] | None = None
+                      ) -> tuple[list[int], list[int]]:
+    """(monitor pids, VMM-side pids) of a sandbox, found by command line alone.
+
+    What `ember rm -f` kills when the record cannot be read or is stale: the
+    monitor (``-m ember.sandbox.monitor --id ID``), QEMU (``-name ember-SHORT``,
+    jailed or not, and the jailer that starts it) and any process naming one of
+    ``jail_dirs`` (the jailer's waiter). Only for a well-formed id.
+    """
+    if not SANDBOX_ID.fullmatch(sandbox_id):
+        return [], []
+    vm_name = f"ember-{sandbox_id[:12]}"
+    prefixes = [d.rstrip("/") for d in jail_dirs or []]
+    me = os.getpid()
+    monitors, vmms = [], []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        if proc.pid == me or not argv:
+            continue
+        pairs = set(zip(argv, argv[1:], strict=False))
+        if "ember.sandbox.monitor" in argv and ("--id", sandbox_id) in pairs:
+            monitors.append(proc.pid)
+        elif ("-name", vm_name) in pairs or any(
+                a == p or a.startswith(p + "/") for a in argv for p in prefixes):
+            vmms.append(proc.pid)
+    return monitors, vmms
