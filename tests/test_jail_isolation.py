@@ -279,3 +279,27 @@ def test_jailed_sandbox_is_cut_off_from_the_control_plane(ember_env, image, tmp_
     assert (decoy / "qemu-system-x86_64" / "victim" / "keep").read_text() == "root's data"
     assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/comm").read_text()
     assert not root.parent.exists()
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(300)
+def test_nothing_a_sandbox_keeps_is_readable_by_another_user(ember_env, image):
+    """Issue 11 point 4: record, logs, console, disks, images and templates are
+    root-only, checked as the user `nobody` would try (find -readable)."""
+    os.chmod(ember_env.state_dir, 0o755)  # as /run/ember is on a standard host
+    proc = ember_env.run("run", "-d", image, "sh", "-c", "echo SECRET; sleep 300")
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.decode().strip()
+    try:
+        wait_for(lambda: b"SECRET" in ember_env.run("logs", sid).stdout, timeout=60)
+        cfg = ember_env.cfg()
+        roots = [cfg.sandboxes_dir, cfg.images_dir, cfg.rootfs_dir, cfg.templates_dir,
+                 cfg.disks_dir]
+        assert (cfg.sandboxes_dir / sid / "container.log").exists()
+        found = subprocess.run(["runuser", "-u", "nobody", "--", "find", *map(str, roots),
+                                "-readable"], capture_output=True, text=True)
+        assert found.stdout.split() == [], found.stdout
+        for root in roots:
+            assert root.stat().st_mode & 0o077 == 0, root
+    finally:
+        ember_env.run("rm", "-f", sid)

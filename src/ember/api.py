@@ -43,7 +43,7 @@ from ember.sandbox.state import (
     pid_alive,
     sandbox_processes,
 )
-from ember.util import new_id, parse_size
+from ember.util import new_id, parse_size, private_dir
 
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 GUEST_OVERHEAD_MIB = 128  # guest kernel + agent, on top of a --memory limit
@@ -184,7 +184,8 @@ class Sandbox:
 
         proc, ready_r = self._spawn_monitor()
         disk_dir = self.store.disk_dir(self.id)
-        disk_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(disk_dir.parent)  # writable disks hold what the container wrote
+        disk_dir.mkdir(mode=0o700, exist_ok=True)
         base = flatten(images, img)
         disk = prepare_writable(base, disk_dir / "rootfs")
         self.store.update(self.id, disk=str(disk.path))

@@ -40,7 +40,7 @@ import psutil
 
 from ember.config import Config
 from ember.errors import EmberError, NotFoundError
-from ember.util import atomic_write, atomic_write_json
+from ember.util import atomic_write, atomic_write_json, private_dir
 
 
 @dataclass
@@ -106,7 +106,7 @@ class StateStore:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """A host-wide lock for name allocation and removal."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # records, sockets and logs are root's alone
         with open(self.root / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -121,14 +121,14 @@ class StateStore:
         nobody sees it without its record and name; an id whose folder exists
         (even an unreadable one) is never reused.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         for stale in self.root.glob(".new-*"):  # a create killed half-way (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         final = self.dir(st.id)
         if os.path.lexists(final):
             raise EmberError(f"sandbox id {st.id} is already in use")
         tmp = self.root / f".new-{st.id}"
-        os.mkdir(tmp, 0o755)
+        os.mkdir(tmp, 0o700)
         try:
             atomic_write(tmp / NAME_FILE, st.name + "\n")
             atomic_write_json(tmp / "state.json", asdict(st))

@@ -56,6 +56,7 @@ class TemplateCache:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.root = cfg.templates_dir
+        private_dir(self.root)  # snapshots hold guest memory
 
     def path_for(self, key: str) -> Path:
         return self.root / key / "vm.state"
@@ -66,7 +67,6 @@ class TemplateCache:
         path = self.path_for(key)
         if path.exists():
             return path
-        private_dir(self.root)
         with open(self.root / f".{key}.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
