@@ -120,7 +120,9 @@ def ember_env(guest_assets):
         assert not new_mounts, f"mounts left behind: {new_mounts}"
 
 
-E2E_IMAGE = "localhost/ember-e2e:1"
+# One tag per test session: sessions that share the data directory (CI and a
+# developer's run) must not remove each other's image when they finish.
+E2E_IMAGE = f"localhost/ember-e2e:s{os.getpid()}"
 
 
 @pytest.fixture(scope="session")

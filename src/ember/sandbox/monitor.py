@@ -33,14 +33,13 @@ from pathlib import Path
 from ember.agent.proto import agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError
-from ember.sandbox.logfile import CONSOLE_NAME, LOG_NAME, RotatingLog, cap_console
+from ember.sandbox.logfile import LOG_NAME, RotatingLog
 from ember.sandbox.state import StateStore
 from ember.sandbox.vm import SandboxVM
 from ember.ttrpc import Server, TTRPCError
 
 AGENT_SERVICE = "ember.agent.v1.Agent"
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
-CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
 
 
 class Monitor:
@@ -152,15 +151,6 @@ class Monitor:
                 offset = resp.offset + len(resp.data)
             if resp.eof:
                 return
-
-    def _cap_console(self) -> None:
-        """Keep the guest console log under [logs] console_max_size while the VM runs."""
-        path, limit = self.dir / CONSOLE_NAME, self.cfg.logs.console_max_bytes
-        while not self.done.wait(CONSOLE_CHECK_S):
-            try:
-                cap_console(path, limit)
-            except (OSError, EmberError) as exc:
-                self._complain("console", f"console log not capped: {exc}")
 
     def _complain(self, what: str, message: str) -> None:
         """One line in monitor.log per kind of trouble, not one per record."""
@@ -286,7 +276,6 @@ class Monitor:
             return 1
         self.register()
         threading.Thread(target=self._watch_vmm, daemon=True).start()
-        threading.Thread(target=self._cap_console, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
             target=self.stop, args=("exited",), daemon=True).start())
         ready = threading.Event()

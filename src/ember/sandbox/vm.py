@@ -20,6 +20,8 @@ from ember.config import Config
 from ember.errors import AgentError, EmberError, VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 
+CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
+
 
 def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
     """The driver named by the configuration."""
@@ -152,10 +154,24 @@ class SandboxVM:
             self.vmm.start()
             self._connect_agent(self.cfg.vm.boot_timeout)
             self.restored = template is not None
+            threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,
+                             name="console-cap").start()
             self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
         except BaseException:
             self.kill()
             raise
+
+    def _cap_console(self, vmm: VMM) -> None:
+        """Keep the guest console log under [logs] console_max_size while this VMM runs
+        (for `ember run` and the shim alike: a chatty guest must not fill /run)."""
+        from ember.sandbox.logfile import cap_console
+
+        while not vmm.exited() and self.vmm is vmm:
+            try:
+                cap_console(vmm.spec.console_log, self.cfg.logs.console_max_bytes)
+            except (OSError, EmberError):
+                return  # not a regular file of ours: leave it, the VMM writes by descriptor
+            time.sleep(CONSOLE_CHECK_S)
 
     def _connect_agent(self, timeout: float) -> None:
         from ember.agent.client import AgentClient
