@@ -435,8 +435,17 @@ class TaskService:
             # its exit has reached us yet.
             raise self._already_finished(p) from None
         except EmberError as exc:
+            if self._vm_gone():
+                # The VM died (QEMU killed, guest crashed): every process in it is gone.
+                # Report the exit now, so containerd's stop does not fail on a dead agent.
+                self._exited(c, p, 255)
+                raise self._already_finished(p) from None
             raise _err(exc) from None
         return EMPTY
+
+    def _vm_gone(self) -> bool:
+        vm = self.pod.vm
+        return vm is None or vm.vmm is None or vm.vmm.exited()
 
     def _already_finished(self, p: Proc) -> TTRPCError:
         """runc's shim answer for a signal to an exited process: containerd's "not found"."""

@@ -84,6 +84,15 @@ def _qcow2_backing(path: Path) -> Path | None:
     return base if base.is_absolute() else Path(path).parent / base
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class QemuVMM(VMM):
     kind = "qemu"
 
@@ -492,7 +501,14 @@ class QemuVMM(VMM):
             return None
 
     def exited(self) -> bool:
-        return self._proc is not None and self._proc.poll() is not None
+        """QEMU is gone. Jailed, its waiter may still be removing the jail, so QEMU's
+        own pid is asked too (it is the waiter's child: reaped at once, never reused
+        while the waiter lives)."""
+        if self._proc is None:
+            return False
+        if self._proc.poll() is not None:
+            return True
+        return self.jail is not None and self._pid is not None and not _running(self._pid)
 
     def _close_qmp(self) -> None:
         with self._qmp_lock:
