@@ -190,6 +190,9 @@ class AgentClient:
     def guest_details(self, timeout: float | None | str = "default") -> pb.GuestDetailsResponse:
         return self._call("GetGuestDetails", pb.Empty(), pb.GuestDetailsResponse, timeout)
 
+    def guest_stats(self, timeout: float | None | str = "default") -> pb.GuestStatsResponse:
+        return self._call("GuestStats", pb.Empty(), pb.GuestStatsResponse, timeout)
+
     def sync_guest(self, time_ns: int | None = None, entropy: bytes = b"") -> None:
         """Set the guest clock (default: the host's now) and feed its RNG."""
         self._call("SyncGuest", pb.SyncGuestRequest(

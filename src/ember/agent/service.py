@@ -39,6 +39,12 @@ class Container:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _container_stats(c: Container) -> pb.StatsContainerResponse:
+    st = cgroups.stats(c.cgroup_path)
+    mem_stat = st.pop("memory_stat")
+    return pb.StatsContainerResponse(memory_stat=mem_stat, **st)
+
+
 class AgentService:
     """Implements every RPC of agent.proto; one instance per agent."""
 
@@ -266,10 +272,7 @@ class AgentService:
         storage.remove_tree(bundle)
 
     def StatsContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.StatsContainerResponse:
-        c = self._container(req.container_id)
-        st = cgroups.stats(c.cgroup_path)
-        mem_stat = st.pop("memory_stat")
-        return pb.StatsContainerResponse(memory_stat=mem_stat, **st)
+        return _container_stats(self._container(req.container_id))
 
     def PauseContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
         self.crun.run(["pause", self._container(req.container_id).id])
@@ -323,6 +326,22 @@ class AgentService:
             kernel_release=platform.release(), agent_version=__version__,
             mem_total_bytes=system.mem_total_bytes(), cpus=os.cpu_count() or 1,
             crun_version=self._crun_version, uptime_s=system.uptime_s())
+
+    def GuestStats(self, req: pb.Empty, ctx: Context) -> pb.GuestStatsResponse:
+        """Guest memory, load, CPU and every container's cgroup numbers (for `ember metrics`)."""
+        mem = system.meminfo()
+        load = system.loadavg()
+        user, sys_ns, idle = system.cpu_times_ns()
+        out = pb.GuestStatsResponse(
+            mem_total_bytes=mem.get("MemTotal", 0), mem_available_bytes=mem.get("MemAvailable", 0),
+            mem_free_bytes=mem.get("MemFree", 0), load1=load[0], load5=load[1], load15=load[2],
+            cpu_user_ns=user, cpu_system_ns=sys_ns, cpu_idle_ns=idle, cpus=os.cpu_count() or 1,
+            uptime_s=system.uptime_s(), oom_kills=system.oom_kills())
+        with self._lock:
+            containers = list(self._containers.values())
+        for c in containers:
+            out.containers[c.id].CopyFrom(_container_stats(c))
+        return out
 
     def SyncGuest(self, req: pb.SyncGuestRequest, ctx: Context) -> pb.Empty:
         if req.time_ns:

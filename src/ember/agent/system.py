@@ -34,6 +34,56 @@ def uptime_s() -> float:
         return 0.0
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes, by field name."""
+    out = {}
+    for line in _read("/proc/meminfo").splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        one, five, fifteen = (float(x) for x in _read("/proc/loadavg").split()[:3])
+        return one, five, fifteen
+    except ValueError:
+        return 0.0, 0.0, 0.0
+
+
+def cpu_times_ns() -> tuple[int, int, int]:
+    """(user, system, idle) of all CPUs in ns, from /proc/stat's first line:
+    user + nice, system + irq + softirq, idle + iowait."""
+    for line in _read("/proc/stat").splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            ticks = [int(x) for x in parts[1:8] if x.isdigit()] + [0] * 7
+            user, nice, system, idle, iowait, irq, softirq = ticks[:7]
+            tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            return ((user + nice) * tick_ns, (system + irq + softirq) * tick_ns,
+                    (idle + iowait) * tick_ns)
+    return 0, 0, 0
+
+
+def oom_kills() -> int:
+    """How many processes the guest kernel's OOM killer has killed since boot."""
+    for line in _read("/proc/vmstat").splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def set_clock(time_ns: int) -> None:
     """Step the wall clock to the host's (after a restore it is stale)."""
     try:

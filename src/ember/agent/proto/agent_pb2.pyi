@@ -180,6 +180,43 @@ class StatsContainerResponse(_message.Message):
     memory_stat: _containers.ScalarMap[str, int]
     def __init__(self, cpu_usage_ns: _Optional[int] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., memory_usage: _Optional[int] = ..., memory_limit: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ..., memory_stat: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class GuestStatsResponse(_message.Message):
+    __slots__ = ("mem_total_bytes", "mem_available_bytes", "mem_free_bytes", "load1", "load5", "load15", "cpu_user_ns", "cpu_system_ns", "cpu_idle_ns", "cpus", "uptime_s", "oom_kills", "containers")
+    class ContainersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StatsContainerResponse
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StatsContainerResponse, _Mapping]] = ...) -> None: ...
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    CPU_USER_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_IDLE_NS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    mem_total_bytes: int
+    mem_available_bytes: int
+    mem_free_bytes: int
+    load1: float
+    load5: float
+    load15: float
+    cpu_user_ns: int
+    cpu_system_ns: int
+    cpu_idle_ns: int
+    cpus: int
+    uptime_s: float
+    oom_kills: int
+    containers: _containers.MessageMap[str, StatsContainerResponse]
+    def __init__(self, mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., cpu_idle_ns: _Optional[int] = ..., cpus: _Optional[int] = ..., uptime_s: _Optional[float] = ..., oom_kills: _Optional[int] = ..., containers: _Optional[_Mapping[str, StatsContainerResponse]] = ...) -> None: ...
+
 class CopyFileRequest(_message.Message):
     __slots__ = ("path", "data", "mode", "uid", "gid", "append", "make_dirs")
     PATH_FIELD_NUMBER: _ClassVar[int]
