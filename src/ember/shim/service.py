@@ -54,6 +54,7 @@ from ember.util import atomic_write_json
 log = logging.getLogger("ember.shim.service")
 
 SERVICE = "containerd.task.v2.Task"
+AGENT_SERVICE = "ember.agent.v1.Agent"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DRAIN_TIMEOUT = 2.0
 EMPTY = empty_pb2.Empty()
@@ -95,6 +96,24 @@ class TaskService:
 
     def register(self, server: Server) -> None:
         server.register_proto_service(pb.DESCRIPTOR.services_by_name["Task"], self)
+        # `ember metrics` reaches the pod's guest here: the VM's agent channel is ours alone.
+        server.register(AGENT_SERVICE, "GuestStats", self._guest_stats)
+
+    def _guest_stats(self, payload: bytes, ctx) -> bytes:
+        """ember.agent.v1.Agent/GuestStats of the pod's guest; UNAVAILABLE at once while
+        the VM is paused (its agent cannot answer) or not running."""
+        with self._lock:
+            paused = any(c.vm_paused for c in self._containers.values())
+        agent = self.pod.agent
+        if paused or agent is None:
+            raise TTRPCError(Code.UNAVAILABLE, "the pod's VM is " + ("paused" if paused
+                                                                     else "not running"))
+        left = ctx.time_left()
+        try:
+            return agent.guest_stats(timeout=min(left, 10.0) if left is not None else 10.0
+                                     ).SerializeToString()
+        except EmberError as exc:
+            raise _err(exc) from None
 
     # ---------------------------------------------------------------- lookups
     def _container(self, cid: str) -> Container:
