@@ -341,9 +341,9 @@ def test_vm_that_died_is_reported_with_its_exit(env):
     vm.wait(5)
     with pytest.raises(VMError, match="the VM is not running"):
         vm.add_drive(Drive("c1", env.disk("x.img")))
-    with pytest.raises(VMError, match=r"firecracker exited with code -9"):
+    with pytest.raises(VMError, match=r"firecracker killed by signal 9 \(SIGKILL\)"):
         vm.pause()
-    with pytest.raises(VMError, match=r"firecracker exited with code -9"):
+    with pytest.raises(VMError, match=r"firecracker killed by signal 9 \(SIGKILL\)"):
         vm.connect_agent(timeout=5)
 
 

@@ -41,6 +41,7 @@ from ember.sandbox.state import (
     kill_pid,
     monitor_alive,
     pid_alive,
+    process_started,
     sandbox_processes,
 )
 from ember.util import new_id, parse_size, private_dir
@@ -71,6 +72,7 @@ class Sandbox:
         self._state = state
         self._rpc = None
         self._agent = None
+        self._created = False  # this object created the sandbox (see wait, auto_remove)
 
     # --------------------------------------------------------------- lookup
     @classmethod
@@ -138,6 +140,11 @@ class Sandbox:
 
         network: "none" (loopback only) or "bridge" (ember0, see ember.net.bridge);
         publish: ``[IP:]HOSTPORT:CONTAINERPORT[/tcp]`` entries, bridge only.
+
+        The sandbox monitor watches this process: if it ends before the
+        container has started, the sandbox is torn down. With ``auto_remove``
+        the monitor removes the sandbox once the container has exited and this
+        process has read the exit code (:meth:`wait`) or ended.
         """
         cfg = cfg or load_config()
         ports = _check_network(network, publish or [])
@@ -172,6 +179,7 @@ class Sandbox:
             )
             store.create(state)
         sb = cls(state, cfg)
+        sb._created = True
         try:
             sb._launch(images, img, spec, stdin)
         except BaseException:
@@ -196,10 +204,8 @@ class Sandbox:
         agent.create_container(self.id, spec, {"kind": dev["kind"], "address": dev["address"]},
                                stdin=stdin)
         agent.start_container(self.id)
+        # The monitor records "running" (and from here on outlives us).
         self.monitor_call("Watch", container_id=self.id, auto_stop=True)
-        # Under the record lock: the monitor may already have recorded the exit.
-        self.store.modify(self.id, lambda st: {"status": "running"}
-                          if st.status == "creating" else None)
 
     def _spawn_monitor(self) -> tuple[subprocess.Popen, int]:
         ready_r, ready_w = os.pipe()
@@ -213,11 +219,15 @@ class Sandbox:
         with open(self.dir / "monitor.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ember.sandbox.monitor", "--id", self.id,
-                 "--ready-fd", str(ready_w)],
+                 "--ready-fd", str(ready_w), "--creator-pid", str(os.getpid())],
                 pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, env=env, close_fds=True,
             )
         os.close(ready_w)
+        # At once, not only when the monitor gets to it: `ember ps` can tell
+        # from the first moment whether a monitor serves this sandbox.
+        self.store.modify(self.id, lambda st: None if st.monitor_pid else {
+            "monitor_pid": proc.pid, "monitor_started": process_started(proc.pid)})
         return proc, ready_r
 
     def _wait_ready(self, proc: subprocess.Popen, ready_r: int) -> None:
@@ -244,8 +254,18 @@ class Sandbox:
         if line.startswith("ERR "):
             _, code, msg = line.split(" ", 2)
             raise EmberError(msg, int(code))
-        proc.poll()
-        raise EmberError(f"sandbox monitor exited during start-up (see {self.dir}/monitor.log)")
+        # The sandbox folder (and its logs) goes with the failed start: the error
+        # carries what they say.
+        try:
+            code = proc.wait(2)
+        except subprocess.TimeoutExpired:
+            code = None
+        from ember.vmm.base import describe_exit
+
+        how = "without a word" if code is None else describe_exit(code)
+        raise EmberError(f"sandbox monitor exited during start-up ({how})"
+                         f"{_log_tail(self.dir / 'monitor.log', 'monitor log')}"
+                         f"{_log_tail(self.dir / 'console.log', 'guest console')}")
 
     # ------------------------------------------------------------ channels
     def _client(self):
@@ -292,18 +312,71 @@ class Sandbox:
 
         The monitor records the exit status only after it has copied all of the
         container's output to the log, so a caller that waits and then reads
-        the log sees everything.
+        the log sees everything. The monitor answers (its ``Wait`` call) before
+        an ``auto_remove`` sandbox goes; for the process that created such a
+        sandbox, wait() then lets the monitor remove it and returns once it
+        is gone.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        code = self._wait_monitor(deadline)
+        if code is None:  # no monitor to ask: the record tells
+            code = self._wait_record(deadline)
+        if self._created and self._state.auto_remove:
+            self.release()
+        return code
+
+    def _wait_monitor(self, deadline: float | None) -> int | None:
+        """The exit code from the monitor's Wait; None if no monitor answers."""
         while True:
-            st = self.state
+            left = 30.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"sandbox {self.name} still running")
+            if not os.path.exists(self.dir / "api.sock"):
+                return None
+            try:
+                out = self.monitor_call("Wait", timeout=min(left, 30.0))
+            except EmberError:
+                return None
+            if out.get("exited"):
+                code = out.get("exit_code")
+                return code if isinstance(code, int) else 137
+
+    def _wait_record(self, deadline: float | None) -> int:
+        while True:
+            try:
+                st = self._state = self.store.read(self.id)
+            except NotFoundError:
+                raise NotFoundError(f"sandbox {self.name or self.id[:12]} was removed before "
+                                    "its exit code could be read") from None
             if st.status in ("exited", "dead"):
                 return st.exit_code if st.exit_code is not None else 137
             if st.status == "unknown":
                 raise self.not_running_error()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"sandbox {self.name} still running")
-            time.sleep(0.02)
+            time.sleep(0.05)
+
+    def release(self, timeout: float = 60.0) -> None:
+        """For the creator of an ``auto_remove`` sandbox: it has the output and the
+        exit code, so the monitor may remove the sandbox now. Returns once the
+        sandbox is gone; removes it here if its monitor died."""
+        if not os.path.lexists(self.dir):
+            return
+        try:
+            self.monitor_call("Release")
+        except EmberError:
+            pass  # no monitor: removed below
+        self.close()
+        deadline = time.monotonic() + timeout
+        next_look = time.monotonic() + 1.0
+        while os.path.lexists(self.dir) and time.monotonic() < deadline:
+            if time.monotonic() >= next_look:
+                next_look += 1.0
+                if not sandbox_processes(self.id)[0]:
+                    break  # the monitor is gone (killed): finish the removal here
+            time.sleep(0.05)
+        if os.path.lexists(self.dir):
+            self._destroy()
 
     def kill(self, sig: int | str = signal.SIGKILL) -> None:
         signum = _signal_number(sig)
@@ -498,6 +571,20 @@ def _check_network(network: str, publish: list[str]) -> list[str]:
     return [str(p) for p in ports]
 
 
+def _log_tail(path: Path, what: str, lines: int = 4) -> str:
+    """``; WHAT: last | lines`` of a log in the sandbox folder, for an error message
+    (the folder may be gone by the time anyone reads the message)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            f.seek(max(0, os.fstat(fd).st_size - 8192))
+            text = f.read(8192).decode("utf-8", "replace").replace("\r", "")
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()]
+    return f"; {what}: {' | '.join(tail)}" if tail else ""
+
+
 def _wait_gone(pids: set[int], marker: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(pid_alive(p, marker) for p in pids) and time.monotonic() < deadline:
@@ -579,5 +666,5 @@ def run(image: str, command: list[str] | None = None, *, stdin: bytes | None = N
         code = sb.wait()
         return RunResult(code, bytes(out), bytes(err))
     finally:
-        if remove:
+        if remove and os.path.lexists(sb.dir):  # auto_remove: the monitor removed it
             sb._destroy()

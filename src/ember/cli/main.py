@@ -74,29 +74,17 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
         labels=labels, network=network, publish=list(publish),
     )
-    if detach:
+    if detach:  # with --rm, the sandbox monitor removes the sandbox when it exits
         click.echo(sb.id)
-        if auto_remove:
-            _spawn_reaper(sb.id)
         return
     from ember.cli.attach import attach_main
 
     try:
-        code = attach_main(sb, stdin=interactive, tty=tty)
+        code = attach_main(sb, stdin=interactive, tty=tty)  # wait(): --rm removal done
     finally:
         if auto_remove:
-            sb.remove(force=True)
+            sb.release()  # on an error too (the monitor or VM died): nothing is left
     sys.exit(code)
-
-
-def _spawn_reaper(sandbox_id: str) -> None:
-    """For `run -d --rm`: a detached helper removes the sandbox after it exits."""
-    import os
-    import subprocess
-
-    subprocess.Popen([sys.executable, "-m", "ember.cli.reaper", sandbox_id],
-                     start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
 
 
 # ------------------------------------------------------------- lifecycle

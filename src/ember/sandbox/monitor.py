@@ -16,7 +16,21 @@ and its exit status is recorded in ``state.json``. The guest console log is
 kept under ``[logs] console_max_size``. When the main container exits, the
 monitor stops the VM and exits.
 
-Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N``.
+The monitor also carries out what no CLI process has to survive for:
+
+* ``--rm`` (``auto_remove`` in the record): once the container has exited (or
+  the VM died, or the monitor got SIGTERM), the monitor removes the sandbox
+  itself, with the same code as ``ember rm -f``: VM, jail, cgroups, network,
+  disks, sandbox folder. The process that created the sandbox (``--creator-pid``,
+  watched through a pidfd, so no polling) may hold the removal until it has
+  read the output and the exit code (``Release``, or it ends); ``Wait`` answers
+  anyone who waits for the exit, before anything is removed.
+* abandoned starts: if the creator ends before the container was started
+  (``Watch``), the start is abandoned and the sandbox torn down at once, the
+  VM killed even mid-boot. Without a creator pid, a container not started
+  within ``START_TIMEOUT_S`` of the VM being ready is abandoned the same way.
+
+Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N [--creator-pid PID]``.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -32,31 +47,47 @@ from pathlib import Path
 
 from ember.agent.proto import agent_pb2
 from ember.config import load_config
-from ember.errors import EmberError
+from ember.errors import EmberError, NotFoundError
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
-from ember.sandbox.state import StateStore
+from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.vm import SandboxVM
 from ember.ttrpc import Server, TTRPCError
 
 AGENT_SERVICE = "ember.agent.v1.Agent"
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
+START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
+WAIT_MAX_S = 60.0  # the longest a Wait call blocks before answering "not yet"
 
 
 class Monitor:
-    def __init__(self, sandbox_id: str) -> None:
+    def __init__(self, sandbox_id: str, creator_pid: int | None = None) -> None:
         self.cfg = load_config()
         self.store = StateStore(self.cfg)
         self.id = sandbox_id
         self.dir = self.store.dir(sandbox_id)
         st = self.store.load(sandbox_id)
+        self.auto_remove = st.auto_remove
+        self.creator_pid = creator_pid
         self.network = st.network
         self.publish = list(st.publish)
         self.proxies: list = []  # ember.net.proxy.TCPProxy, one per published port
         self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib,
                             nic=st.network == "bridge", cpus=st.cpus)
         self.server = Server()
-        self.done = threading.Event()
+        self.done = threading.Event()  # stopping: nothing new starts
         self._stopping = threading.Lock()
+        # Lifecycle (see the module docstring); _phase orders "started" against "abandoned".
+        self._phase = threading.Lock()
+        self.booted = threading.Event()  # the boot is over, one way or the other
+        self.serving = False  # ready was reported: api.sock serves
+        self.started = threading.Event()  # Watch: the container runs
+        self.finished = threading.Event()  # stopped, and the outcome recorded in self.result
+        self.released = threading.Event()  # the creator has what it needs, or is gone
+        self.removing = False  # Shutdown: `ember rm` removes the sandbox, not us
+        self.abandoned = ""  # why the start was given up
+        self.result: dict[str, object] = {}
+        self._waits = 0  # Wait calls not yet answered
+        self._waits_cv = threading.Condition()
         self._log: RotatingLog | None = None
         self._complained: set[str] = set()
 
@@ -66,8 +97,9 @@ class Monitor:
         for method in service.methods:
             self.server.register(AGENT_SERVICE, method.name, self._forwarder(method.name))
         for name in ("Status", "AttachDisk", "DetachDisk", "Watch", "Pause", "Resume",
-                     "Shutdown"):
+                     "Shutdown", "Release"):
             self.server.register(MONITOR_SERVICE, name, self._json_handler(getattr(self, name)))
+        self.server.register(MONITOR_SERVICE, "Wait", self._wait_call)
 
     def _forwarder(self, method: str):
         def forward(payload: bytes, ctx) -> bytes:
@@ -115,6 +147,15 @@ class Monitor:
         return {}
 
     def Watch(self, container_id: str, auto_stop: bool = True) -> dict:
+        with self._phase:
+            if self.done.is_set():
+                why = f": start abandoned: {self.abandoned}" if self.abandoned else ""
+                raise EmberError(f"the sandbox is stopping{why}")
+            self.started.set()  # from here on, the creator may go away
+        # The monitor says "running", so a creator killed right after this call
+        # leaves no sandbox "creating" forever; an exit is recorded only later.
+        self.store.modify(self.id, lambda st: {"status": "running"}
+                          if st.status == "creating" else None)
         if self._log is None:
             self._log = RotatingLog(self.dir / LOG_NAME, self.cfg.logs.max_bytes,
                                     self.cfg.logs.max_files)
@@ -128,8 +169,41 @@ class Monitor:
         return {}
 
     def Shutdown(self) -> dict:
+        """`ember rm` (or a failed create) removes the sandbox: stop, and leave it to them."""
+        self.removing = True
+        self.released.set()
         threading.Thread(target=self.stop, args=("removed",), daemon=True).start()
         return {}
+
+    def Release(self) -> dict:
+        """The creator has read the output and the exit code: --rm may go ahead."""
+        self.released.set()
+        return {}
+
+    def _wait_call(self, payload: bytes, ctx) -> bytes:
+        """Wait {timeout}: block until the sandbox has stopped (at most ``timeout``
+        seconds); answers {"exited": bool, status, exit_code, oom_killed, error}.
+
+        Nothing is removed before every such answer is on the wire.
+        """
+        try:
+            timeout = float(json.loads(payload or b"{}").get("timeout", WAIT_MAX_S))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise TTRPCError(3, f"bad request: {exc}") from None
+        with self._waits_cv:
+            self._waits += 1
+        ctx.call_after_response(self._wait_answered)
+        done = self.finished.wait(min(max(timeout, 0.0), WAIT_MAX_S))
+        return json.dumps({"exited": done, **(self.result if done else {})}).encode()
+
+    def _wait_answered(self) -> None:
+        with self._waits_cv:
+            self._waits -= 1
+            self._waits_cv.notify_all()
+
+    def _drain_waits(self, timeout: float) -> None:
+        with self._waits_cv:
+            self._waits_cv.wait_for(lambda: self._waits <= 0, timeout)
 
     # ---------------------------------------------------------- watching
     def _pump(self, cid: str, stream: str, log: RotatingLog) -> None:
@@ -178,18 +252,85 @@ class Monitor:
 
     def _watch_vmm(self) -> None:
         """Record a VMM that dies on its own (crash, kill -9) and stop serving."""
-        assert self.vm.vmm is not None
-        code = self.vm.vmm.wait()
+        vmm = self.vm.vmm
+        assert vmm is not None
+        vmm.wait()
         if not self.done.is_set():
-            tail = self.vm.vmm.console_tail(3).replace("\n", " | ")
-            self.stop("dead", error=f"VMM exited unexpectedly (code {code}); console: {tail}")
+            tail = vmm.console_tail(3).replace("\n", " | ") or "(empty)"
+            self.stop("dead", error=f"VMM exited unexpectedly ({vmm.label} "
+                                    f"{vmm.exit_description()}); guest console: {tail}")
+
+    # ------------------------------------------------------------ creator
+    def _watch_creator(self) -> None:
+        """Follow the process that creates the sandbox (a pidfd: no polling)."""
+        pid = self.creator_pid
+        if not pid:
+            self.released.set()  # nobody to wait for; a start deadline instead
+            threading.Thread(target=self._start_deadline, daemon=True).start()
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+        # The creator spawned us: if it is no longer our parent, it has ended
+        # (and the pid may already be someone else's).
+        if fd is None or os.getppid() != pid:
+            if fd is not None:
+                os.close(fd)
+            threading.Thread(target=self._creator_gone, daemon=True).start()
+            return
+
+        def follow() -> None:
+            try:
+                select.select([fd], [], [])
+            finally:
+                os.close(fd)
+            self._creator_gone()
+
+        threading.Thread(target=follow, daemon=True, name="creator").start()
+
+    def _start_deadline(self) -> None:
+        if not self.booted.wait(self.cfg.vm.boot_timeout + 600):
+            return
+        if not self.started.wait(START_TIMEOUT_S):
+            self._abandon(f"no container was started within {START_TIMEOUT_S:.0f}s")
+
+    def _creator_gone(self) -> None:
+        self.released.set()
+        self._abandon(f"its creator (pid {self.creator_pid}) ended before the container "
+                      "was started")
+
+    def _abandon(self, why: str) -> None:
+        """Give up a start that nobody will finish: the sandbox is torn down."""
+        with self._phase:
+            if self.started.is_set() or self.abandoned:
+                return
+            self.abandoned = why
+            serving, stopping = self.serving, self.done.is_set()
+        self._complain("start", f"start abandoned: {why}")
+        if stopping:
+            return  # run() removes a sandbox whose container never started
+        if serving:
+            self.stop("dead", error=f"start abandoned: {why}")
+            return
+        # Mid-boot: kill the VMM as soon as it exists, so the boot fails now
+        # rather than after a full boot; run() then tears everything down.
+        while not self.booted.is_set():
+            vmm = self.vm.vmm
+            if vmm is not None and vmm.pid:
+                kill_pid(vmm.pid, self.id[:12])
+            self.booted.wait(0.05)
 
     # ----------------------------------------------------------- lifecycle
     def stop(self, status: str | None, error: str = "", final: dict | None = None) -> None:
+        """Stop the VM and record the outcome; run() then stops serving (and, for
+        --rm or an abandoned start, removes the sandbox)."""
         with self._stopping:
             if self.done.is_set():
                 return
             self.done.set()
+        result: dict[str, object] = {"status": status or "exited", "exit_code": None,
+                                     "oom_killed": False, "error": error, **(final or {})}
         try:
             self.vm.shutdown(timeout=5)
         finally:
@@ -205,10 +346,13 @@ class Monitor:
                     changes["status"] = "exited" if status == "removed" else status
                 if error:
                     changes["error"] = error
-                self.store.update(self.id, **changes)
+                st = self.store.update(self.id, **changes)
+                result = {"status": st.status, "exit_code": st.exit_code,
+                          "oom_killed": st.oom_killed, "error": st.error}
             except EmberError:
                 pass  # the folder is already being removed
-            self.server.shutdown()
+            self.result = result
+            self.finished.set()
 
     # ---------------------------------------------------------- network
     def _boot(self) -> None:
@@ -253,6 +397,7 @@ class Monitor:
                     os.close(ready_fd)
                 except OSError:
                     pass
+        self._watch_creator()
         try:
             from ember.sandbox.state import process_started
 
@@ -264,16 +409,24 @@ class Monitor:
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,
                               restored_from_snapshot=self.vm.restored,
                               jail=self.vm.jail_record())
-        except EmberError as exc:
-            self.vm.kill()
-            self._release_network()
-            report(f"ERR {exc.exit_code} {exc.message}")
-            return 1
+            with self._phase:
+                if self.abandoned:
+                    raise EmberError(f"start abandoned: {self.abandoned}")
+                self.serving = True
         except Exception as exc:  # noqa: BLE001 - report any boot failure to the waiting CLI
+            self.booted.set()
             self.vm.kill()
             self._release_network()
-            report(f"ERR 125 sandbox monitor failed: {exc!r}")
+            if isinstance(exc, EmberError):
+                report(f"ERR {exc.exit_code} {exc.message}")
+            else:
+                report(f"ERR 125 sandbox monitor failed: {exc!r}")
+            # The creator removes a failed start (and SIGTERMs us meanwhile); if it
+            # ends before that, nobody else will.
+            if self.released.wait(60):
+                self._remove_sandbox()
             return 1
+        self.booted.set()
         self.register()
         threading.Thread(target=self._watch_vmm, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
@@ -284,17 +437,49 @@ class Monitor:
         t.start()
         ready.wait(10)
         report("OK")
-        t.join()
-        self.done.wait()
+        self.finished.wait()
+        if self.started.is_set():
+            remove = self.auto_remove
+            if remove:  # --rm: the creator may still be reading the output and the code
+                self.released.wait()
+        else:  # the start never completed: its creator removes it, or we do once it is gone
+            self.released.wait(60)
+            remove = self.released.is_set()
+        remove = remove and not self.removing  # `ember rm` (Shutdown) removes it itself
+        self._drain_waits(2.0)  # every waiter has its answer before anything goes
+        self.server.shutdown()
+        t.join(5)
+        if remove:
+            self._remove_sandbox()
         return 0
+
+    def _remove_sandbox(self) -> None:
+        """Tear the sandbox down completely: the code path of `ember rm -f`."""
+        from ember.api import Sandbox
+
+        try:
+            # Not "ours" any more: removal must not wait for (or kill) this process.
+            st = self.store.update(self.id, monitor_pid=None, monitor_started=None,
+                                   vmm_pid=None)
+        except NotFoundError:
+            return  # removed already
+        except EmberError:
+            st = self.store.unknown(self.id, "")
+        try:
+            Sandbox(st, self.cfg)._destroy()
+        except Exception as exc:  # noqa: BLE001 - say it in monitor.log; `ember rm -f` finishes
+            self._complain("remove", f"removing the sandbox failed: {exc!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ember-monitor")
     parser.add_argument("--id", required=True)
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--creator-pid", type=int,
+                        help="the process creating the sandbox: if it ends before the "
+                             "container starts, the sandbox is torn down")
     args = parser.parse_args(argv)
-    return Monitor(args.id).run(args.ready_fd)
+    return Monitor(args.id, args.creator_pid).run(args.ready_fd)
 
 
 if __name__ == "__main__":

@@ -157,9 +157,28 @@ class SandboxVM:
             threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,
                              name="console-cap").start()
             self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
+        except VMError:
+            died = self._death_during_start()
+            self.kill()
+            if died:  # say that, not what failed to talk to it
+                raise VMError(died) from None
+            raise
         except BaseException:
             self.kill()
             raise
+
+    def _death_during_start(self) -> str:
+        """If the VMM has exited, how (signal or code, its last words, the guest's
+        last console lines); "" while it still runs."""
+        vmm = self.vmm
+        if vmm is None or vmm.wait(1.0) is None:
+            return ""
+        how = vmm.exit_description()
+        last = vmm.vmm_log_tail()
+        if last.startswith("ember-jailer"):
+            return f"{last} ({how})"  # the VMM never ran: the jailer said why
+        return (f"{vmm.label} exited during start ({how}{': ' + last if last else ''})"
+                f"{self._console_hint()}")
 
     def _cap_console(self, vmm: VMM) -> None:
         """Keep the guest console log under [logs] console_max_size while this VMM runs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +70,24 @@ class VMSpec:
         return self.work_dir / "qmp.sock"
 
 
+def describe_exit(code: int, supervised: bool = False) -> str:
+    """How a process ended, in words: ``killed by signal 9 (SIGKILL)`` or
+    ``exited with code 1``. A negative code is a signal (subprocess); with
+    ``supervised`` (a jailer waiter that reports its VMM), 128+N is signal N."""
+    sig = -code if code < 0 else (code - 128 if supervised and 128 < code < 160 else 0)
+    if sig:
+        try:
+            return f"killed by signal {sig} ({signal.Signals(sig).name})"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with code {code}"
+
+
 class VMM(abc.ABC):
     """One VM process. Methods raise ember.errors.VMError on failure."""
 
     kind = "abstract"
+    label = "the VMM"  # how error messages name it
 
     def __init__(self, spec: VMSpec) -> None:
         self.spec = spec
@@ -119,6 +134,20 @@ class VMM(abc.ABC):
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the VMM to exit; its exit code, or None on time-out."""
+
+    def exit_description(self) -> str:
+        """How the VMM process ended (see :func:`describe_exit`); "" while it runs."""
+        code = self.wait(0)
+        return "" if code is None else describe_exit(code, self.supervised)
+
+    @property
+    def supervised(self) -> bool:
+        """True when the process we wait on is a jailer waiter (128+N for signal N)."""
+        return False
+
+    def vmm_log_tail(self) -> str:
+        """The VMM's own last words (its stderr), for error messages."""
+        return ""
 
     def console_tail(self, lines: int = 15) -> str:
         """The last lines the guest printed, for error messages."""

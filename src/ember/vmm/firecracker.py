@@ -36,7 +36,7 @@ from pathlib import Path
 from ember.errors import VMError
 from ember.util import atomic_write_json
 from ember.vmm import fc_drives, fc_jail, fc_kernel, vsock
-from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
+from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.fc_api import FirecrackerAPI, one_line
 
 MAX_UNIX_PATH = 107
@@ -77,6 +77,7 @@ class FirecrackerOptions:
 
 class FirecrackerVMM(VMM):
     kind = "firecracker"
+    label = "Firecracker"
 
     def __init__(self, spec: VMSpec, binary: str = "firecracker",
                  placeholder_drives: int | None = None, api_timeout: float = 10.0,
@@ -246,7 +247,7 @@ class FirecrackerVMM(VMM):
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
-            raise VMError(f"firecracker exited with code {self._proc.returncode}: "
+            raise VMError(f"firecracker {describe_exit(self._proc.returncode)}: "
                           f"{self.vmm_log_tail() or 'no log output'}")
 
     def vmm_log_tail(self) -> str:

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 from ember.errors import VMError
-from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
-from ember.vmm.qmp import QMPClient
+from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
+from ember.vmm.qmp import QMPClient, QMPError
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 MAX_UNIX_PATH = 107
@@ -95,6 +95,7 @@ def _running(pid: int) -> bool:
 
 class QemuVMM(VMM):
     kind = "qemu"
+    label = "QEMU"
 
     def __init__(self, spec: VMSpec, binary: str = "qemu-system-x86_64") -> None:
         super().__init__(spec)
@@ -322,9 +323,16 @@ class QemuVMM(VMM):
         info = self.qmp("query-migrate")
         return isinstance(info, dict) and info.get("status") in ("active", "setup")
 
+    @property
+    def supervised(self) -> bool:
+        return self.jail is not None  # we wait on the jailer's waiter, which reports 128+N
+
     def _check_alive(self) -> None:
+        """Raise, saying how QEMU ended (and its last words), once it has exited."""
         if self._proc is not None and self._proc.poll() is not None:
-            raise VMError(f"QEMU exited with code {self._proc.returncode}: {self.vmm_log_tail()}")
+            how = describe_exit(self._proc.returncode, self.supervised)
+            tail = self.vmm_log_tail()
+            raise VMError(f"QEMU {how}" + (f": {tail}" if tail else ""))
 
     def vmm_log_tail(self) -> str:
         try:
@@ -338,14 +346,28 @@ class QemuVMM(VMM):
         with self._qmp_lock:
             if self._qmp is None:
                 self._check_alive()
-                self._qmp = QMPClient(self.spec.control_socket, timeout=15)
+                self._qmp = QMPClient(self.spec.control_socket, timeout=15,
+                                      alive=self._check_alive)
             return self._qmp
 
     def qmp(self, command: str, **args: object) -> object:
-        return self._client().execute(command, **args)
+        return self._qmp_call(command, None, args)
 
     def qmp_fds(self, command: str, fds: list[int], **args: object) -> object:
-        return self._client().execute(command, fds=fds, **args)
+        return self._qmp_call(command, fds, args)
+
+    def _qmp_call(self, command: str, fds: list[int] | None, args: dict) -> object:
+        try:
+            return self._client().execute(command, fds=fds, **args)
+        except QMPError:
+            raise  # QEMU answered: it is alive
+        except (VMError, OSError) as exc:
+            # The connection broke: if QEMU died, say that rather than "connection closed".
+            if self._proc is not None and self.wait(1.0) is not None:
+                self._check_alive()
+            if isinstance(exc, VMError):
+                raise
+            raise VMError(f"QMP {command}: {exc}") from None
 
     # --------------------------------------------------------------- drives
     def add_drive(self, drive: Drive) -> GuestDevice:

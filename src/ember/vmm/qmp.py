@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ember.errors import VMError
@@ -22,9 +23,13 @@ class QMPError(VMError):
 
 
 class QMPClient:
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path, timeout: float = 10.0,
+                 alive: Callable[[], None] | None = None) -> None:
+        """``alive`` raises (VMError) once QEMU has exited: connecting stops
+        waiting for a socket nobody will ever serve, and says why."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._alive = alive
         self._sock = self._connect(timeout)
         self._file = self._sock.makefile("rwb", buffering=0)
         self.events: list[dict] = []
@@ -41,6 +46,8 @@ class QMPClient:
                 return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
+                if self._alive is not None:
+                    self._alive()
                 if time.monotonic() > deadline:
                     raise VMError(f"QMP socket {self.path} did not come up: {exc}") from None
                 time.sleep(0.01)
