@@ -43,8 +43,10 @@ from ember.sandbox.state import (
     pid_alive,
     process_started,
     sandbox_processes,
+    template_vm_id,
+    vmm_alive,
 )
-from ember.util import new_id, parse_size, private_dir
+from ember.util import new_id, parse_size, pause_for_test, private_dir
 
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 GUEST_OVERHEAD_MIB = 128  # guest kernel + agent, on top of a --memory limit
@@ -511,49 +513,88 @@ class Sandbox:
         self._destroy()
 
     def _destroy(self) -> None:
+        """Remove the sandbox and everything it made, from its id alone; idempotent.
+
+        Whatever died before (CLI, monitor, waiter, VMM, an earlier removal),
+        the steps go in an order that a removal killed at any point can simply
+        be run again: the processes, then the network, the jail (folder and
+        cgroups) and the disks, all derived from the id, and the sandbox folder
+        last, so the sandbox is listed (and its name taken) until nothing else
+        of it is left.
+        """
         st = self._state
-        readable = True
         try:
             st = self.store.load(self.id)
         except EmberError:
-            readable = False  # what cleanup needs is worked out from the id below
-        # The record's pids, and whatever runs under this id by its command line:
-        # a record can be unreadable, or older than the processes.
-        jail_dirs = [str(Path(self.cfg.jailer.chroot_base_dir) / os.path.basename(b) / self.id)
-                     for b in (self.cfg.vm.qemu_binary, self.cfg.vm.firecracker_binary)]
+            pass  # unreadable: what cleanup needs is worked out from the id below
+        self._stop_processes(st)
+        pause_for_test("rm-killed")
+        from ember.net import bridge
+        from ember.sandbox.vm import cleanup_jail
+
+        bridge.disconnect(self.cfg, self.id)  # from the id; a no-op without a netns
+        try:
+            cleanup_jail(self.cfg, self.id)  # from the id, never from the record
+        except OSError as exc:  # a cgroup that will not empty: the folder stays, try again
+            raise EmberError(f"sandbox {self.name or self.id[:12]}: cannot remove its jail: "
+                             f"{exc}") from None
+        self.close()
+        shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
+        from ember.sandbox.template import build_prefix
+
+        for work in self.cfg.state_dir.glob(build_prefix(self.id) + "*"):  # a killed build's
+            shutil.rmtree(work, ignore_errors=True)
+        pause_for_test("rm-cleaned")
+        with self.store.lock():
+            self.store.remove(self.id)
+
+    def _stop_processes(self, st: SandboxState) -> None:
+        """Stop the monitor (gracefully if it answers), then SIGKILL whatever still
+        runs under this id (monitor, jailer, waiter, VMM) until nothing does.
+
+        Processes are found by command line as well as from the record: the
+        record can be unreadable or older than the processes, and a jailer
+        that was starting forks the VMM's process after any first look.
+        """
+        from ember.sandbox.vm import vmm_binaries
+
+        jail_dirs = [str(Path(self.cfg.jailer.chroot_base_dir) / os.path.basename(b) / i)
+                     for b in vmm_binaries(self.cfg) for i in (self.id, template_vm_id(self.id))]
+        me, short = os.getpid(), self.id[:12]
         monitors = set(sandbox_processes(self.id, jail_dirs)[0])
         if monitor_alive(st):
             monitors.add(st.monitor_pid)  # type: ignore[arg-type]
+        monitors.discard(me)
         if monitors:
-            try:
-                self.monitor_call("Shutdown")
-            except EmberError:
+            if not self._ask_shutdown():
                 for pid in monitors:
                     kill_pid(pid, self.id, signal.SIGTERM)
             _wait_gone(monitors, self.id, 15)
-            for pid in monitors:
-                kill_pid(pid, self.id)
-        vmms = set(sandbox_processes(self.id, jail_dirs)[1])
-        if pid_alive(st.vmm_pid, self.id[:12]):
-            vmms.add(st.vmm_pid)  # type: ignore[arg-type]
-        for pid in vmms:
-            kill_pid(pid, self.id[:12])
-        _wait_gone(vmms, self.id[:12], 5)
-        if st.network == "bridge" or not readable:
-            from ember.net import bridge
+        known = set(monitors)
+        if vmm_alive(st):
+            known.add(st.vmm_pid)  # type: ignore[arg-type]
+        for _ in range(10):
+            found = set().union(*sandbox_processes(self.id, jail_dirs))
+            left = {p for p in found | known if pid_alive(p, short)} - {me}
+            if not left:
+                return
+            for pid in left:
+                kill_pid(pid, short)
+            _wait_gone(left, short, 5)
+        raise EmberError(f"sandbox {self.name or short}: processes {sorted(left)} "
+                         "survive SIGKILL")
 
-            bridge.disconnect(self.cfg, self.id)  # the monitor may have died before doing it
-        from ember.sandbox.vm import cleanup_jail
+    def _ask_shutdown(self) -> bool:
+        """Ask the monitor to power the VM off and exit; False if it does not answer."""
+        from ember.ttrpc import TTRPCError
 
-        cleanup_jail(self.cfg, self.id)  # from the id, never from the record
-        self.close()
-        with self.store.lock():
-            shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
-            try:
-                with self.store.record_lock(self.id):  # no update lands mid-removal
-                    shutil.rmtree(self.dir, ignore_errors=True)
-            except EmberError:
-                shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self._client().call(MONITOR_SERVICE, "Shutdown", b"{}", timeout=10)
+            return True
+        except (EmberError, TTRPCError, OSError):
+            return False
+        finally:
+            self.close()
 
 
 def _check_network(network: str, publish: list[str]) -> list[str]:

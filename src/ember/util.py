@@ -70,3 +70,29 @@ def parse_size(text: str | int) -> int:
     number, unit = float(m.group(1)), m.group(2).lower()
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
     return int(number * mult)
+
+
+def pause_for_test(stage: str) -> None:
+    """A test hook, off unless ``EMBER_TEST_PAUSE`` (comma-separated) names ``stage``.
+
+    Then this process says so on stderr (``ember: test pause at STAGE (pid N)``)
+    and waits, so a test can SIGKILL it at exactly that point (tests/chaos):
+    for ``EMBER_TEST_PAUSE_S`` seconds (default 600), or until the file that
+    ``EMBER_TEST_RESUME`` names exists. Stages: ``vmm-started`` (SandboxVM.boot:
+    the VMM runs, the agent is not connected, nothing of the VMM is recorded
+    yet), ``template-started`` (the same in the boot of a VM template build);
+    ``rm-killed``, ``rm-cleaned`` and ``rm-renamed`` (Sandbox._destroy:
+    its processes are gone; its jail, network and disks too; its folder is
+    renamed away but not yet deleted).
+    """
+    stages = os.environ.get("EMBER_TEST_PAUSE")
+    if not stages or stage not in stages.split(","):
+        return
+    import sys
+    import time
+
+    print(f"ember: test pause at {stage} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + float(os.environ.get("EMBER_TEST_PAUSE_S", "600"))
+    resume = os.environ.get("EMBER_TEST_RESUME")
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)

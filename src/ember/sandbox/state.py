@@ -40,7 +40,7 @@ import psutil
 
 from ember.config import Config
 from ember.errors import EmberError, NotFoundError
-from ember.util import atomic_write, atomic_write_json, private_dir
+from ember.util import atomic_write, atomic_write_json, pause_for_test, private_dir
 
 
 @dataclass
@@ -84,6 +84,13 @@ LIVE = ("running", "paused", "creating")
 LOCK_NAME = "state.lock"
 NAME_FILE = "name"
 SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def template_vm_id(owner_id: str) -> str:
+    """The VM id of a VM template built on behalf of ``owner_id`` (a sandbox or
+    pod): derived from it, so the owner's removal finds (by its jail) a build
+    that its killed monitor or shim left running."""
+    return "tpl-" + owner_id[:60]
 
 
 class RecordUnreadable(EmberError):
@@ -236,11 +243,54 @@ class StateStore:
     def update(self, sandbox_id: str, **changes: object) -> SandboxState:
         return self.modify(sandbox_id, lambda _st: changes)
 
+    def remove(self, sandbox_id: str) -> None:
+        """Delete a sandbox folder (call under :meth:`lock`, last in a removal).
+
+        The folder is first renamed to ``.rm-<id>``, so the sandbox and its
+        name go in one step, never leaving a folder without its record or name
+        file; a removal killed before the rest is deleted is finished by the
+        next :meth:`all`.
+        """
+        tomb = self.root / f".rm-{sandbox_id}"
+        try:
+            with self.record_lock(sandbox_id):  # no update lands mid-removal
+                _discard(tomb)
+                os.rename(self.dir(sandbox_id), tomb)
+        except NotFoundError:
+            return  # already gone
+        except (EmberError, OSError):
+            _discard(tomb)
+            try:
+                os.rename(self.dir(sandbox_id), tomb)
+            except FileNotFoundError:
+                return
+        pause_for_test("rm-renamed")
+        _discard(tomb)
+
+    def sweep(self) -> None:
+        """Finish what killed processes left half-done: removals whose folder was
+        already renamed away (``.rm-*``) and, when no create holds :meth:`lock`,
+        creates killed before their folder was renamed into place (``.new-*``)."""
+        for stale in self.root.glob(".rm-*"):
+            _discard(stale)
+        try:
+            f = open(self.root / ".lock", "a")
+        except OSError:
+            return
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # a create is under way: its .new- folder is not stale
+            for stale in self.root.glob(".new-*"):
+                _discard(stale)
+
     def all(self) -> list[SandboxState]:
         """Every sandbox folder, readable or not (status ``unknown``)."""
         out = []
         if not self.root.is_dir():
             return out
+        self.sweep()
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
                 continue  # the lock file, folders being made
@@ -289,7 +339,7 @@ class StateStore:
         if not st.error:
             who = f"the sandbox monitor (pid {st.monitor_pid})" if st.monitor_pid else \
                 "the sandbox monitor"
-            if pid_alive(st.vmm_pid, st.id[:12]):
+            if vmm_alive(st) or sandbox_processes(st.id)[1]:
                 st.error = f"{who} is gone; its VM still runs until `ember rm -f`"
             else:
                 st.error = f"{who} and its VM are gone"
@@ -322,6 +372,14 @@ def _open_lock(path: Path, sandbox_id: str) -> int:
     raise EmberError(f"sandbox {sandbox_id}: {path} keeps being replaced: cannot lock the record")
 
 
+def _discard(path: Path) -> None:
+    """Remove a file, link or folder tree if it is there; never fails."""
+    try:
+        _remove_entry(path)
+    except EmberError:
+        pass
+
+
 def _remove_entry(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -337,6 +395,14 @@ def _remove_entry(path: Path) -> None:
 def monitor_alive(st: SandboxState) -> bool:
     """True while the sandbox's monitor process runs (the very process, not a pid reuse)."""
     return pid_alive(st.monitor_pid, st.id, started=st.monitor_started)
+
+
+def vmm_alive(st: SandboxState) -> bool:
+    """True while the recorded VMM pid is the sandbox's VMM: QEMU named
+    ``ember-SHORT`` or Firecracker with ``--id ID`` (not any process that
+    mentions the id, such as a user's ``tail`` of its console log)."""
+    return (pid_alive(st.vmm_pid, f"-name ember-{st.id[:12]}")
+            or pid_alive(st.vmm_pid, f"--id {st.id}"))
 
 
 def process_started(pid: int) -> float | None:
@@ -386,12 +452,15 @@ def sandbox_processes(sandbox_id: str, jail_dirs: list[str] | None = None
 
     What `ember rm -f` kills when the record cannot be read or is stale: the
     monitor (``-m ember.sandbox.monitor --id ID``), QEMU (``-name ember-SHORT``,
-    jailed or not, and the jailer that starts it) and any process naming one of
-    ``jail_dirs`` (the jailer's waiter). Only for a well-formed id.
+    jailed or not, and the jailer that starts it), a jailer started for the
+    sandbox's VM or a template build on its behalf (``--id``, see
+    :func:`template_vm_id`) and any process naming one of ``jail_dirs`` (the
+    jailer's waiter). Only for a well-formed id.
     """
     if not SANDBOX_ID.fullmatch(sandbox_id):
         return [], []
     vm_name = f"ember-{sandbox_id[:12]}"
+    jailer_ids = {sandbox_id, template_vm_id(sandbox_id)}  # a jailer not yet its waiter
     prefixes = [d.rstrip("/") for d in jail_dirs or []]
     me = os.getpid()
     monitors, vmms = [], []
@@ -402,7 +471,7 @@ def sandbox_processes(sandbox_id: str, jail_dirs: list[str] | None = None
         pairs = set(zip(argv, argv[1:], strict=False))
         if "ember.sandbox.monitor" in argv and ("--id", sandbox_id) in pairs:
             monitors.append(proc.pid)
-        elif ("-name", vm_name) in pairs or any(
+        elif ("-name", vm_name) in pairs or any(("--id", i) in pairs for i in jailer_ids) or any(
                 a == p or a.startswith(p + "/") for a in argv for p in prefixes):
             vmms.append(proc.pid)
     return monitors, vmms

@@ -52,6 +52,11 @@ def template_key(spec: VMSpec, binary: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
+def build_prefix(owner: str | None) -> str:
+    """How the work folders of template builds for ``owner`` start (under the state dir)."""
+    return f"tpl-{owner[:12]}-" if owner else "tpl-"
+
+
 class TemplateCache:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -61,8 +66,14 @@ class TemplateCache:
     def path_for(self, key: str) -> Path:
         return self.root / key / "vm.state"
 
-    def get_or_build(self, spec: VMSpec, wait: bool = False) -> Path | None:
-        """The template for spec, building it if needed; None if it cannot be had now."""
+    def get_or_build(self, spec: VMSpec, wait: bool = False,
+                     owner: str | None = None) -> Path | None:
+        """The template for spec, building it if needed; None if it cannot be had now.
+
+        ``owner``: the sandbox or pod the build is for; the build VM's id (its
+        jail) and work folder are then named after it, so removing the owner
+        also removes a build that was killed half-way.
+        """
         key = template_key(spec, self.cfg.vm.qemu_binary)
         path = self.path_for(key)
         if path.exists():
@@ -75,20 +86,22 @@ class TemplateCache:
             if path.exists():
                 return path
             try:
-                self._build(spec, key, path)
+                self._build(spec, key, path, owner)
             except EmberError:
                 return None
         self._gc(keep=key)
         return path
 
-    def _build(self, spec: VMSpec, key: str, path: Path) -> None:
+    def _build(self, spec: VMSpec, key: str, path: Path, owner: str | None = None) -> None:
+        from ember.sandbox.state import template_vm_id
         from ember.sandbox.vm import SandboxVM
 
         # A short work dir: Unix socket paths are limited to 107 bytes.
-        work = Path(tempfile.mkdtemp(prefix="tpl-", dir=self._tmp_base()))
+        work = Path(tempfile.mkdtemp(prefix=build_prefix(owner), dir=self._tmp_base()))
         tmp_state = path.parent / f".vm.state.{os.getpid()}.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
-        vm = SandboxVM(self.cfg, f"template-{key}", work, spec.vcpus, spec.memory_mib,
+        vm_id = template_vm_id(owner) if owner else f"template-{key}"
+        vm = SandboxVM(self.cfg, vm_id, work, spec.vcpus, spec.memory_mib,
                        use_template=False, nic=spec.nic)
         started = time.monotonic()
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ember.config import Config
 from ember.errors import AgentError, EmberError, VMError
+from ember.util import pause_for_test
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 
 CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
@@ -49,16 +50,19 @@ def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> N
     Worked out from the id and the configuration alone, never from a record:
     whatever a compromised VMM wrote cannot steer what root removes. Every
     configured VMM binary is tried, so a hypervisor switched in the config
-    while sandboxes ran still finds their jails.
+    while sandboxes ran still finds their jails, and so is the jail of a VM
+    template build made on the VM's behalf (its killed owner left it).
     """
     from ember.jailer.api import cleanup, spec_from_config
+    from ember.sandbox.state import template_vm_id
 
-    for binary in vmm_binaries(cfg):
-        spec = spec_from_config(cfg, id=vm_id[:64], exec_file=os.path.basename(binary),
-                                uid=0, gid=0)
-        if parent_cgroup:
-            spec.parent_cgroup = parent_cgroup.strip("/")
-        cleanup(spec)
+    for jail_id in (vm_id[:64], template_vm_id(vm_id)):
+        for binary in vmm_binaries(cfg):
+            spec = spec_from_config(cfg, id=jail_id, exec_file=os.path.basename(binary),
+                                    uid=0, gid=0)
+            if parent_cgroup:
+                spec.parent_cgroup = parent_cgroup.strip("/")
+            cleanup(spec)
 
 
 class SandboxVM:
@@ -146,12 +150,14 @@ class SandboxVM:
         if self.use_template and self.cfg.vm.hypervisor == "qemu":
             from ember.sandbox.template import TemplateCache
 
-            template = TemplateCache(self.cfg).get_or_build(spec)
+            template = TemplateCache(self.cfg).get_or_build(spec, owner=self.vm_id)
         if template is not None:
             spec.restore_from = template
         self.vmm = make_vmm(self.cfg, spec)
         try:
             self.vmm.start()
+            pause_for_test("template-started" if self.vm_id.startswith(("tpl-", "template-"))
+                           else "vmm-started")
             self._connect_agent(self.cfg.vm.boot_timeout)
             self.restored = template is not None
             threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,

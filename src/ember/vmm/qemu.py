@@ -487,6 +487,8 @@ class QemuVMM(VMM):
     def stop(self, timeout: float = 5.0) -> None:
         if self._proc is None or self._proc.poll() is not None:
             self._close_qmp()
+            if self._proc is not None:
+                self.cleanup_jail()  # a SIGKILLed waiter removed nothing
             return
         try:
             self.qmp("quit")
