@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -90,11 +91,11 @@ def serve(env: dict[str, str], *args: str) -> Iterator[Endpoint]:
             proc.wait()
 
 
-def value(fams: dict, name: str, **labels: str) -> float | None:
-    """The one sample of family ``name`` (its exposition name) whose labels include ``labels``."""
-    found = [s.value for samples in fams.values() for s in samples if s.name == name
+def value(fams: dict, metric: str, /, **labels: str) -> float | None:
+    """The one sample named ``metric`` (as exposed) whose labels include ``labels``."""
+    found = [s.value for samples in fams.values() for s in samples if s.name == metric
              and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) <= 1, (name, labels, found)
+    assert len(found) <= 1, (metric, labels, found)
     return found[0] if found else None
 
 
@@ -185,3 +186,171 @@ def test_dashboard_uses_only_metrics_the_collector_makes() -> None:
     defined = set(re.findall(r'"(ember_[a-z0-9_]+)"', source))
     defined |= {f"ember_guest_{n}" for n in ("load1", "load5", "load15")}  # made in a loop
     assert used and used <= defined, used - defined
+
+
+# ----------------------------------------------------------------- sandboxes
+MIB = 1 << 20
+
+
+def _labels(ember_env, name: str) -> dict[str, str]:
+    info = _inspect(ember_env, name)
+    return {"id": info["id"], "name": name}
+
+
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+def test_running_sandboxes_have_cpu_memory_and_a_guest_allocation_shows(ember_env, image):
+    for name in ("mx-a", "mx-b"):
+        ember_env.run("run", "-d", "--name", name, image, "sleep", "1000", check=True)
+    with serve(ember_env.env) as ep:
+        fams, took = ep.scrape()
+        assert took < 1.0, took
+        assert value(fams, "ember_sandboxes", kind="sandbox", status="running") == 2
+        for name in ("mx-a", "mx-b"):
+            lab = _labels(ember_env, name)
+            assert value(fams, "ember_sandbox_info", status="running", kind="sandbox",
+                         hypervisor="qemu", **lab) == 1
+            assert value(fams, "ember_guest_up", **lab) == 1
+            for series in ("ember_vmm_memory_rss_bytes", "ember_vmm_memory_pss_bytes",
+                           "ember_guest_memory_total_bytes", "ember_guest_memory_used_bytes",
+                           "ember_sandbox_uptime_seconds"):
+                assert value(fams, series, **lab) > 0, (series, name)
+            cpu = value(fams, "ember_vmm_cpu_seconds_total", mode="user", **lab) + \
+                value(fams, "ember_vmm_cpu_seconds_total", mode="system", **lab)
+            assert cpu > 0
+            assert value(fams, "ember_container_memory_usage_bytes", container=name, **lab) > 0
+            assert value(fams, "ember_container_cpu_usage_seconds_total", container=name,
+                         **lab) > 0
+            assert value(fams, "ember_container_pids", container=name, **lab) >= 1
+        # Every series the dashboard draws per sandbox is there for a running one.
+        names = {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in family_names(fams)}
+        dash = json.loads(DASHBOARD.read_text())
+        drawn = {re.sub(r"_(bucket|total)$", "", n) for p in dash["panels"]
+                 for t in p["targets"] for n in re.findall(r"\bember_[a-z0-9_]+", t["expr"])}
+        assert drawn <= names, drawn - names
+
+        # A container allocates 100 MiB (dd's buffer, held while its pipe is full).
+        lab = _labels(ember_env, "mx-a")
+        used0 = value(fams, "ember_guest_memory_used_bytes", **lab)
+        ember_env.run("exec", "mx-a", "sh", "-c",
+                      "(dd if=/dev/zero bs=100M count=1 | sleep 1000) >/dev/null 2>&1 &",
+                      check=True)
+        seen = []
+        for _ in range(2):
+            time.sleep(1)
+            fams, _took = ep.scrape()
+            seen.append(value(fams, "ember_guest_memory_used_bytes", **lab) - used0)
+            if seen[-1] >= 90 * MIB:
+                break
+        assert seen[-1] >= 90 * MIB, f"guest memory grew by {[s // MIB for s in seen]} MiB"
+        assert value(fams, "ember_container_memory_usage_bytes", container="mx-a",
+                     **lab) >= 90 * MIB
+
+
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+def test_paused_or_stuck_guest_never_holds_the_scrape_and_a_vmm_kill_counts(ember_env, image):
+    for name in ("mx-p", "mx-k"):
+        ember_env.run("run", "-d", "--name", name, image, "sleep", "1000", check=True)
+    paused, victim = _labels(ember_env, "mx-p"), _labels(ember_env, "mx-k")
+    ember_env.run("pause", "mx-p", check=True)
+    with serve(ember_env.env) as ep:
+        fams, took = ep.scrape()
+        assert took < 1.0, took
+        assert value(fams, "ember_sandboxes", kind="sandbox", status="paused") == 1
+        assert value(fams, "ember_guest_up", **paused) == 0
+        assert value(fams, "ember_guest_memory_total_bytes", **paused) is None
+        assert value(fams, "ember_vmm_memory_rss_bytes", **paused) > 0  # host side stays
+        assert value(fams, "ember_guest_up", **victim) == 1
+
+        # A stuck guest (its VMM stopped, its record still "running"): the call times out.
+        vmm_pid = _inspect(ember_env, "mx-k")["vmm_pid"]
+        os.kill(vmm_pid, signal.SIGSTOP)
+        try:
+            fams, took = ep.scrape()
+        finally:
+            os.kill(vmm_pid, signal.SIGCONT)
+        assert took < 1.0, took
+        assert value(fams, "ember_guest_up", **victim) == 0
+        assert value(fams, "ember_vmm_memory_rss_bytes", **victim) > 0
+        assert value(fams, "ember_guest_scrape_errors_total", reason="timeout") >= 1
+
+        # A VMM killed under its sandbox: one crash, counted once, logged with the id.
+        before = value(fams, "ember_sandbox_crashes_total", kind="vmm")
+        os.kill(vmm_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _inspect(ember_env, "mx-k")["status"] != "dead":
+            assert time.monotonic() < deadline, "the sandbox was never recorded dead"
+            time.sleep(0.2)
+        for _ in range(2):
+            fams, _took = ep.scrape()
+            assert value(fams, "ember_sandbox_crashes_total", kind="vmm") == before + 1
+        assert value(fams, "ember_sandbox_info", status="dead", **victim) == 1
+        assert value(fams, "ember_guest_up", **victim) is None
+        assert any(victim["id"] in line and "crashed (vmm)" in line for line in ep.log), ep.log
+    ember_env.run("unpause", "mx-p", check=True)
+
+
+# ---------------------------------------------------------------------- pods
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.containerd
+@pytest.mark.timeout(900)
+def test_cri_pod_stats_and_pod_series(guest_assets) -> None:
+    """kubelet-style stats (containerd's CRI from the shim's Stats) are non-zero, and the
+    endpoint lists the pod with its Kubernetes namespace and name, guest and containers."""
+    import grpc
+    from shimtools import BUSYBOX, discard_pod, private_containerd
+
+    from ember.cri import api_pb2 as api
+    from ember.cri.client import CRIClient
+
+    with private_containerd(cri=True) as (c, work), CRIClient(c.address) as client:
+        # With a cgroup parent, as a kubelet gives: containerd's PodSandboxStats reads it.
+        pod = client.run_pod("mx-pod", runtime_handler="ember", namespace="mx-ns",
+                             cgroup_parent=f"/ember-mx-{os.getpid()}")
+        try:
+            cid = client.create_container(pod, "app", BUSYBOX, ["sh", "-c",
+                                          "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; "
+                                          "sleep 1000"])
+            client.start_container(cid)
+            time.sleep(1)
+            stats = client.runtime.ContainerStats(
+                api.ContainerStatsRequest(container_id=cid), timeout=60).stats
+            assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+            assert stats.memory.working_set_bytes.value > 0, stats
+            listed = client.runtime.ListContainerStats(api.ListContainerStatsRequest(),
+                                                       timeout=60).stats
+            assert any(s.attributes.id == cid and s.cpu.usage_core_nano_seconds.value > 0
+                       for s in listed), listed
+            try:
+                pstats = client.runtime.PodSandboxStats(
+                    api.PodSandboxStatsRequest(pod_sandbox_id=pod), timeout=60).stats
+            except grpc.RpcError as exc:  # containerd builds without pod stats
+                assert exc.code() == grpc.StatusCode.UNIMPLEMENTED, exc
+            else:  # the pod's host cgroup (VMM and shim), and each container's Stats
+                assert pstats.linux.memory.working_set_bytes.value > 0, pstats
+                assert any(cs.attributes.id == cid and cs.memory.working_set_bytes.value > 0
+                           for cs in pstats.linux.containers), pstats
+
+            env = dict(os.environ, EMBER_CONFIG=str(work / "ember.toml"))
+            env.pop("EMBER_STATE_DIR", None)
+            with serve(env) as ep:
+                fams, took = ep.scrape()
+            assert took < 1.0, took
+            lab = {"id": pod, "kind": "pod", "k8s_namespace": "mx-ns", "k8s_pod": "mx-pod",
+                   "name": "mx-pod"}
+            assert value(fams, "ember_sandboxes", kind="pod", status="running") == 1
+            assert value(fams, "ember_sandbox_info", status="running", **lab) == 1
+            assert value(fams, "ember_guest_up", **lab) == 1
+            assert value(fams, "ember_vmm_memory_pss_bytes", **lab) > 0
+            assert value(fams, "ember_vmm_cpu_seconds_total", mode="user", **lab) > 0
+            assert value(fams, "ember_guest_memory_used_bytes", **lab) > 0
+            assert value(fams, "ember_container_memory_usage_bytes", container="app",
+                         container_id=cid, **lab) > 0
+            assert value(fams, "ember_container_cpu_usage_seconds_total", container="app",
+                         container_id=cid, **lab) > 0
+        finally:
+            discard_pod(client, pod)
