@@ -197,12 +197,18 @@ def _labels(ember_env, name: str) -> dict[str, str]:
     return {"id": info["id"], "name": name}
 
 
-@pytest.mark.root
-@pytest.mark.vm
-@pytest.mark.timeout(600)
-def test_running_sandboxes_have_cpu_memory_and_a_guest_allocation_shows(ember_env, image):
-    for name in ("mx-a", "mx-b"):
+def _start(ember_env, image: str, *names: str) -> None:
+    for name in names:
         ember_env.run("run", "-d", "--name", name, image, "sleep", "1000", check=True)
+
+
+def vm_test(fn):
+    return pytest.mark.root(pytest.mark.vm(pytest.mark.timeout(600)(fn)))
+
+
+@vm_test
+def test_running_sandboxes_have_cpu_memory_and_a_guest_allocation_shows(ember_env, image):
+    _start(ember_env, image, "mx-a", "mx-b")
     with serve(ember_env.env) as ep:
         fams, took = ep.scrape()
         assert took < 1.0, took
@@ -248,12 +254,9 @@ def test_running_sandboxes_have_cpu_memory_and_a_guest_allocation_shows(ember_en
                      **lab) >= 90 * MIB
 
 
-@pytest.mark.root
-@pytest.mark.vm
-@pytest.mark.timeout(600)
+@vm_test
 def test_paused_or_stuck_guest_never_holds_the_scrape_and_a_vmm_kill_counts(ember_env, image):
-    for name in ("mx-p", "mx-k"):
-        ember_env.run("run", "-d", "--name", name, image, "sleep", "1000", check=True)
+    _start(ember_env, image, "mx-p", "mx-k")
     paused, victim = _labels(ember_env, "mx-p"), _labels(ember_env, "mx-k")
     ember_env.run("pause", "mx-p", check=True)
     with serve(ember_env.env) as ep:
