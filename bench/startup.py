@@ -1,10 +1,18 @@
-"""Start-up benchmark: `ember run --rm IMAGE true` against a bare QEMU boot.
+"""Start-up benchmark: `ember run --rm IMAGE true` against the floors it stands on.
 
-The floor, measured in the same run, is QEMU booting the same kernel, initrd
-and guest rootfs with the same devices to init, running `true` and powering
-off — everything a VM must do, with none of Ember's work. The benchmark
-prints the median of each, their ratio (goal: <= 1.3), and the host memory of
-one idle sandbox beyond the guest RAM it actually touched.
+Measured in one run, interleaved so a busy host slows all alike:
+
+* the cold-boot floor: bare QEMU booting the same kernel, initrd and guest
+  rootfs with the same devices to init, running `true` and powering off;
+* the restore floor: Ember's own unjailed restore of the VM template to an
+  agent that answers, then kill — what every sandbox start must pay;
+* the jailed restore: the same through ember-jailer;
+* `ember run --rm IMAGE true`.
+
+It prints each median and the ratios `ember run / restore floor` (issue 14's
+goal: <= 2.0), `jailed restore / restore floor` (goal <= 1.25) and `ember run /
+cold-boot floor`, and the host memory of one idle sandbox beyond the guest RAM
+it actually touched.
 
     python bench/startup.py [--image ember-demo:latest] [--runs 5]
 """
@@ -12,7 +20,9 @@ one idle sandbox beyond the guest RAM it actually touched.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,14 +43,37 @@ def floor_once(cfg) -> float:
         spec = vm.base_spec()
         spec.cmdline += " -- /bin/true"
         spec.jailer = None  # the floor is bare QEMU
-        argv = QemuVMM(spec, cfg.vm.qemu_binary).argv()
+        vmm = QemuVMM(spec, cfg.vm.qemu_binary)
+        argv = vmm.argv()  # opens the QMP/agent sockets and console QEMU inherits
         start = time.monotonic()
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=300, check=True)
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=300, check=True,
+                           pass_fds=tuple(vmm._inherited_fds()))
+        finally:
+            vmm._close_channels()
         elapsed = time.monotonic() - start
         console = (Path(tmp) / "console.log").read_text(errors="replace")
         if "command exited with status 0" not in console:
             raise SystemExit(f"floor VM did not run /bin/true: {console[-500:]}")
+        return elapsed
+
+
+def restore_once(cfg, jailed: bool) -> float:
+    """Restore the template to an agent that answers (SandboxVM.boot), then kill."""
+    cfg = copy.deepcopy(cfg)
+    cfg.jailer.enabled = jailed
+    with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
+        vm = SandboxVM(cfg, f"bench-restore-{os.getpid()}", Path(tmp), cfg.vm.vcpus,
+                       cfg.vm.memory_mib, use_template=True)
+        start = time.monotonic()
+        try:
+            vm.boot()
+            elapsed = time.monotonic() - start
+            if not vm.restored:
+                raise SystemExit("the restore floor needs a VM template (run `ember run` once)")
+        finally:
+            vm.kill()
         return elapsed
 
 
@@ -106,14 +139,21 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config()
     ember_once(args.image)  # warm-up: flattens the image, builds the template if needed
-    floor, ember = [], []
+    runs: dict[str, list[float]] = {"floor": [], "restore": [], "jailed": [], "ember": []}
     for _ in range(args.runs):
-        floor.append(floor_once(cfg))
-        ember.append(ember_once(args.image))
-    f, e = statistics.median(floor), statistics.median(ember)
-    print(f"floor (bare QEMU boot to init + poweroff): median {f:.2f}s over {args.runs} runs")
-    print(f"ember run --rm {args.image} true:          median {e:.2f}s over {args.runs} runs")
-    print(f"ratio ember/floor: {e / f:.2f}  (goal <= 1.3)")
+        runs["floor"].append(floor_once(cfg))
+        runs["restore"].append(restore_once(cfg, jailed=False))
+        runs["jailed"].append(restore_once(cfg, jailed=True))
+        runs["ember"].append(ember_once(args.image))
+    m = {k: statistics.median(v) for k, v in runs.items()}
+    n = args.runs
+    print(f"cold-boot floor (bare QEMU boot to init + poweroff): median {m['floor']:.2f}s ({n} runs)")
+    print(f"restore floor (unjailed template restore to agent): median {m['restore']:.2f}s")
+    print(f"jailed restore:                                      median {m['jailed']:.2f}s")
+    print(f"ember run --rm {args.image} true:               median {m['ember']:.2f}s")
+    print(f"ember run / restore floor: {m['ember'] / m['restore']:.2f}  (goal <= 2.0)")
+    print(f"jailed restore / restore floor: {m['jailed'] / m['restore']:.2f}  (goal <= 1.25)")
+    print(f"ember run / cold-boot floor: {m['ember'] / m['floor']:.2f}")
     mem = idle_memory(args.image)
     print(f"idle sandbox host memory beyond touched guest RAM: {mem['overhead_uss_mib']} MiB "
           f"unique (USS), {mem['overhead_rss_mib']} MiB counting shared libraries (RSS)")
