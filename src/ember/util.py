@@ -78,7 +78,8 @@ def pause_for_test(stage: str) -> None:
     Then this process says so on stderr (``ember: test pause at STAGE (pid N)``)
     and waits, so a test can SIGKILL it at exactly that point (tests/chaos):
     for ``EMBER_TEST_PAUSE_S`` seconds (default 600), or until the file that
-    ``EMBER_TEST_RESUME`` names exists. Stages: ``vmm-started`` (SandboxVM.boot:
+    ``EMBER_TEST_RESUME`` names exists. Stages: ``recorded`` (Sandbox.create:
+    the record exists, no monitor yet), ``vmm-started`` (SandboxVM.boot:
     the VMM runs, the agent is not connected, nothing of the VMM is recorded
     yet), ``template-started`` (the same in the boot of a VM template build);
     ``rm-killed``, ``rm-cleaned`` and ``rm-renamed`` (Sandbox._destroy:

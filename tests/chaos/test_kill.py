@@ -1,7 +1,8 @@
 """SIGKILL of every process of `ember run` at every stage (issue 13, points 1 and 6).
 
-Start: the CLI of `run -d` at four points of the start (its record made, the
-monitor spawned, QEMU started, the boot recorded) and after a fixed delay;
+Start: the CLI of `run -d` right after its record is made and before it spawns
+a monitor (``EMBER_TEST_PAUSE=recorded``: the record goes by the next `ps`), at
+four points of the start (its record made, the monitor spawned, QEMU started, the boot recorded) and after a fixed delay;
 the monitor paused right after QEMU started and before anything of QEMU was
 recorded (``EMBER_TEST_PAUSE=vmm-started``), with its CLI alive (which then
 removes the failed start) and killed at the same moment (the sandbox is
@@ -71,6 +72,21 @@ def test_cli_killed_during_start(chaos, image, stage):
         return
     sid = chaos.one_sandbox()
     chaos.finish("victim", sid)
+
+
+def test_cli_killed_before_monitor(chaos, image):
+    """Killed after its record exists and before it spawned a monitor (the
+    ``recorded`` pause): nothing would ever serve or remove the sandbox, so
+    `ps -a` says so at once and removes the record; the name is free again."""
+    cli = chaos.start("run", "-d", "--name", "victim", image, "sleep", "600", pause="recorded")
+    chaos.wait_paused(Path(cli.err_path), "recorded", 120)
+    [sid] = chaos.folders()
+    st = _record(chaos, sid)
+    assert st["status"] == "creating" and st["creator_pid"] == cli.pid, st
+    sigkill(cli.pid)
+    cli.wait()
+    assert chaos.assert_truthful() == [] and chaos.folders() == []
+    chaos.assert_clean(sid)
 
 
 @pytest.mark.parametrize("cli_alive", [True, False], ids=["cli-alive", "cli-killed"])

@@ -74,6 +74,8 @@ class SandboxState:
     ip_address: str = ""  # on the ember0 bridge; recorded before the netns is made
     netns: str = ""
     monitor_started: float | None = None  # the monitor's start time (guards pid reuse)
+    creator_pid: int | None = None  # the process that made the record (until a monitor runs)
+    creator_started: float | None = None
 
     @property
     def short_id(self) -> str:
@@ -284,6 +286,22 @@ class StateStore:
                 return  # a create is under way: its .new- folder is not stale
             for stale in self.root.glob(".new-*"):
                 _discard(stale)
+            self._sweep_abandoned()
+
+    def _sweep_abandoned(self) -> None:
+        """Remove records whose creator died before it started a sandbox monitor
+        (call holding the host-wide lock). Nothing but the folder exists then:
+        the monitor makes the VM, and the disk is made after the monitor."""
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                st = self.load(entry.name)
+            except EmberError:
+                continue
+            if creation_abandoned(st):
+                pause_for_test("sweep-abandoned")
+                self.remove(st.id)
 
     def all(self) -> list[SandboxState]:
         """Every sandbox folder, readable or not (status ``unknown``)."""
@@ -327,6 +345,11 @@ class StateStore:
         monitor appeared within 5 minutes.
         """
         if st.status not in LIVE:
+            return st
+        if creation_abandoned(st):
+            st.status = "dead"
+            st.error = st.error or (f"its creator (pid {st.creator_pid}) ended before "
+                                    "a sandbox monitor started")
             return st
         if not st.monitor_pid and st.status == "creating":
             if time.time() - st.created > 300:
@@ -395,6 +418,17 @@ def _remove_entry(path: Path) -> None:
 def monitor_alive(st: SandboxState) -> bool:
     """True while the sandbox's monitor process runs (the very process, not a pid reuse)."""
     return pid_alive(st.monitor_pid, st.id, started=st.monitor_started)
+
+
+def creation_abandoned(st: SandboxState) -> bool:
+    """True for a record still ``creating``, with no monitor ever started, whose
+    creator process has ended (the very process: its start time is compared)."""
+    if st.status != "creating" or st.monitor_pid or not st.creator_pid:
+        return False
+    started = process_started(st.creator_pid)
+    if started is None or st.creator_started is None:
+        return started is None
+    return abs(started - st.creator_started) > 0.5
 
 
 def vmm_alive(st: SandboxState) -> bool:
