@@ -9,6 +9,7 @@ found), like Docker; `ember run` otherwise exits with the container's code.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,8 +36,15 @@ def handle_errors(fn: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ember")
-def main() -> None:
+@click.option("--debug", is_flag=True,
+              help="Print the time of each start-up phase on stderr (as EMBER_TRACE=1).")
+def main(debug: bool) -> None:
     """Ember: run containers, each inside its own micro-VM."""
+    from ember import trace
+
+    if debug:
+        os.environ[trace.ENV] = "1"
+    trace.begin()
 
 
 # ------------------------------------------------------------------- run
@@ -65,7 +73,10 @@ def main() -> None:
 def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypoint, cpus,
         memory, ulimit, label, network, publish, image, command) -> None:
     """Run a command in a new container, inside a new micro-VM."""
+    from ember import trace
     from ember.api import Sandbox
+
+    trace.mark("cli", trace.process_start())  # interpreter, imports, options
 
     labels = dict(item.partition("=")[::2] for item in label)
     sb = Sandbox.create(

@@ -45,9 +45,11 @@ import threading
 import time
 from pathlib import Path
 
+from ember import trace
 from ember.agent.proto import agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError, NotFoundError
+from ember.sandbox import events
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
 from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.vm import SandboxVM
@@ -73,6 +75,8 @@ class Monitor:
         self.proxies: list = []  # ember.net.proxy.TCPProxy, one per published port
         self.vm = SandboxVM(self.cfg, sandbox_id, self.dir, st.vcpus, st.memory_mib,
                             nic=st.network == "bridge", cpus=st.cpus)
+        self.events = events.SandboxEvents(self.cfg.state_dir, sandbox_id, st.name, st.image,
+                                           st.vmm_kind)
         self.server = Server()
         self.done = threading.Event()  # stopping: nothing new starts
         self._stopping = threading.Lock()
@@ -138,12 +142,14 @@ class Monitor:
         assert self.vm.vmm is not None
         self.vm.vmm.pause()
         self.store.update(self.id, status="paused")
+        self.events.container("pause")
         return {}
 
     def Resume(self) -> dict:
         assert self.vm.vmm is not None
         self.vm.vmm.resume()
         self.store.update(self.id, status="running")
+        self.events.container("unpause")
         return {}
 
     def Watch(self, container_id: str, auto_stop: bool = True) -> dict:
@@ -156,6 +162,7 @@ class Monitor:
         # leaves no sandbox "creating" forever; an exit is recorded only later.
         self.store.modify(self.id, lambda st: {"status": "running"}
                           if st.status == "creating" else None)
+        self.events.container("start")
         if self._log is None:
             self._log = RotatingLog(self.dir / LOG_NAME, self.cfg.logs.max_bytes,
                                     self.cfg.logs.max_files)
@@ -257,8 +264,11 @@ class Monitor:
         vmm.wait()
         if not self.done.is_set():
             tail = vmm.console_tail(3).replace("\n", " | ") or "(empty)"
-            self.stop("dead", error=f"VMM exited unexpectedly ({vmm.label} "
-                                    f"{vmm.exit_description()}); guest console: {tail}")
+            error = (f"VMM exited unexpectedly ({vmm.label} {vmm.exit_description()}); "
+                     f"guest console: {tail}")
+            self._complain("vmm", error)
+            self.events.vm("crash", error=error)
+            self.stop("dead", error=error)
 
     # ------------------------------------------------------------ creator
     def _watch_creator(self) -> None:
@@ -332,7 +342,8 @@ class Monitor:
         result: dict[str, object] = {"status": status or "exited", "exit_code": None,
                                      "oom_killed": False, "error": error, **(final or {})}
         try:
-            self.vm.shutdown(timeout=5)
+            with trace.span("teardown: vm stop"):
+                self.vm.shutdown(timeout=5)
         finally:
             if self._log is not None:
                 self._log.close()
@@ -351,6 +362,8 @@ class Monitor:
                           "oom_killed": st.oom_killed, "error": st.error}
             except EmberError:
                 pass  # the folder is already being removed
+            if self.started.is_set():
+                self.events.outcome(**result)  # type: ignore[arg-type]
             self.result = result
             self.finished.set()
 
@@ -397,6 +410,7 @@ class Monitor:
                     os.close(ready_fd)
                 except OSError:
                     pass
+        trace.mark("monitor start", trace.process_start())  # interpreter, imports, config
         self._watch_creator()
         try:
             from ember.sandbox.state import process_started
@@ -404,7 +418,10 @@ class Monitor:
             # With its start time: `ember ps` tells this process from a reused pid.
             self.store.update(self.id, monitor_pid=os.getpid(),
                               monitor_started=process_started(os.getpid()))
+            self.events.container("create")
+            began = time.monotonic()
             self._boot()
+            events.vm_booted(self.events, self.vm, time.monotonic() - began)
             assert self.vm.vmm is not None
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,
                               restored_from_snapshot=self.vm.restored,
@@ -415,6 +432,8 @@ class Monitor:
                 self.serving = True
         except Exception as exc:  # noqa: BLE001 - report any boot failure to the waiting CLI
             self.booted.set()
+            if not self.abandoned:
+                events.vm_boot_failed(self.events, self.vm, str(exc))
             self.vm.kill()
             self._release_network()
             if isinstance(exc, EmberError):
@@ -450,7 +469,8 @@ class Monitor:
         self.server.shutdown()
         t.join(5)
         if remove:
-            self._remove_sandbox()
+            with trace.span("teardown: remove"):
+                self._remove_sandbox()
         return 0
 
     def _remove_sandbox(self) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from ember import trace
 from ember.config import Config
 from ember.errors import AgentError, EmberError, VMError
 from ember.util import pause_for_test
@@ -150,7 +151,8 @@ class SandboxVM:
         if self.use_template and self.cfg.vm.hypervisor == "qemu":
             from ember.sandbox.template import TemplateCache
 
-            template = TemplateCache(self.cfg).get_or_build(spec, owner=self.vm_id)
+            with trace.span("template lookup"):
+                template = TemplateCache(self.cfg).get_or_build(spec, owner=self.vm_id)
         if template is not None:
             spec.restore_from = template
         self.vmm = make_vmm(self.cfg, spec)
@@ -158,11 +160,12 @@ class SandboxVM:
             self.vmm.start()
             pause_for_test("template-started" if self.vm_id.startswith(("tpl-", "template-"))
                            else "vmm-started")
-            self._connect_agent(self.cfg.vm.boot_timeout)
-            self.restored = template is not None
-            threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,
-                             name="console-cap").start()
-            self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
+            with trace.span("agent ready"):
+                self._connect_agent(self.cfg.vm.boot_timeout)
+                self.restored = template is not None
+                threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,
+                                 name="console-cap").start()
+                self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
         except VMError:
             died = self._death_during_start()
             self.kill()

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from ember import trace
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qmp import QMPClient, QMPError
@@ -262,6 +263,7 @@ class QemuVMM(VMM):
         s.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if shutil.which(self.binary) is None:
             raise VMError(f"QEMU not found: {self.binary} (install qemu-system-x86)")
+        spawned = time.time()
         try:
             argv = self.argv()
             log = os.open(s.work_dir / "vmm.log",
@@ -285,8 +287,10 @@ class QemuVMM(VMM):
         self._pid = self._proc.pid
         if self.jail is not None:
             self._pid = self._wait_jailed_pid()
+        trace.mark("jail" if self.jail is not None else "vmm spawn", spawned)
         if s.restore_from is not None:
-            self._wait_running(timeout=60)
+            with trace.span("restore"):
+                self._wait_running(timeout=60)
 
     def _wait_jailed_pid(self) -> int:
         """The jailer stays as QEMU's parent; the pid users see is QEMU's own."""
