@@ -17,13 +17,16 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ember.errors import ImageError
 from ember.image import oci, schema
-from ember.image.blobs import Staging, diff_id, sniff
+from ember.image.blobs import Pending, Staging, diff_id, sniff
+from ember.image.oci import Image
 from ember.image.reference import normalize, parse_reference
-from ember.image.store import Image, ImageStore, Pending
+
+if TYPE_CHECKING:
+    from ember.image.store import ImageStore
 
 _TAG_ONLY_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _MANIFEST_LIMIT = 16 << 20
@@ -146,7 +149,7 @@ def import_archive(store: ImageStore, path: Path, name: str | None = None) -> li
                         f"{path}: holds {len(pending)} images; cannot give them all one name"
                     )
                 pending[0].names = [normalize(name)]
-            return store._commit(staging, pending)
+            return store.commit(staging, pending)
     finally:
         source.close()
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -26,6 +27,19 @@ from ember.util import private_dir
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+
+@dataclass
+class Pending:
+    """An image ready to be committed (ImageStore.commit): its manifest is
+    staged, names are normalized. Here, not in store.py, so the modules that
+    add images (archive, registry, rootfs_import) need nothing of the store but
+    the object they are handed."""
+
+    manifest_digest: str
+    names: list[str] = field(default_factory=list)
+    repo_digests: list[str] = field(default_factory=list)
 
 
 def blob_path(root: Path, digest: str) -> Path:

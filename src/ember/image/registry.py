@@ -12,6 +12,7 @@ import contextlib
 import functools
 import ipaddress
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import requests
 import urllib3
@@ -27,9 +28,12 @@ from rich.progress import (
 from ember.errors import ImageError
 from ember.image import oci
 from ember.image.auth import Authorizer, make_session, registry_error, short_reason
-from ember.image.blobs import bounded_chunks
+from ember.image.blobs import Pending, bounded_chunks
+from ember.image.oci import Image
 from ember.image.reference import Reference, parse_reference
-from ember.image.store import Image, ImageStore, Pending
+
+if TYPE_CHECKING:
+    from ember.image.store import ImageStore
 
 MANIFEST_ACCEPT = ", ".join([oci.OCI_INDEX, oci.DOCKER_LIST, oci.OCI_MANIFEST, oci.DOCKER_MANIFEST])
 MANIFEST_LIMIT = 4 << 20
@@ -173,7 +177,7 @@ def pull(store: ImageStore, ref_text: str, progress: bool = False) -> Image:
                 names=[f"{ref.name}:{ref.tag}"] if ref.tag else [],
                 repo_digests=[f"{ref.name}@{top_digest}"],
             )
-            return store._commit(staging, [pending])[0]
+            return store.commit(staging, [pending])[0]
     finally:
         client.close()
 

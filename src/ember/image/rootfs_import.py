@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import ImageError
 from ember.image import oci
-from ember.image.blobs import diff_id, open_layer, sniff
+from ember.image.blobs import Pending, diff_id, open_layer, sniff
+from ember.image.oci import Image
 from ember.image.reference import normalize
-from ember.image.store import Image, ImageStore, Pending
+
+if TYPE_CHECKING:
+    from ember.image.store import ImageStore
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MEDIA = {"none": oci.OCI_LAYER, "gzip": oci.OCI_LAYER_GZIP, "zstd": oci.OCI_LAYER_ZSTD}
@@ -67,7 +71,7 @@ def import_rootfs(
         config_digest, config_size = staging.add_bytes(config_bytes, None, "config")
         manifest = oci.make_manifest(config_digest, config_size, [layer])
         mdigest, _ = staging.add_bytes(manifest, None, "manifest")
-        return store._commit(staging, [Pending(mdigest, [full_name])])[0]
+        return store.commit(staging, [Pending(mdigest, [full_name])])[0]
 
 
 def _check_tar(path: Path, what: str) -> None:

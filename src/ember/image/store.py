@@ -22,27 +22,17 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.config import Config
 from ember.errors import ImageError
 from ember.image import oci
-from ember.image.blobs import Staging, blob_path
+from ember.image.blobs import Pending, Staging, blob_path
 from ember.image.oci import Image
 from ember.image.reference import familiar_name, parse_reference
 from ember.util import atomic_write_json, private_dir
 
 _HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{4,64})$")  # shorter prefixes match too easily
-
-
-@dataclass
-class Pending:
-    """An image ready to be committed: its manifest is staged, names are normalized."""
-
-    manifest_digest: str
-    names: list[str] = field(default_factory=list)
-    repo_digests: list[str] = field(default_factory=list)
 
 
 class ImageStore:
@@ -171,7 +161,7 @@ class ImageStore:
     def staging(self) -> Staging:
         return Staging(self.root)
 
-    def _commit(self, staging: Staging, pending: list[Pending]) -> list[Image]:
+    def commit(self, staging: Staging, pending: list[Pending]) -> list[Image]:
         """Move verified blobs into the store and record the images, atomically per call."""
         checked = [self._checked_manifest(staging, p) for p in pending]  # before the lock
         with self._locked() as index:
