@@ -29,6 +29,16 @@ from ember.vmm.base import VMSpec
 
 LAYOUT_VERSION = "1"
 
+# What this process's last lookup for each owner found (hit, miss, busy: another
+# process was building it, failed: the build failed), for the VM's boot event
+# and the metrics' template cache counters.
+_last_use: dict[str, str] = {}
+
+
+def last_use(owner: str) -> str:
+    """How the last :meth:`TemplateCache.get_or_build` for ``owner`` went ("" if none)."""
+    return _last_use.get(owner, "")
+
 
 def template_key(spec: VMSpec, binary: str) -> str:
     qemu = shutil.which(binary) or binary
@@ -76,19 +86,25 @@ class TemplateCache:
         """
         key = template_key(spec, self.cfg.vm.qemu_binary)
         path = self.path_for(key)
+        use = owner or ""
         if path.exists():
+            _last_use[use] = "hit"
             return path
         with open(self.root / f".{key}.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
+                _last_use[use] = "busy"
                 return None  # someone else is building it: cold-boot this time
             if path.exists():
+                _last_use[use] = "hit"
                 return path
             try:
                 self._build(spec, key, path, owner)
             except EmberError:
+                _last_use[use] = "failed"
                 return None
+            _last_use[use] = "miss"
         self._gc(keep=key)
         return path
 

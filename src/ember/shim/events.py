@@ -72,6 +72,14 @@ class Publisher:
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="shim-events", daemon=True)
         self._thread.start()
+        self.node = None  # ember.sandbox.events.PodEvents: the node's own event log
+
+    def _to_node(self, topic: str, event: Message) -> None:
+        if self.node is not None:
+            self.node.task(topic, event.container_id,
+                           exec_id=getattr(event, "exec_id", "") or getattr(event, "id", ""),
+                           bundle=getattr(event, "bundle", ""),
+                           exit_status=getattr(event, "exit_status", None))
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +87,7 @@ class Publisher:
 
     def publish(self, event: Message) -> None:
         topic = TOPICS[type(event)]
+        self._to_node(topic, event)
         if not self.enabled:
             log.debug("no containerd address: dropping %s", topic)
             return

@@ -28,10 +28,13 @@ import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 from ember.config import Config
 from ember.net import podnet
+from ember.sandbox import events
+from ember.sandbox.events import PodEvents
 from ember.sandbox.vm import SandboxVM
 from ember.shim import cgroups, portforward
 from ember.util import atomic_write_json
@@ -115,6 +118,7 @@ class Pod:
         self.dir = pod_dir
         self.group_id = group_id
         self.vm: SandboxVM | None = None
+        self.events: PodEvents | None = None  # the node's event log (set by the shim)
         self.cgroups_created: list[str] = []
         self.cgroup: str | None = None
         self.netns: str | None = None  # the pod netns whose eth0 is redirected to the VM
@@ -176,10 +180,16 @@ class Pod:
         vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory,
                        nic=netns is not None, cpus=vmm_cpu_limit(spec, annotations))
         self.vm = vm
+        began = time.monotonic()
         try:
             if netns is not None:
                 net_fd, nic = podnet.setup(netns)
-            vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
+            try:
+                vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
+            except Exception as exc:
+                if self.events is not None:
+                    events.vm_boot_failed(self.events, vm, str(exc))
+                raise
             if nic is not None:
                 vm.agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
         except BaseException:
@@ -195,6 +205,10 @@ class Pod:
         if self.cgroup and vm.vmm is not None and vm.vmm.pid and not self.jailed:
             cgroups.enter(self.cgroup, [vm.vmm.pid])  # a jailed VMM is in <pod>/<id> already
         self.record()
+        if self.events is not None:
+            events.vm_booted(self.events, vm, time.monotonic() - began)
+            threading.Thread(target=events.watch_vmm, args=(self.events, vm, lambda: self.vm is vm),
+                             name="vmm-watch", daemon=True).start()
         if self.netns is not None:
             self.ports = portforward.start(vm.agent, self.netns)
         log.info("pod VM %s up: %d vCPU, %d MiB, vmm pid %s, restored=%s", self.group_id[:12],

@@ -41,6 +41,7 @@ from ember.errors import (
     NotFoundError,
     VMError,
 )
+from ember.sandbox.events import PodEvents
 from ember.shim import guestspec, metrics, podns, rootfs, volumes
 from ember.shim.events import Publisher, timestamp
 from ember.shim.pod import Pod, SizeError, pod_identity
@@ -84,6 +85,8 @@ class TaskService:
         self.namespace = namespace
         self.events = publisher
         self.pod = Pod(cfg, pod_dir, group_id)
+        # Every task event goes to the node's event log too (`ember events`, metrics).
+        self.pod.events = publisher.node = PodEvents(cfg.state_dir, group_id, cfg.vm.hypervisor)
         self.volumes = volumes.PodVolumes(cfg.data_dir / "shim-volumes" / pod_dir.name)
         self.volumes.bind(self.pod)
         self.on_exit = on_exit
