@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ember.cli.main import handle_errors
+from ember.cli.common import handle_errors
 
 
 @click.group("config")

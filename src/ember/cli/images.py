@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ember.cli.main import handle_errors
+from ember.cli.common import handle_errors, human_size
 
 
 def _store():
@@ -15,15 +15,6 @@ def _store():
     from ember.image.store import ImageStore
 
     return ImageStore(load_config())
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.3g}{unit}"
-        size /= 1000
-    return f"{size:.3g}TB"
 
 
 @click.group()
@@ -64,7 +55,7 @@ def _list(quiet: bool) -> None:
         names = img.names or ["<none>:<none>"]
         for n in names:
             repo, _, tag = n.rpartition(":")
-            rows.append((repo, tag, img.id.split(":")[-1][:12], _human(img.size)))
+            rows.append((repo, tag, img.id.split(":")[-1][:12], human_size(img.size)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

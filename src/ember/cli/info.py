@@ -27,7 +27,7 @@ from ember.cli.check import (
     read_probe,
     seconds,
 )
-from ember.cli.images import _human
+from ember.cli.common import human_size
 from ember.config import Config, load_config
 from ember.errors import EmberError
 
@@ -148,7 +148,7 @@ def gather(cfg: Config) -> dict:
 
 
 def _size(n: int | None) -> str:
-    return "absent" if n is None else f"{_human(n)} ({n} bytes)"
+    return "absent" if n is None else f"{human_size(n)} ({n} bytes)"
 
 
 def render(info: dict) -> list[str]:
@@ -191,7 +191,7 @@ def render(info: dict) -> list[str]:
         ("Jailer", f"on, seccomp {jailer['seccomp']}" if jailer["enabled"] else "off"),
         ("Guest assets", guest_line),
         ("VM templates", "unreadable" if tpl["count"] is None else
-         f"{tpl['count']}, {_human(tpl['bytes'])}"),
+         f"{tpl['count']}, {human_size(tpl['bytes'])}"),
         ("Sandboxes", f"{sbx['total']}" + (f" ({counts})" if counts else "")),
         ("Images", f"unreadable ({images['error']})" if images["count"] is None
          else str(images["count"])),

@@ -12,26 +12,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 
 import click
 
+from ember.cli.common import handle_errors
 from ember.errors import EmberError
-
-
-def handle_errors(fn: Callable) -> Callable:
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EmberError as exc:
-            click.echo(f"ember: error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("ember: interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
