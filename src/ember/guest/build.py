@@ -31,7 +31,6 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-import ember
 from ember.config import Config
 from ember.errors import GuestError
 from ember.guest import debs, initrd, kernel, modules, rootfs
@@ -134,7 +133,7 @@ def local_digest() -> str:
     h = hashlib.sha256(
         f"builder {BUILDER_VERSION} protobuf {google.protobuf.__version__}\n".encode()
     )
-    _hash_tree(h, Path(ember.__file__).parent, rootfs.EMBER_FILES)
+    _hash_tree(h, rootfs.PACKAGE_DIR, rootfs.EMBER_FILES)
     guest_src = resources.files("ember.guest")
     for name in sorted(p.name for p in guest_src.iterdir() if p.name.endswith((".py", ".sh"))):
         h.update(name.encode() + b"\0" + guest_src.joinpath(name).read_bytes())

@@ -15,9 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ember
 from ember.errors import GuestError
 
+# The ember package this file belongs to (its parent's parent), without importing
+# `ember` itself, whose lazy re-exports reach the whole host side.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PYTHONPATH = "/usr/lib/ember"  # where ember and google.protobuf live in the guest
 
 # Python packages (relative to their import root) the agent needs, taken from
@@ -97,7 +99,7 @@ def copy_python_packages(tree: Path) -> None:
     """The agent's code and its one dependency, google.protobuf, from the host."""
     dest = tree / PYTHONPATH.lstrip("/")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi")
-    src = Path(ember.__file__).parent
+    src = PACKAGE_DIR
     for name in EMBER_FILES:
         s = src / name
         if s.is_dir():
