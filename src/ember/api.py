@@ -137,12 +137,14 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         network: str = "none",
         publish: list[str] | None = None,
+        console_size: tuple[int, int] | None = None,
         cfg: Config | None = None,
     ) -> Sandbox:
         """Boot a micro-VM and start the image's command in it; returns once it runs.
 
         network: "none" (loopback only) or "bridge" (ember0, see ember.net.bridge);
         publish: ``[IP:]HOSTPORT:CONTAINERPORT[/tcp]`` entries, bridge only.
+        console_size: (rows, cols) the terminal starts with (tty only).
 
         The sandbox monitor watches this process: if it ends before the
         container has started, the sandbox is torn down. With ``auto_remove``
@@ -165,7 +167,8 @@ class Sandbox:
         mem_mib = (memory_bytes >> 20) + GUEST_OVERHEAD_MIB if memory_bytes else cfg.vm.memory_mib
         sandbox_id = new_id()
         opts = ProcessOptions(command=command or None, entrypoint=entrypoint, env=env or [],
-                              workdir=workdir, user=user, tty=tty, ulimits=ulimits or [])
+                              workdir=workdir, user=user, tty=tty, ulimits=ulimits or [],
+                              console_size=console_size)
         spec = build_spec(img.config, opts, hostname=sandbox_id[:12], cpus=cpus,
                           memory_bytes=memory_bytes)
         store = StateStore(cfg)
@@ -180,6 +183,7 @@ class Sandbox:
                 command=spec["process"]["args"], vcpus=vcpus, cpus=cpus, memory_mib=mem_mib,
                 tty=tty, stdin=stdin, auto_remove=auto_remove, labels=labels or {},
                 vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
+                exec_defaults=_exec_defaults(spec["process"]),
                 creator_pid=os.getpid(), creator_started=process_started(os.getpid()),
             )
             store.create(state)
@@ -431,10 +435,23 @@ class Sandbox:
 
     def exec(self, command: list[str], *, env: list[str] | None = None, workdir: str | None = None,
              user: str | None = None, tty: bool = False, stdin: bytes | None = None,
-             timeout: float | None = None) -> ExecResult:
-        """Run a command in the running container and collect its output."""
+             timeout: float | None = None, stream: bool = False):
+        """Run a command in the running container and collect its output.
+
+        Like ``docker exec``, the command gets the container's environment,
+        working directory and user; ``env`` adds to (or overrides) the
+        environment, ``workdir`` and ``user`` replace the others.
+
+        With ``stream=True`` this returns an :class:`ember.sandbox.execstream.ExecStream`
+        at once: iterate it for ``(stream, data)`` pairs as the process writes
+        them, then read its ``exit_code``.
+        """
         exec_id = self.start_exec(command, env=env, workdir=workdir, user=user, tty=tty,
                                   stdin=stdin is not None)
+        if stream:
+            from ember.sandbox.execstream import ExecStream
+
+            return ExecStream(self, exec_id, stdin)
         agent = self.agent()
         if stdin is not None:
             if stdin:
@@ -446,7 +463,7 @@ class Sandbox:
 
     def start_exec(self, command: list[str], *, env: list[str] | None = None,
                    workdir: str | None = None, user: str | None = None, tty: bool = False,
-                   stdin: bool = False) -> str:
+                   stdin: bool = False, console_size: tuple[int, int] | None = None) -> str:
         self._require_running()
         if not command:
             raise EmberError("exec needs a command")
@@ -457,9 +474,12 @@ class Sandbox:
             img_cfg = ImageStore(self.cfg).resolve(st.image_id).config
         except EmberError:
             img_cfg = {}
-        opts = ProcessOptions(command=command, entrypoint=[], env=env or [], workdir=workdir,
-                              user=user, tty=tty)
-        process = build_process(img_cfg, opts)
+        base = st.exec_defaults  # the container's own process (empty in older records)
+        opts = ProcessOptions(command=command, entrypoint=[], env=env or [],
+                              workdir=workdir or base.get("cwd"),
+                              user=user if user is not None else base.get("user"), tty=tty,
+                              console_size=console_size)
+        process = build_process(img_cfg, opts, base_env=base.get("env"))
         exec_id = "exec-" + secrets.token_hex(6)
         self.agent().exec_process(self.id, exec_id, process, stdin=stdin)
         return exec_id
@@ -622,6 +642,15 @@ class Sandbox:
             return False
         finally:
             self.close()
+
+
+def _exec_defaults(process: dict) -> dict:
+    """What `ember exec` inherits from the container's process: env, cwd, user
+    (not the TERM a terminal added: the exec says whether it has one)."""
+    env = [e for e in process.get("env", []) if e != "TERM=xterm" or not process.get("terminal")]
+    user = process.get("user") or {}
+    return {"env": env, "cwd": process.get("cwd") or "/",
+            "user": f"{user.get('uid', 0)}:{user.get('gid', 0)}"}
 
 
 def _check_network(network: str, publish: list[str]) -> list[str]:

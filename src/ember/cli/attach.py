@@ -34,6 +34,11 @@ def winsize(fd: int) -> tuple[int, int] | None:
     return (rows, cols) if rows and cols else None
 
 
+def caller_winsize() -> tuple[int, int] | None:
+    """(rows, cols) of the caller's terminal (stdin's, else stdout's), if it has one."""
+    return winsize(sys.stdin.fileno()) or winsize(sys.stdout.fileno())
+
+
 def pump_stdin(sb: Sandbox, exec_id: str) -> None:
     agent = sb.agent()
     fd = sys.stdin.fileno()
@@ -143,7 +148,7 @@ def _forward(sb: Sandbox, exec_id: str, sig: int) -> None:
 
 
 def _resize(sb: Sandbox, exec_id: str) -> None:
-    size = winsize(sys.stdin.fileno()) or winsize(sys.stdout.fileno())
+    size = caller_winsize()
     if size:
         try:
             sb.agent().tty_resize(sb.id, exec_id, size[0], size[1])

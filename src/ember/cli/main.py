@@ -60,6 +60,7 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
     """Run a command in a new container, inside a new micro-VM."""
     from ember import trace
     from ember.api import Sandbox
+    from ember.cli.attach import caller_winsize
 
     trace.mark("cli", trace.process_start())  # interpreter, imports, options
 
@@ -69,6 +70,7 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
         entrypoint=[entrypoint] if entrypoint is not None else None, cpus=cpus, memory=memory,
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
         labels=labels, network=network, publish=list(publish),
+        console_size=caller_winsize() if tty else None,
     )
     if detach:  # with --rm, the sandbox monitor removes the sandbox when it exits
         click.echo(sb.id)
@@ -139,11 +141,11 @@ def _ago(ts: float) -> str:
 def exec_(interactive, tty, env, workdir, user, sandbox, command) -> None:
     """Run a command in a running container."""
     from ember.api import Sandbox
-    from ember.cli.attach import attach_exec
+    from ember.cli.attach import attach_exec, caller_winsize
 
     sb = Sandbox.get(sandbox)
     exec_id = sb.start_exec(list(command), env=list(env), workdir=workdir, user=user, tty=tty,
-                            stdin=interactive)
+                            stdin=interactive, console_size=caller_winsize() if tty else None)
     sys.exit(attach_exec(sb, exec_id, stdin=interactive, tty=tty))
 
 

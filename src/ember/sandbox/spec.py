@@ -42,6 +42,9 @@ class ProcessOptions:
     user: str | None = None
     tty: bool = False
     ulimits: list[str] = field(default_factory=list)  # "nofile=1024:2048"
+    # (rows, cols) of the caller's terminal: the pty starts at that size, so a
+    # program that asks at once (stty size) never sees 0x0 before the first resize.
+    console_size: tuple[int, int] | None = None
 
 
 def parse_user(user: str) -> tuple[int, int | None]:
@@ -117,7 +120,7 @@ def build_process(image_config: dict, opts: ProcessOptions, base_env: list[str] 
     rlimits = [parse_ulimit(u) for u in opts.ulimits] or [
         {"type": "RLIMIT_NOFILE", "soft": 1048576, "hard": 1048576}
     ]
-    return {
+    process = {
         "terminal": opts.tty,
         "user": {"uid": uid, "gid": gid if gid is not None else 0},
         "args": args,
@@ -127,6 +130,10 @@ def build_process(image_config: dict, opts: ProcessOptions, base_env: list[str] 
         "rlimits": rlimits,
         "noNewPrivileges": False,
     }
+    if opts.tty and opts.console_size:
+        rows, cols = opts.console_size
+        process["consoleSize"] = {"height": int(rows), "width": int(cols)}
+    return process
 
 
 def build_spec(

@@ -74,6 +74,9 @@ class SandboxState:
     ip_address: str = ""  # on the ember0 bridge; recorded before the netns is made
     netns: str = ""
     monitor_started: float | None = None  # the monitor's start time (guards pid reuse)
+    # The container's env, cwd and user ("UID:GID"): `ember exec` starts from them, as
+    # `docker exec` does (flags override them).
+    exec_defaults: dict = field(default_factory=dict)
     creator_pid: int | None = None  # the process that made the record (until a monitor runs)
     creator_started: float | None = None
 
