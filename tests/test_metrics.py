@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ember.agent.proto import agent_pb2 as pb
 from ember.agent.reaper import Reaper
 from ember.agent.service import AgentService
-from ember.metrics.collector import Events
+from ember.metrics.events import Events
 from ember.metrics.targets import Target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,25 +154,26 @@ def _target(sid: str, status: str, error: str = "", oom: bool = False) -> Target
                   oom_killed=oom, exit_code=137 if oom else None)
 
 
-def test_events_count_each_record_once_after_the_baseline(caplog) -> None:
+def test_dead_records_count_once_after_the_baseline_vmm_crashes_only_from_events(caplog):
+    """A dead monitor publishes nothing: its record is counted (once). A VMM crash is
+    counted from its event (tests/test_events.py), never a second time from the record."""
     reg = CollectorRegistry()
     ev = Events(reg)
-    ev.observe([_target("a", "dead", "VMM exited unexpectedly (QEMU killed)")])  # baseline
-    assert reg.get_sample_value("ember_sandbox_crashes_total", {"kind": "vmm"}) == 0
+    ev.observe([_target("a", "dead", "the sandbox monitor (pid 6) and its VM are gone")])
+    assert reg.get_sample_value("ember_sandbox_crashes_total", {"kind": "monitor"}) == 0
     caplog.set_level(logging.WARNING, logger="ember.metrics")
-    crashed = [_target("a", "dead", "VMM exited unexpectedly (QEMU killed)"),
+    crashed = [_target("a", "dead", "the sandbox monitor (pid 6) and its VM are gone"),
                _target("b", "dead", "VMM exited unexpectedly (QEMU killed by signal 9)"),
                _target("c", "dead", "the sandbox monitor (pid 7) and its VM are gone"),
                _target("d", "exited", oom=True), _target("e", "running")]
     for _ in range(3):
         ev.observe(crashed)
-    assert reg.get_sample_value("ember_sandbox_crashes_total", {"kind": "vmm"}) == 1
+    assert reg.get_sample_value("ember_sandbox_crashes_total", {"kind": "vmm"}) == 0
     assert reg.get_sample_value("ember_sandbox_crashes_total", {"kind": "monitor"}) == 1
-    assert reg.get_sample_value("ember_sandbox_oom_kills_total") == 1
+    assert reg.get_sample_value("ember_errors_total", {"kind": "monitor_crash"}) == 1
+    assert reg.get_sample_value("ember_sandbox_oom_kills_total") == 0  # its oom event counts
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3, lines
-    assert any("sandbox b " in ln and "vmm" in ln for ln in lines), lines
-    assert any("sandbox d " in ln and "OOM" in ln for ln in lines), lines
+    assert len(lines) == 1 and "sandbox c " in lines[0] and "(monitor)" in lines[0], lines
 
 
 def test_dashboard_uses_only_metrics_the_collector_makes() -> None:

@@ -12,8 +12,10 @@ Per scrape and per sandbox (``ember run`` sandbox or containerd pod):
   that does not answer in time only loses its guest series for this scrape
   (``ember_guest_up`` 0). Nothing a guest does can hold the scrape longer.
 
-Node series: sandboxes by kind and status, crash and OOM counters
-(:class:`Events`), agent RPC latency, guest scrape errors by reason.
+Node series: sandboxes by kind and status, counters from the node's lifecycle
+events (:mod:`ember.metrics.events`: crashes, OOM kills, failures, VM start
+times, template lookups, restore floor), agent RPC latency, guest scrape
+errors by reason.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ember.agent.proto import agent_pb2 as pb
 from ember.config import Config
+from ember.metrics.events import Events
 from ember.metrics.targets import LABELS, PodFinder, Target, sandboxes, vmm_process
+from ember.sandbox.events import EventLog
 
 log = logging.getLogger("ember.metrics")
 
@@ -41,7 +45,6 @@ AGENT_SERVICE = "ember.agent.v1.Agent"
 DEFAULT_TIMEOUT = 0.5
 STATUSES = ("creating", "running", "paused", "exited", "dead", "unknown")
 KINDS = ("sandbox", "pod")
-CRASH_KINDS = ("vmm", "monitor", "other")
 NS = 1e-9
 
 
@@ -170,81 +173,6 @@ def working_set(st: pb.StatsContainerResponse) -> int:
     return max(0, st.memory_usage - inactive)
 
 
-# --------------------------------------------------------------------- events
-class Events:
-    """VMM crashes and guest OOM kills that sandbox records show, as counters and
-    one log line each (with the sandbox id).
-
-    A record counts once, when first seen in that state; the records already
-    there when the collector starts are taken as the baseline (counters start
-    at 0, as Prometheus expects of a restarted exporter). Publishing lifecycle
-    events (``ember events``) is not done here.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.crashes = Counter("ember_sandbox_crashes", "Sandboxes found dead (their VMM or "
-                               "monitor ended without being stopped), by what died.",
-                               ["kind"], registry=registry)
-        self.ooms = Counter("ember_sandbox_oom_kills", "Containers whose exit was recorded "
-                            "as killed by the guest's OOM killer.", registry=registry)
-        for kind in CRASH_KINDS:
-            self.crashes.labels(kind)
-        self._lock = threading.Lock()
-        self._seen: set[tuple[str, str]] = set()
-        self._primed = False
-        self._guest_ooms: dict[str, int] = {}
-
-    @staticmethod
-    def crash_kind(t: Target) -> str:
-        if t.error.startswith("VMM exited unexpectedly"):
-            return "vmm"
-        if "sandbox monitor" in t.error and "gone" in t.error:
-            return "monitor"
-        return "other"
-
-    def observe(self, targets: Iterable[Target]) -> None:
-        with self._lock:
-            present = set()
-            for t in targets:
-                if t.kind != "sandbox":
-                    continue
-                if t.status == "dead":
-                    key = ("dead", t.id)
-                    present.add(key)
-                    if key not in self._seen:
-                        self._seen.add(key)
-                        if self._primed:
-                            kind = self.crash_kind(t)
-                            self.crashes.labels(kind).inc()
-                            log.warning("sandbox %s (%s) crashed (%s): %s", t.id, t.name, kind,
-                                        t.error or "no reason recorded")
-                if t.status == "exited" and t.oom_killed:
-                    key = ("oom", t.id)
-                    present.add(key)
-                    if key not in self._seen:
-                        self._seen.add(key)
-                        if self._primed:
-                            self.ooms.inc()
-                            log.warning("sandbox %s (%s): container killed by the guest's OOM "
-                                        "killer (exit code %s)", t.id, t.name, t.exit_code)
-            self._seen &= present
-            self._primed = True
-
-    def guest_oom_count(self, t: Target, count: int) -> None:
-        """Log when a guest's kernel OOM-killed something since the last scrape."""
-        with self._lock:
-            before = self._guest_ooms.get(t.id)
-            self._guest_ooms[t.id] = count
-        if before is not None and count > before:
-            log.warning("%s %s (%s): the guest's OOM killer killed %d process(es)", t.kind, t.id,
-                        t.name, count - before)
-
-    def forget(self, live_ids: set[str]) -> None:
-        with self._lock:
-            for gone in set(self._guest_ooms) - live_ids:
-                del self._guest_ooms[gone]
-
-
 # ------------------------------------------------------------------ collector
 class _Families:
     """Metric families made on first use, yielded in creation order."""
@@ -278,7 +206,7 @@ class EmberCollector:
         # The collector goes into the registry before its counters, so that a
         # scrape counts what it finds before the counters are read out.
         registry.register(self)
-        self.events = Events(registry)
+        self.events = Events(registry, EventLog(cfg.state_dir))
         self.rpc_seconds = Histogram(
             "ember_agent_rpc_seconds", "Time of the collector's GuestStats agent calls "
             "(through the sandbox monitor or the shim), answered or not.",
@@ -296,7 +224,8 @@ class EmberCollector:
         return [*sandboxes(self.cfg), *self.pods.pods()]
 
     def watch(self) -> None:
-        """Look at the records once for crashes and OOM kills (between scrapes too)."""
+        """Count new lifecycle events and dead records (between scrapes too)."""
+        self.events.poll()
         self.events.observe(sandboxes(self.cfg))
 
     def _ask(self, t: Target) -> pb.GuestStatsResponse:
@@ -313,6 +242,7 @@ class EmberCollector:
     def _collect(self) -> Iterator[Metric]:
         began = time.monotonic()
         targets = self.targets()
+        self.events.poll()
         self.events.observe(targets)
         live = [t for t in targets if t.status in ("running", "paused")
                 and vmm_process(t.vmm_pid, t.started if t.kind == "sandbox" else 0.0)]
@@ -441,3 +371,4 @@ class EmberCollector:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.events.close()

@@ -232,9 +232,11 @@ class Tail:
         yield from self._drain()
         if self._ino is not None and self._identity(self.log.path) == self._ino:
             return
-        # Rotated (or made): the files after ours, then the current one.
+        # Rotated (or made): what was appended to ours before it was renamed (no
+        # writer touches it after that), the files after ours, the current one.
+        yield from self._drain()
         ids = [self._identity(p) for p in files]
-        start = ids.index(self._ino) + 1 if self._ino in ids else 0
+        start = ids.index(self._ino) + 1 if self._ino is not None and self._ino in ids else 0
         for path in files[start:]:
             if self._open(path):
                 yield from self._drain()
