@@ -273,16 +273,16 @@ from ember.cli.config import config_group  # noqa: E402
 from ember.cli.events import events_cmd  # noqa: E402
 from ember.cli.info import info_cmd  # noqa: E402
 from ember.cli.metrics import metrics_group  # noqa: E402
+from ember.cli.stats import stats_cmd  # noqa: E402
 
 main.add_command(check_cmd)
-from ember.cli.stats import stats_cmd  # noqa: E402
 main.add_command(config_group)
 main.add_command(events_cmd)
 main.add_command(info_cmd)
 main.add_command(metrics_group)
+main.add_command(stats_cmd)
 
 try:  # the Kubernetes commands are optional at import time
-main.add_command(stats_cmd)
     from ember.k8s.cli import k8s_group  # noqa: E402
 
     main.add_command(k8s_group)
