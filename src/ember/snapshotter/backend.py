@@ -2,9 +2,9 @@
 
 The snapshotter keeps metadata; a backend keeps bytes. Each snapshot is one
 ext4 block device. :class:`ReflinkBackend` keeps it as an image file in a
-reflink-capable directory. An LVM thin-pool backend (thin LVs and thin
-snapshots) fits the same interface: ``create``/``clone`` become ``lvcreate``,
-``mounts`` returns ``/dev/VG/LV`` without the ``loop`` option.
+reflink-capable directory; ``ember.snapshotter.lvm.LvmBackend`` as a thin LV
+(``create``/``clone`` are ``lvcreate``, ``mounts`` return ``/dev/VG/LV``
+without the ``loop`` option).
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ class Backend(ABC):
     @abstractmethod
     def free_bytes(self) -> tuple[int, str]:
         """Bytes still free for new data, and where (for error messages)."""
+
+    def capacity_error(self) -> str | None:
+        """Why a new snapshot must be refused now (storage nearly full), if it must."""
+        return None
+
+    def committed(self, sid: int) -> None:  # noqa: B027 - optional hook
+        """Called once a commit is recorded (an LV becomes read-only)."""
+
+    def reconcile(self, committed: set[int], active: set[int]) -> None:  # noqa: B027
+        """At start-up: bring devices in line with the metadata after a crash."""
 
 
 class ReflinkBackend(Backend):

@@ -23,6 +23,7 @@ from pathlib import Path
 from ember.snapshotter import filters
 from ember.snapshotter.backend import Backend, MountSpec, is_disk_full
 from ember.snapshotter.store import ACTIVE, COMMITTED, KIND_NAMES, VIEW, Record, Store
+from ember.util import pause_for_test
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,16 @@ class Snapshotter:
             raise SnapshotError(NOT_FOUND, f"{what} {key!r} does not exist")
         return rec
 
+    def _usable(self, rec: Record, key: str) -> Record:
+        if rec.broken:
+            raise SnapshotError(FAILED_PRECONDITION, f"snapshot {key!r} is broken: {rec.broken}; "
+                                "remove it")
+        return rec
+
     def _check_space(self) -> None:
+        reason = self.backend.capacity_error()
+        if reason:
+            raise SnapshotError(RESOURCE_EXHAUSTED, reason)
         free, where = self.backend.free_bytes()
         if free < self.min_free:
             # XFS frees the blocks of unlinked files in the background; flush
@@ -126,7 +136,7 @@ class Snapshotter:
                 raise SnapshotError(ALREADY_EXISTS, f"snapshot {key!r} already exists")
             parent_id = None
             if parent:
-                prec = self._get(parent, "parent snapshot")
+                prec = self._usable(self._get(parent, "parent snapshot"), parent)
                 if prec.kind != COMMITTED:
                     raise SnapshotError(
                         INVALID_ARGUMENT,
@@ -145,6 +155,7 @@ class Snapshotter:
                     else:
                         self.backend.clone(parent_id, sid)
                     crash_point("create-before-commit")
+                    pause_for_test("snapshotter-created")
             except Exception as exc:
                 if sid is not None:
                     self.backend.remove(sid)
@@ -156,7 +167,7 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[MountSpec]:
         with self.lock:
-            rec = self._get(key)
+            rec = self._usable(self._get(key), key)
             if rec.kind == COMMITTED:
                 raise SnapshotError(
                     FAILED_PRECONDITION,
@@ -169,7 +180,7 @@ class Snapshotter:
         with self.lock:
             if self.store.get(name) is not None:
                 raise SnapshotError(ALREADY_EXISTS, f"snapshot {name!r} already exists")
-            rec = self._get(key, "active snapshot")
+            rec = self._usable(self._get(key, "active snapshot"), key)
             if rec.kind != ACTIVE:
                 raise SnapshotError(
                     FAILED_PRECONDITION,
@@ -184,6 +195,9 @@ class Snapshotter:
                 if is_disk_full(exc):
                     raise _full(exc, f"committing {key!r}") from None
                 raise
+            # Recorded: now the device may become read-only (a crash before
+            # this is put right by reconcile at the next start).
+            self.backend.committed(rec.id)
 
     def remove(self, key: str) -> None:
         with self.lock:
@@ -262,9 +276,15 @@ class Snapshotter:
             if removed:
                 log.warning("removed %d half-made or orphaned snapshot image(s)", removed)
             stored = self.backend.stored_ids()
-            for rec in self.store.all():
-                if rec.id not in stored:
-                    log.error("snapshot %r has lost its image %d; Mounts will fail", rec.key, rec.id)
+            records = self.store.all()
+            for rec in records:
+                if rec.id not in stored and not rec.broken:
+                    reason = f"its {self.backend.name} device {rec.id} is missing"
+                    log.error("snapshot %r is broken: %s", rec.key, reason)
+                    with self.store.tx():
+                        self.store.set_broken(rec.id, reason)
+            self.backend.reconcile({r.id for r in records if r.kind == COMMITTED and r.id in stored},
+                                   {r.id for r in records if r.kind != COMMITTED and r.id in stored})
 
 
 def open_snapshotter(data_dir: Path, backend: Backend, min_free: int = DEFAULT_MIN_FREE,

@@ -6,6 +6,11 @@
 serves ``containerd.services.snapshots.v1.Snapshots`` on the socket until
 SIGTERM/SIGINT. ``--release`` unmounts the pool Ember made under ``--root``
 (for uninstalling; the server must be stopped and no snapshot in use).
+
+``--backend lvm --volume-group VG --thin-pool POOL`` keeps snapshots as thin
+LVs instead (``--root`` then holds only the metadata); ``ember-snapshotter
+lvm-setup`` makes such a pool. ``--config FILE`` reads any option from a TOML
+file (``volume_group = "ember"``); the command line wins.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import os
 import signal
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import click
 
 from ember.errors import EmberError
 from ember.snapshotter import pool as poolmod
-from ember.snapshotter.backend import DEFAULT_IMAGE_SIZE, ReflinkBackend
+from ember.snapshotter.backend import DEFAULT_IMAGE_SIZE, Backend, ReflinkBackend
 from ember.snapshotter.core import DEFAULT_MIN_FREE, open_snapshotter
 from ember.snapshotter.service import serve
 from ember.util import parse_size
@@ -50,9 +56,37 @@ def _lock(root: Path) -> int:
     return fd
 
 
+def _config(ctx: click.Context, param, value):
+    """Options from a TOML file, as defaults the command line overrides."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}") from None
+    known = {p.name for p in ctx.command.params} - {"config", "release"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown key {unknown[0]!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+    ctx.default_map = {**(ctx.default_map or {}),
+                       **{k: str(v) if isinstance(v, int) else v for k, v in data.items()}}
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), callback=_config, is_eager=True,
+              expose_value=False, help="TOML file with any of these options "
+              "(keys as the long names with '_': volume_group = \"ember\").")
 @click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for snapshot images and metadata.")
+              help="Directory for snapshot metadata (and images, for the reflink backend).")
+@click.option("--backend", type=click.Choice(["reflink", "lvm"]), default="reflink",
+              show_default=True, help="reflink: ext4 image files; lvm: thin LVs in a thin pool.")
+@click.option("--volume-group", help="LVM volume group of the thin pool (--backend lvm).")
+@click.option("--thin-pool", help="LVM thin pool to make snapshots in (--backend lvm).")
 @click.option("--address", type=click.Path(dir_okay=False, path_type=Path),
               help="Unix socket to serve gRPC on.")
 @click.option("--image-size", default=f"{DEFAULT_IMAGE_SIZE >> 30}g", callback=_size,
@@ -66,11 +100,21 @@ def _lock(root: Path) -> int:
 @click.option("--release", is_flag=True, help="Unmount the pool under --root and exit.")
 @click.option("--log-level", default="info",
               type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(root: Path, address: Path | None, image_size: int, pool_size: int | None,
+def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | None,
+        address: Path | None, image_size: int, pool_size: int | None,
         min_free: int, release: bool, log_level: str) -> None:
-    """Block snapshotter for containerd: every snapshot an ext4 image, cloned by reflink."""
+    """Block snapshotter for containerd: every snapshot an ext4 block device,
+    an image file cloned by reflink or a thin LV (see also: lvm-setup)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if backend == "lvm" and not (volume_group and thin_pool):
+        raise click.UsageError("--backend lvm needs --volume-group and --thin-pool "
+                               "(ember-snapshotter lvm-setup makes them)")
+    if backend != "lvm" and (volume_group or thin_pool):
+        raise click.UsageError("--volume-group and --thin-pool need --backend lvm")
+    if release and backend == "lvm":
+        click.echo("nothing mounted")  # thin LVs stay in their pool
+        return
     if release:
         root.mkdir(parents=True, exist_ok=True)
         fd = _lock(root)
@@ -84,10 +128,22 @@ def cli(root: Path, address: Path | None, image_size: int, pool_size: int | None
         raise click.UsageError("--address is required to serve")
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock(root.resolve())
-    pool = poolmod.open_pool(root, pool_size)
-    sn = open_snapshotter(pool.data_dir, ReflinkBackend(pool, image_size), min_free)
+    storage: Backend
+    if backend == "lvm":
+        from ember.snapshotter.lvm import LvmBackend
+
+        if pool_size:
+            log.info("--pool-size is ignored with --backend lvm (the thin pool has its size)")
+        data_dir = root.resolve()
+        storage = LvmBackend(data_dir, volume_group, thin_pool, image_size)
+        where = f"thin pool {volume_group}/{thin_pool}"
+    else:
+        pool = poolmod.open_pool(root, pool_size)
+        data_dir, storage = pool.data_dir, ReflinkBackend(pool, image_size)
+        where = f"{pool.mode} pool in {pool.data_dir}"
+    sn = open_snapshotter(data_dir, storage, min_free)
     server = serve(sn, address.absolute())
-    log.info("serving %s (%s pool in %s)", address, pool.mode, pool.data_dir)
+    log.info("serving %s (%s)", address, where)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -100,8 +156,14 @@ def cli(root: Path, address: Path | None, image_size: int, pool_size: int | None
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    command, prog = cli, "ember-snapshotter"
+    if args[:1] == ["lvm-setup"]:
+        from ember.snapshotter.lvmsetup import lvm_setup
+
+        command, prog, args = lvm_setup, "ember-snapshotter lvm-setup", args[1:]
     try:
-        cli.main(args=argv, prog_name="ember-snapshotter", standalone_mode=False)
+        command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:

@@ -30,13 +30,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
     updated  INTEGER NOT NULL,
     labels   TEXT NOT NULL DEFAULT '{}',
     size     INTEGER,            -- usage, fixed when the snapshot is committed
-    inodes   INTEGER
+    inodes   INTEGER,
+    broken   TEXT                -- why its device is unusable (set at start-up)
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 """
 
 _SELECT = """
-SELECT s.id, s.key, s.parent, p.key, s.kind, s.created, s.updated, s.labels, s.size, s.inodes
+SELECT s.id, s.key, s.parent, p.key, s.kind, s.created, s.updated, s.labels, s.size, s.inodes,
+       s.broken
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent
 """
 
@@ -53,11 +55,12 @@ class Record:
     labels: dict[str, str] = field(default_factory=dict)
     size: int | None = None
     inodes: int | None = None
+    broken: str | None = None
 
 
 def _record(row: tuple) -> Record:
     return Record(row[0], row[1], row[2], row[3] or "", row[4], row[5], row[6],
-                  json.loads(row[7]), row[8], row[9])
+                  json.loads(row[7]), row[8], row[9], row[10])
 
 
 class Store:
@@ -70,6 +73,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(snapshots)")}
+        if "broken" not in columns:  # a database made before the column existed
+            self.db.execute("ALTER TABLE snapshots ADD COLUMN broken TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -116,6 +122,9 @@ class Store:
     def set_labels(self, sid: int, labels: dict[str, str]) -> None:
         self.db.execute("UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
                         (json.dumps(labels), time.time_ns(), sid))
+
+    def set_broken(self, sid: int, reason: str) -> None:
+        self.db.execute("UPDATE snapshots SET broken = ? WHERE id = ?", (reason, sid))
 
     def delete(self, sid: int) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
