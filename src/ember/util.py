@@ -97,3 +97,9 @@ def pause_for_test(stage: str) -> None:
     resume = os.environ.get("EMBER_TEST_RESUME")
     while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
         time.sleep(0.05)
+
+
+def as_dict(value: object) -> dict:
+    """``value`` if it is a dict, else an empty one: for reading optional objects
+    of JSON documents from others (pod specs, OCI specs) that may be anything."""
+    return value if isinstance(value, dict) else {}

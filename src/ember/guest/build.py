@@ -92,7 +92,8 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return None
-    flags, bogomips = set(), None
+    flags: set[str] = set()
+    bogomips = None
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags" and not flags:
@@ -228,7 +229,7 @@ def current_assets(cfg: Config) -> GuestAssets:
         return _apply_overrides(cfg, None)
     key = _current_key(cfg)
     manifest = _read_manifest(cfg, key) if key else None
-    if not manifest or not all(
+    if not key or not manifest or not all(
         (cfg.guest_dir / key / f).is_file() for f in ("vmlinuz", "initrd.img", "rootfs.ext4")
     ):
         raise GuestError(NOT_BUILT)
@@ -432,7 +433,7 @@ def guest_info(cfg: Config) -> dict:
         )
     files = {}
     for what, name in (("kernel", "vmlinuz"), ("initrd", "initrd.img"), ("rootfs", "rootfs.ext4")):
-        path = user.get(what) or (cfg.guest_dir / key / name if manifest else None)
+        path = user.get(what) or (cfg.guest_dir / key / name if key and manifest else None)
         if path is not None:
             st = path.stat() if path.exists() else None
             files[what] = {

@@ -98,11 +98,11 @@ class _Source:
                 yield f
             return
         member = self.members[_clean(name)]
-        f = self.tar.extractfile(member)
-        if f is None:
+        extracted = self.tar.extractfile(member)
+        if extracted is None:
             raise ImageError(f"{self.path}: {name} is not a regular file")
-        with f:
-            yield f
+        with extracted:
+            yield extracted
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:

@@ -14,6 +14,7 @@ one the old one is dropped, so the store never fills with nameless leftovers.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -76,7 +77,7 @@ class ImageStore:
             repo_digests=list(entry.get("repo_digests", [])),
         )
 
-    def list(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         images = self._index()["images"]
         return [self._load(i, e) for i, e in sorted(images.items())]
 
@@ -161,12 +162,12 @@ class ImageStore:
     def staging(self) -> Staging:
         return Staging(self.root)
 
-    def commit(self, staging: Staging, pending: list[Pending]) -> list[Image]:
+    def commit(self, staging: Staging, pending: builtins.list[Pending]) -> builtins.list[Image]:
         """Move verified blobs into the store and record the images, atomically per call."""
         checked = [self._checked_manifest(staging, p) for p in pending]  # before the lock
         with self._locked() as index:
             images = index["images"]
-            entries: list[tuple[str, dict]] = []
+            entries: builtins.list[tuple[str, dict]] = []
             for p, manifest in zip(pending, checked, strict=True):
                 wanted = [p.manifest_digest, manifest["config"]["digest"]]
                 wanted += [la.digest for la in oci.manifest_layers(manifest)]
@@ -218,7 +219,7 @@ class ImageStore:
         oci.parse_config(config, f"config {config_digest}")
         return manifest
 
-    def remove(self, ref: str) -> list[str]:
+    def remove(self, ref: str) -> builtins.list[str]:
         """Untag a name, or delete an image given by id; collect unreferenced blobs.
 
         Returns the ids of images that were deleted (empty when only a name went).
@@ -227,7 +228,7 @@ class ImageStore:
             images = index["images"]
             image_id = self._find_id(ref, images)
             entry = images[image_id]
-            removed: list[str] = []
+            removed: builtins.list[str] = []
             try:
                 full = str(parse_reference(ref))
             except ImageError:
@@ -278,7 +279,7 @@ class ImageStore:
 
     # ---- adding images (implemented in sibling modules) ------------------------------
 
-    def import_archive(self, path: str | os.PathLike, name: str | None = None) -> list[Image]:
+    def import_archive(self, path: str | os.PathLike, name: str | None = None) -> builtins.list[Image]:
         """Import an OCI image layout (dir or tar) or a `docker save` tar."""
         from ember.image.archive import import_archive
 
@@ -288,8 +289,8 @@ class ImageStore:
         self,
         path: str | os.PathLike,
         name: str,
-        cmd: list[str] | None = None,
-        env: list[str] | None = None,
+        cmd: builtins.list[str] | None = None,
+        env: builtins.list[str] | None = None,
         workdir: str | None = None,
     ) -> Image:
         """Make a one-layer image from a directory or tar, like `docker import`."""

@@ -144,8 +144,8 @@ def build_argv(spec: JailSpec) -> list[str]:
         argv += ["--cgroup-version", str(spec.cgroup_version)]
     if spec.parent_cgroup:
         argv += ["--parent-cgroup", spec.parent_cgroup]
-    for name, value in spec.resource_limits.items():
-        argv += ["--resource-limit", f"{name}={value}"]
+    for resource, limit in spec.resource_limits.items():
+        argv += ["--resource-limit", f"{resource}={limit}"]
     for placement in spec.files:
         argv += ["--place", placement.to_arg()]
     for d in spec.dirs:

@@ -195,12 +195,12 @@ def build(plan: Plan) -> None:
             if not target.exists():
                 files.link_or_copy(lib, target)
         if spec.vmm_kind == "qemu":
-            for d in files.QEMU_DATA_DIRS:
-                if os.path.isdir(d):
-                    target = files.under(root, d)
+            for data_dir in files.QEMU_DATA_DIRS:
+                if os.path.isdir(data_dir):
+                    target = files.under(root, data_dir)
                     files.make_parents(root, target)
-                    files.make_stub(d, target)
-                    plan.binds.append((d, target, False))
+                    files.make_stub(data_dir, target)
+                    plan.binds.append((data_dir, target, False))
         for p in spec.files:
             target = files.under(root, p.jail_path)
             files.make_parents(root, target)
@@ -218,8 +218,8 @@ def build(plan: Plan) -> None:
                 os.chown(target, spec.uid if p.writable else 0, spec.gid)
                 if not p.writable and target.is_file():
                     target.chmod((target.stat().st_mode & 0o755) | 0o040)
-        for d in spec.dirs:
-            target = files.under(root, d)
+        for extra_dir in spec.dirs:
+            target = files.under(root, extra_dir)
             target.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(target, spec.uid, spec.gid)
         plan.cgroups.create()

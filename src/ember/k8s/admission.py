@@ -20,6 +20,7 @@ from ember.image import schema
 from ember.k8s import podschema
 from ember.k8s.decide import ADMISSION_ANNOTATION, Decision, decide, decide_ephemeral
 from ember.k8s.policy import Policy
+from ember.util import as_dict
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 EPHEMERAL = "ephemeralcontainers"  # the pods/ephemeralcontainers subresource
@@ -166,7 +167,7 @@ def review_pod(review: Review, labels_of: Callable[[str], dict[str, str]], polic
 
 
 def _namespace(request: dict, pod: dict) -> str:
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    meta = as_dict(pod.get("metadata"))
     return str(request.get("namespace") or meta.get("namespace") or "default")
 
 

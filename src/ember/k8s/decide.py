@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from ember.k8s.detect import Usage, detect, detect_ephemeral, new_ephemeral_containers
 from ember.k8s.features import CAVEAT, REQUIRED, UNSUPPORTED, feature
 from ember.k8s.policy import OPT_OUT, Policy
+from ember.util import as_dict
 
 ADMISSION_ANNOTATION = "ember.io/admission"
 MAX_WARNINGS = 5
@@ -73,8 +74,8 @@ def _caveats(usages: list[Usage], cls: str, backend: str) -> list[str]:
 def _requested_class(pod: dict, ns_labels: dict[str, str], policy: Policy
                      ) -> tuple[str | None, str]:
     """The class policy gives this pod, and where that choice came from."""
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    meta = as_dict(pod.get("metadata"))
+    annotations = as_dict(meta.get("annotations"))
     asked = annotations.get(policy.pod_annotation)
     if asked == OPT_OUT and policy.allow_pod_opt_out:
         return None, f"pod annotation {policy.pod_annotation}={OPT_OUT}"
@@ -93,8 +94,8 @@ def _requested_class(pod: dict, ns_labels: dict[str, str], policy: Policy
 
 def _unknown_asks(pod: dict, ns_labels: dict[str, str], policy: Policy) -> list[str]:
     """Warnings for annotations/labels naming classes the policy does not know."""
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    meta = as_dict(pod.get("metadata"))
+    annotations = as_dict(meta.get("annotations"))
     out = []
     asked = annotations.get(policy.pod_annotation)
     if asked is not None and asked not in policy.classes and not (
@@ -115,7 +116,7 @@ def _forbidden(usages: list[Usage], policy: Policy, what: str) -> str | None:
 
 def decide(pod: dict, namespace: str, ns_labels: dict[str, str], policy: Policy) -> Decision:
     """The verdict for one pod (same for the mutating and validating endpoints)."""
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    spec = as_dict(pod.get("spec"))
     if namespace in policy.exclude_namespaces:
         return Decision(True, "excluded", why=f"namespace {namespace} is excluded")
     usages = detect(pod)
@@ -126,13 +127,14 @@ def decide(pod: dict, namespace: str, ns_labels: dict[str, str], policy: Policy)
                         why="policy forbids a feature", message=forbidden)
     if spec.get("hostNetwork") is True and policy.exclude_host_network:
         return Decision(True, "excluded", why="hostNetwork pods are excluded")
-    own = spec.get("runtimeClassName")
+    own = _dict_get(spec, "runtimeClassName")
     pinned = bool(own) and own in policy.classes and policy.exclude_pods_with_class
     if own and not pinned and policy.exclude_pods_with_class:
         return Decision(True, "excluded", runtime_class=own,
                         why=f"pod names runtime class {own}")
     warnings = _unknown_asks(pod, ns_labels, policy)
-    if pinned:
+    target: str | None
+    if pinned and own:
         target, why = own, "pod names the class"
     else:
         target, why = _requested_class(pod, ns_labels, policy)

@@ -149,7 +149,7 @@ def measure(cfg: Config, image: str, memory: str, cpus: int, seconds: float,
     # own monitor process until remove().
     sb = Sandbox.create(image, ["sleep", "600"], memory=memory, cpus=cpus)
     try:
-        pids = list(sb.host_pids())
+        pids: list[int] = list(sb.host_pids())
         guest = int(sb.guest_memory_bytes())
         time.sleep(settle)
         accel = vmm_accel(pids) or cfg.vm.accel

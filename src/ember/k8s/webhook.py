@@ -298,7 +298,8 @@ class WebhookServer(HTTPServer):
                 log.info("TLS handshake with %s failed: %s", client_address[0], exc)
                 return
             try:
-                self.RequestHandlerClass(tls, client_address, self)
+                # typeshed wants the handler's server to be Self; it is this server
+                self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
             finally:
                 try:
                     tls.close()

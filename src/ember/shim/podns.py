@@ -24,6 +24,7 @@ from ember.agent.spec import POD_NAMESPACES, SANDBOX_NS
 from ember.errors import EmberError
 from ember.shim.pod import ANN_TYPE, CRIO_TYPE, pod_identity
 from ember.ttrpc import Code
+from ember.util import as_dict
 
 HOST_SHARED = {"network": "hostNetwork", "pid": "hostPID", "ipc": "hostIPC"}
 PROPAGATION = ("rshared", "shared", "rslave", "slave")
@@ -36,7 +37,7 @@ class HostSharingError(EmberError):
 
 
 def _namespaces(spec: dict) -> list[dict]:
-    linux = spec.get("linux") if isinstance(spec.get("linux"), dict) else {}
+    linux = as_dict(spec.get("linux"))
     return [ns for ns in linux.get("namespaces") or [] if isinstance(ns, dict)]
 
 
@@ -75,11 +76,11 @@ def refuse_host_sharing(spec: dict) -> None:
                     "a VM cannot share the host's namespaces")
     if not joining:  # an app container's paths name the sandbox's host process
         for ns in namespaces:
-            kind, path = ns.get("type"), ns.get("path")
-            if kind in HOST_SHARED and isinstance(path, str) and path \
-                    and is_host_namespace(path, kind):
+            ns_kind, path = ns.get("type"), ns.get("path")
+            if isinstance(ns_kind, str) and ns_kind in HOST_SHARED and isinstance(path, str) \
+                    and path and is_host_namespace(path, ns_kind):
                 raise HostSharingError(
-                    f"the container asks for the host's {kind} namespace ({path}): "
+                    f"the container asks for the host's {ns_kind} namespace ({path}): "
                     "a VM cannot share the host's namespaces")
     for m in spec.get("mounts") or []:
         if not isinstance(m, dict):

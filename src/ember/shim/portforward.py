@@ -262,7 +262,7 @@ class PortForwarder:
                 if key.fileobj is self._wake_r:
                     self._wake_r.recv(64)
                     continue
-                self._accept(key.fileobj, key.data)
+                self._accept(key.fileobj, key.data)  # type: ignore[arg-type]  # we register sockets
 
     def _refresh(self) -> None:
         if self._disabled:

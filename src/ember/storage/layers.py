@@ -83,7 +83,9 @@ def _copy_sparse(src: IO[bytes], out: int, member: tarfile.TarInfo) -> None:
     compresses to almost nothing). The file's length is set at the end.
     """
     raw = getattr(src, "raw", src)  # tarfile's unbuffered view: seek() is free in holes
-    regions = [(o, n) for o, n in (member.sparse or [(0, member.size)]) if n > 0]
+    # typeshed types TarInfo.sparse loosely; it is a list of (offset, size) pairs
+    sparse: list[tuple[int, int]] = getattr(member, "sparse", None) or [(0, member.size)]
+    regions = [(o, n) for o, n in sparse if n > 0]
     for offset, length in regions:
         raw.seek(offset)
         done = 0

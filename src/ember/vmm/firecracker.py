@@ -181,6 +181,8 @@ class FirecrackerVMM(VMM):
 
     def _plan_restore(self, p: dict[str, str]) -> None:
         s, place = self.spec, self.layout.place
+        if s.restore_from is None:
+            raise VMError("no snapshot to restore from")
         state, mem, meta_path = snapshot_files(Path(s.restore_from))
         try:
             meta = json.loads(meta_path.read_text())
@@ -323,7 +325,7 @@ class FirecrackerVMM(VMM):
         stage_api, stage_host = self.layout.stage_dir(state.parent)
         if not self._paused:
             self.pause()
-        slots = []
+        slots: list[dict[str, str | None]] = []
         for slot in self.pool.slots:
             if slot.owner is not None:
                 slots.append({"drive_id": slot.drive_id, "owner": slot.owner,
@@ -383,7 +385,7 @@ class FirecrackerVMM(VMM):
     def kill(self) -> None:
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            if self.layout.jailed:  # the jailer supervisor removes the jail once its VMM dies
+            if isinstance(self.layout, fc_jail.JailLayout):  # its waiter removes the jail
                 self.layout.kill_vmm()
                 try:
                     proc.wait(5)
