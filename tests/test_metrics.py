@@ -235,7 +235,8 @@ def test_running_sandboxes_have_cpu_memory_and_a_guest_allocation_shows(ember_en
         dash = json.loads(DASHBOARD.read_text())
         drawn = {re.sub(r"_(bucket|total)$", "", n) for p in dash["panels"]
                  for t in p["targets"] for n in re.findall(r"\bember_[a-z0-9_]+", t["expr"])}
-        assert drawn <= names, drawn - names
+        # (Network series only exist for sandboxes with a network: the block I/O test.)
+        assert drawn - {"ember_sandbox_network_bytes"} <= names, drawn - names
 
         # A container allocates 100 MiB (dd's buffer, held while its pipe is full).
         lab = _labels(ember_env, "mx-a")
@@ -297,6 +298,37 @@ def test_paused_or_stuck_guest_never_holds_the_scrape_and_a_vmm_kill_counts(embe
     ember_env.run("unpause", "mx-p", check=True)
 
 
+@vm_test
+def test_block_io_and_network_move_with_the_workload(ember_env, image):
+    """The VMM's storage I/O (/proc/<vmm>/io) and the bytes and packets through the
+    sandbox's veth grow when the container writes a file and pings the bridge."""
+    ember_env.run("run", "-d", "--name", "mx-io", "--network", "bridge", image, "sleep", "1000",
+                  check=True)
+    lab = _labels(ember_env, "mx-io")
+    with serve(ember_env.env) as ep:
+        fams, took = ep.scrape()
+        assert took < 1.0, took
+        w0 = value(fams, "ember_vmm_block_io_bytes_total", direction="write", **lab)
+        rx0 = value(fams, "ember_sandbox_network_bytes_total", direction="rx", **lab)
+        tx0 = value(fams, "ember_sandbox_network_packets_total", direction="tx", **lab)
+        assert None not in (w0, rx0, tx0), family_names(fams)
+        ember_env.run("exec", "mx-io", "sh", "-c", "dd if=/dev/urandom of=/blob bs=1M count=8 "
+                      "2>/dev/null && sync && ping -c 3 -W 2 10.88.0.1 >/dev/null", check=True)
+        fams, _took = ep.scrape()
+        assert value(fams, "ember_vmm_block_io_bytes_total", direction="write",
+                     **lab) - w0 >= 8 * MIB
+        assert value(fams, "ember_sandbox_network_bytes_total", direction="rx", **lab) > rx0
+        assert value(fams, "ember_sandbox_network_packets_total", direction="tx",
+                     **lab) >= tx0 + 3
+    # A sandbox without a network has no network series (nothing to count), but I/O.
+    _start(ember_env, image, "mx-nonet")
+    with serve(ember_env.env) as ep:
+        fams, _took = ep.scrape()
+    plain = _labels(ember_env, "mx-nonet")
+    assert value(fams, "ember_sandbox_network_bytes_total", direction="rx", **plain) is None
+    assert value(fams, "ember_vmm_block_io_bytes_total", direction="read", **plain) is not None
+
+
 # ---------------------------------------------------------------------- pods
 @pytest.mark.root
 @pytest.mark.vm
@@ -356,5 +388,10 @@ def test_cri_pod_stats_and_pod_series(guest_assets) -> None:
                          container_id=cid, **lab) > 0
             assert value(fams, "ember_container_cpu_usage_seconds_total", container="app",
                          container_id=cid, **lab) > 0
+            assert value(fams, "ember_vmm_block_io_bytes_total", direction="read", **lab) >= 0
+            pod_json = next((work / "st" / "shim").glob("*/pod.json"))
+            if json.loads(pod_json.read_text()).get("netns"):  # the VM's tap, read in there
+                assert value(fams, "ember_sandbox_network_packets_total", direction="rx",
+                             **lab) is not None
         finally:
             discard_pod(client, pod)

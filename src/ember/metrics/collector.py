@@ -57,6 +57,9 @@ class HostStats:
     pss: int | None = None
     cgroup_memory: int | None = None
     cgroup_cpu: float | None = None
+    io_read: int | None = None  # bytes the VMM had read from / written to storage
+    io_write: int | None = None
+    net: dict[str, int] | None = None  # rx/tx bytes/packets as the sandbox sees them
 
 
 def _read(path: Path) -> str | None:
@@ -128,10 +131,46 @@ def host_stats(t: Target, mounts: CgroupMounts) -> HostStats | None:
                 out.rss, out.pss = full.rss, getattr(full, "pss", None)
             except psutil.AccessDenied:
                 out.rss = proc.memory_info().rss
+            try:
+                io = proc.io_counters()  # /proc/<vmm>/io: readable by root, jailed or not
+                out.io_read, out.io_write = io.read_bytes, io.write_bytes
+            except (psutil.AccessDenied, AttributeError):
+                pass
     except psutil.Error:
         return None
     out.cgroup_memory, out.cgroup_cpu = cgroup_usage(proc.pid, t.cgroup_scope, mounts)
+    out.net = net_stats(t)
     return out
+
+
+def _swap(host_side: dict[str, int]) -> dict[str, int]:
+    """Counters of the host end of the sandbox's link, as the sandbox sees them (what
+    the host end sent, the sandbox received)."""
+    return {"rx_bytes": host_side.get("tx_bytes", 0), "tx_bytes": host_side.get("rx_bytes", 0),
+            "rx_packets": host_side.get("tx_packets", 0),
+            "tx_packets": host_side.get("rx_packets", 0)}
+
+
+def net_stats(t: Target) -> dict[str, int] | None:
+    """Network bytes and packets of a sandbox, from the host side of its link: the
+    veth's host end on the ember0 bridge (``ember run --network bridge``), or the
+    VM's tap in the pod's network namespace (pods; read over netlink from inside
+    it). None without a network of its own."""
+    if t.veth:
+        base = Path("/sys/class/net") / t.veth / "statistics"
+        try:
+            return _swap({k: int((base / k).read_text())
+                          for k in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")})
+        except (OSError, ValueError):
+            return None
+    if t.netns:
+        from ember.net import podnet
+
+        try:
+            return _swap(podnet.link_stats(t.netns))
+        except podnet.NetError:
+            return None
+    return None
 
 
 # ----------------------------------------------------------------- guest side
@@ -201,6 +240,7 @@ class EmberCollector:
         self.cfg = cfg
         self.timeout = timeout
         self.pods = PodFinder(cfg)
+        import pyroute2  # noqa: F401 - pods' network counters; loaded now, not in a scrape
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guest-stats")
         self._lock = threading.Lock()  # one scrape at a time
         # The collector goes into the registry before its counters, so that a
@@ -312,6 +352,7 @@ class EmberCollector:
                 if h.cgroup_cpu is not None:
                     fams.add("counter", "ember_sandbox_cgroup_cpu_seconds", "CPU time "
                              "charged to the sandbox's host cgroup.", (), lv, h.cgroup_cpu)
+                self._io_net_series(fams, lv, h)
             g = guest.get(t.id)
             fams.add("gauge", "ember_guest_up", "1 when the guest agent answered this scrape "
                      "in time, 0 when not (paused, stuck, or gone).", (), lv, int(g is not None))
@@ -323,6 +364,22 @@ class EmberCollector:
         yield from fams
         yield GaugeMetricFamily("ember_metrics_scrape_duration_seconds",
                                 "How long this scrape took.", value=time.monotonic() - began)
+
+    @staticmethod
+    def _io_net_series(fams: _Families, lv: list[str], h: HostStats) -> None:
+        if h.io_read is not None and h.io_write is not None:
+            for direction, n in (("read", h.io_read), ("write", h.io_write)):
+                fams.add("counter", "ember_vmm_block_io_bytes", "Bytes the VMM read from or "
+                         "wrote to storage for the sandbox's disks (/proc/<vmm>/io).",
+                         ("direction",), [*lv, direction], n)
+        if h.net is not None:
+            for direction in ("rx", "tx"):
+                fams.add("counter", "ember_sandbox_network_bytes", "Bytes the sandbox "
+                         "received (rx) or sent (tx), from the host side of its link.",
+                         ("direction",), [*lv, direction], h.net[f"{direction}_bytes"])
+                fams.add("counter", "ember_sandbox_network_packets", "Packets the sandbox "
+                         "received (rx) or sent (tx), from the host side of its link.",
+                         ("direction",), [*lv, direction], h.net[f"{direction}_packets"])
 
     def _guest_series(self, fams: _Families, t: Target, lv: list[str],
                       g: pb.GuestStatsResponse) -> None:

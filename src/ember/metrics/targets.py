@@ -54,6 +54,8 @@ class Target:
     k8s_pod: str = ""
     runtime_class: str = ""
     cgroup_scope: str = ""  # the sandbox's own host cgroup (the jail's, or the pod's)
+    veth: str = ""  # ember run --network bridge: the host end of its veth (root netns)
+    netns: str = ""  # pods: the pod's network namespace, where the VM's tap is
     containers: dict[str, str] = field(default_factory=dict)  # guest container id -> name
     exit_code: int | None = None
     oom_killed: bool = False
@@ -92,6 +94,7 @@ def _jail_scope(jail: dict | None) -> str:
 def sandboxes(cfg: Config) -> list[Target]:
     """``ember run`` sandboxes from their records (refreshed, never written)."""
     from ember.errors import NotFoundError
+    from ember.net.bridge import veth_name
     from ember.sandbox.state import StateStore
 
     store = StateStore(cfg)
@@ -111,6 +114,7 @@ def sandboxes(cfg: Config) -> list[Target]:
             kind="sandbox", id=st.id, name=st.name, status=st.status,
             hypervisor=st.vmm_kind or "qemu", socket=store.dir(st.id) / "api.sock",
             vmm_pid=st.vmm_pid, started=st.created, cgroup_scope=_jail_scope(st.jail),
+            veth=veth_name(st.id) if st.network == "bridge" else "",
             containers={st.id: st.name}, exit_code=st.exit_code, oom_killed=st.oom_killed,
             error=st.error, finished=st.finished,
         ))
@@ -190,7 +194,7 @@ class PodFinder:
                 k8s_namespace=pod_ann.get(ANN_POD_NAMESPACE) or pod_ann.get(CRIO_POD_NAMESPACE, ""),
                 k8s_pod=pod_ann.get(ANN_POD_NAME) or pod_ann.get(CRIO_POD_NAME, ""),
                 runtime_class=next((pod_ann[a] for a in ANN_HANDLERS if pod_ann.get(a)), ""),
-                cgroup_scope=scope, containers=containers,
+                cgroup_scope=scope, containers=containers, netns=str(rec.get("netns") or ""),
             ))
         for gone in set(self._annotations) - bundles:
             del self._annotations[gone]

@@ -27,11 +27,14 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ember.errors import EmberError
 
 TAP_NAME = "tap0_ember"
+T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -104,13 +107,14 @@ def read_config(path: str, ifname: str = "eth0") -> NicConfig:
         ns.close()
 
 
-def _open_tap(path: str, name: str) -> int:
-    """Open a tap device created inside the namespace (tun binds it to the opener's netns).
+def in_netns(path: str, fn: Callable[[], T], what: str) -> T:
+    """fn() run inside the network namespace at ``path``; NetError if that fails.
 
     setns(CLONE_NEWNET) changes only the calling thread, so a short-lived
     thread does it and the rest of the process never leaves its namespace.
+    Sockets and taps opened by fn() stay bound to that namespace.
     """
-    result: list[int | BaseException] = []
+    result: list = []
 
     def work() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -122,22 +126,45 @@ def _open_tap(path: str, name: str) -> int:
                     raise OSError(err, os.strerror(err))
             finally:
                 os.close(nsfd)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-            except OSError:
-                os.close(fd)
-                raise
-            result.append(fd)
+            result.append(fn())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             result.append(exc)
 
-    t = threading.Thread(target=work, name="netns-tap")
+    t = threading.Thread(target=work, name="netns")
     t.start()
     t.join()
     if isinstance(result[0], BaseException):
-        raise NetError(f"cannot create tap {name} in {path}: {result[0]}")
+        raise NetError(f"{what} in {path}: {result[0]}")
     return result[0]
+
+
+def _open_tap(path: str, name: str) -> int:
+    """Open a tap device created inside the namespace (tun binds it to the opener's netns)."""
+
+    def open_tap() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    return in_netns(path, open_tap, f"cannot create tap {name}")
+
+
+def link_stats(path: str, ifname: str = TAP_NAME) -> dict[str, int]:
+    """The kernel's counters of ``ifname`` in the namespace at ``path`` (rx_bytes,
+    tx_bytes, rx_packets, ...), read over netlink from a thread inside it."""
+    from pyroute2 import IPRoute
+
+    def read() -> dict[str, int]:
+        with IPRoute() as ipr:
+            links = ipr.link("get", ifname=ifname)
+            stats = links[0].get_attr("IFLA_STATS64") or {}
+            return {str(k): int(v) for k, v in dict(stats).items()}
+
+    return in_netns(path, read, f"cannot read {ifname}'s counters")
 
 
 def setup(path: str, ifname: str = "eth0", tap: str = TAP_NAME) -> tuple[int, NicConfig]:
