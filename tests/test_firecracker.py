@@ -26,11 +26,11 @@ import pytest
 from ember.agent.client import AgentClient
 from ember.errors import VMError
 from ember.testing.fc_fake import read_log, write_fake_binary
-from ember.vmm import fc_drives
 from ember.vmm.base import Drive, VMSpec
-from ember.vmm.fc_contract import default_spec_path
-from ember.vmm.fc_contract import load as load_contract
 from ember.vmm.firecracker import FirecrackerOptions, FirecrackerVMM
+from ember.vmm.firecracker import drives as fc_drives
+from ember.vmm.firecracker.contract import default_spec_path
+from ember.vmm.firecracker.contract import load as load_contract
 
 pytestmark = pytest.mark.skipif(not default_spec_path().exists(),
                                 reason=f"Firecracker API description not found at "

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from ember.testing.fc_fake import FakeFirecracker
-from ember.vmm.fc_contract import ContractError, default_spec_path, load
+from ember.vmm.firecracker.contract import ContractError, default_spec_path, load
 
 pytestmark = pytest.mark.skipif(not default_spec_path().exists(),
                                 reason=f"Firecracker API description not found at "

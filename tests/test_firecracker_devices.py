@@ -18,7 +18,8 @@ import pytest
 
 from ember.agent import fcdevices
 from ember.errors import VMError
-from ember.vmm import fc_drives, fc_kernel
+from ember.vmm.firecracker import drives as fc_drives
+from ember.vmm.firecracker import kernel as fc_kernel
 
 
 def make_sysfs(root: Path, name: str, serial: bytes, sectors: int) -> None:

@@ -25,11 +25,11 @@ from ember.agent.client import AgentClient
 from ember.errors import VMError
 from ember.jailer.api import JailSpec, Placement
 from ember.testing.fc_fake import read_log, write_fake_binary
-from ember.vmm import fc_drives
 from ember.vmm.base import Drive, VMSpec
-from ember.vmm.fc_contract import default_spec_path
-from ember.vmm.fc_contract import load as load_contract
 from ember.vmm.firecracker import FirecrackerVMM
+from ember.vmm.firecracker import drives as fc_drives
+from ember.vmm.firecracker.contract import default_spec_path
+from ember.vmm.firecracker.contract import load as load_contract
 
 pytestmark = [
     pytest.mark.root,

@@ -186,7 +186,7 @@ def test_firecracker_snapshot_collect_refuses_links(tmp_path):
     """A jailed Firecracker's snapshot folder is its own: a symlink or a hard link
     left there in place of the snapshot is refused, nothing is followed."""
     from ember.jailer.api import JailSpec
-    from ember.vmm.fc_jail import JailLayout
+    from ember.vmm.firecracker.jail import JailLayout
 
     binary = tmp_path / "firecracker"
     binary.write_text("")

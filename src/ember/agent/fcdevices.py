@@ -3,7 +3,7 @@
 Under Firecracker a container disk arrives by ``PATCH /drives/{id}`` onto a
 placeholder virtio-blk device that existed since boot, so nothing is
 hot-plugged and no uevent says "here it is". The host sends a BlockDevice of
-kind ``fcdisk`` with address ``SERIAL:SECTORS`` (see ember.vmm.fc_drives for
+kind ``fcdisk`` with address ``SERIAL:SECTORS`` (see ember.vmm.firecracker.drives for
 why): Firecracker answers the virtio GET_ID request with an id derived from
 the backing file it opened, and the kernel asks again on every read of
 ``/sys/block/vdX/serial``. A device is the disk once its serial is that id

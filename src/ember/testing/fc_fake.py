@@ -4,7 +4,7 @@ It is an executable stand-in for the ``firecracker`` binary (see
 :func:`write_fake_binary`): started with ``--api-sock PATH`` it serves
 Firecracker's REST API on that Unix socket, over real HTTP/1.1. Every request
 is checked against the published OpenAPI description
-(:mod:`ember.vmm.fc_contract`) and then against Firecracker's state rules:
+(:mod:`ember.vmm.firecracker.contract`) and then against Firecracker's state rules:
 
 * pre-boot calls (boot source, drives, machine config, vsock, network,
   balloon, MMDS config, logger, metrics, ...) are refused after the VM started;
@@ -44,8 +44,8 @@ import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from ember.vmm.fc_contract import Contract, ContractError, Operation
-from ember.vmm.fc_contract import load as load_contract
+from ember.vmm.firecracker.contract import Contract, ContractError, Operation
+from ember.vmm.firecracker.contract import load as load_contract
 
 VERSION = "1.16.1"
 AFTER_START = "The requested operation is not supported after starting the microVM."

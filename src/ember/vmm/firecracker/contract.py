@@ -35,7 +35,7 @@ def default_spec_path() -> Path:
     env = os.environ.get("EMBER_FC_SPEC")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[3]
+    repo = Path(__file__).resolve().parents[4]
     return repo.parent / "shared" / "specs" / SPEC_NAME
 
 

@@ -1,7 +1,7 @@
 """Firecracker driver: the same VMM interface as QEMU, over Firecracker's REST API.
 
 One ``firecracker --api-sock`` process per VM, configured entirely by HTTP
-requests on that socket (see :mod:`ember.vmm.fc_api`), in an order Firecracker
+requests on that socket (see :mod:`ember.vmm.firecracker.api`), in an order Firecracker
 accepts: logger and metrics first (the only things allowed before a snapshot
 load), then machine, boot source, drives (read-only guest rootfs as the root
 device, boot-time drives, the placeholder pool), vsock, entropy, optional
@@ -10,7 +10,7 @@ network, balloon and MMDS, and finally ``InstanceStart``.
 * Agent channel: hybrid vsock (:mod:`ember.vmm.vsock`) on ``agent.sock``,
   guest port 1024, where the agent listens when there is no virtio-serial port.
 * Container disks: placeholder drives patched onto the real image
-  (:mod:`ember.vmm.fc_drives` explains how the guest finds them).
+  (:mod:`ember.vmm.firecracker.drives` explains how the guest finds them).
 * Snapshots: ``PATCH /vm`` Paused + ``PUT /snapshot/create``; restore starts a
   fresh process whose first non-logging call is ``PUT /snapshot/load``.
 * Stop: ``SendCtrlAltDel``, then SIGKILL after the timeout.
@@ -19,7 +19,7 @@ Files in ``work_dir``: ``firecracker.sock`` (API), ``agent.sock`` (vsock),
 ``console.log`` (guest serial, Firecracker's stdout), ``vmm.log`` (its
 stderr), ``firecracker.log`` (its logger), ``metrics.json``, ``fc-drives/``.
 Under ember-jailer (``VMSpec.jailer``) the sockets live in the jail and every
-path Firecracker is given is a jail path (:mod:`ember.vmm.fc_jail`).
+path Firecracker is given is a jail path (:mod:`ember.vmm.firecracker.jail`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ from pathlib import Path
 
 from ember.errors import VMError
 from ember.util import atomic_write_json
-from ember.vmm import fc_drives, fc_jail, fc_kernel, vsock
+from ember.vmm import vsock
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
-from ember.vmm.fc_api import FirecrackerAPI, one_line
+from ember.vmm.firecracker import drives as fc_drives
+from ember.vmm.firecracker import jail as fc_jail
+from ember.vmm.firecracker import kernel as fc_kernel
+from ember.vmm.firecracker.api import FirecrackerAPI, one_line
 
 MAX_UNIX_PATH = 107
 # Firecracker has no ACPI power-off on x86: a guest reboot is what ends the
