@@ -116,6 +116,13 @@ class Sandbox:
     def dir(self) -> Path:
         return self.store.dir(self.id)
 
+    @property
+    def files(self):
+        """Read, write and list files in the running container (ember.sandbox.files.Files)."""
+        from ember.sandbox.files import Files
+
+        return Files(self)
+
     # --------------------------------------------------------------- create
     @classmethod
     def create(

@@ -254,6 +254,11 @@ class AgentClient:
     def port_close(self, conn_id: str) -> None:
         self._call("PortClose", pb.PortCloseRequest(conn_id=conn_id), pb.Empty)
 
+    def archive(self, container_id: str, exec_id: str, op: str, path: str) -> None:
+        """Start a tar helper in the container's root (see ember.agent.archive)."""
+        self._call("Archive", pb.ArchiveRequest(container_id=container_id, exec_id=exec_id,
+                                                op=op, path=path), pb.Empty)
+
     def destroy_sandbox(self) -> None:
         self._call("DestroySandbox", pb.Empty(), pb.Empty)
 

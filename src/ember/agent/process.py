@@ -43,6 +43,7 @@ class Process:
     stderr: StreamBuffer = field(default_factory=StreamBuffer)
     stdin_fd: int | None = None  # pipe write end, or the pty master
     pty_fd: int | None = None
+    helper: bool = False  # the agent's own forked helper (an archive), not crun's
     _wlock: threading.Lock = field(default_factory=threading.Lock)
     _stdin_closing: bool = False
 

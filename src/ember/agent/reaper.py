@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("ember.agent.reaper")
 
@@ -106,6 +106,30 @@ class Reaper:
                 self._watched[pid] = ex
         finally:
             os.close(devnull)
+        self._wake.set()
+        return ex
+
+    def fork(self, fn: Callable[[], int], stdin: int, stdout: int, stderr: int) -> Exit:
+        """Run fn() in a forked child with the given fds as its stdio; its return
+        value is the exit code. Used where the work needs the agent's own code
+        but must not change the agent (a chroot into a container: ember.agent.archive).
+        The child keeps no other descriptor of the agent's.
+        """
+        with self._lock:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    for target, fd in enumerate((stdin, stdout, stderr)):
+                        os.dup2(fd, target)
+                    os.closerange(3, 1 << 16)
+                    for sig in _DEFAULT_SIGNALS + (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(sig, signal.SIG_DFL)
+                    code = fn()
+                finally:
+                    os._exit(code)
+            ex = Exit(pid)
+            self._watched[pid] = ex
         self._wake.set()
         return ex
 

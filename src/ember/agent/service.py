@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember import __version__
-from ember.agent import cgroups, netconf, signals, spec, storage, system, volumes
+from ember.agent import archive, cgroups, netconf, signals, spec, storage, system, volumes
 from ember.agent.crun import Crun
 from ember.agent.portfwd import PortTable
 from ember.agent.process import Process, launch
 from ember.agent.proto import agent_pb2 as pb
 from ember.agent.reaper import Reaper
+from ember.agent.streams import PacedBuffer, drain
 from ember.ttrpc import Code, Context, Server, TTRPCError
 
 log = logging.getLogger("ember.agent")
@@ -154,14 +155,7 @@ class AgentService:
         c = self._container(req.container_id)
         spec.check_id("exec id", req.exec_id)
         proc_spec = spec.check_process(spec.parse_json(req.process, "process"), "process")
-        with c.lock:
-            if req.exec_id in c.execs:
-                raise TTRPCError(Code.ALREADY_EXISTS,
-                                 f"exec {req.exec_id!r} already exists in container {c.id!r}")
-            if not c.init.running:
-                raise TTRPCError(Code.FAILED_PRECONDITION, f"container {c.id!r} is not running")
-            proc = Process(c.id, req.exec_id, terminal=bool(proc_spec.get("terminal")))
-            c.execs[req.exec_id] = proc
+        proc = _add_exec(c, Process(c.id, req.exec_id, terminal=bool(proc_spec.get("terminal"))))
         work = os.path.join(c.bundle, "execs")
         os.makedirs(work, exist_ok=True)
         pfile = os.path.join(work, f"{req.exec_id}.json")
@@ -173,6 +167,44 @@ class AgentService:
             with c.lock:
                 c.execs.pop(req.exec_id, None)
             raise
+        return EMPTY
+
+    def Archive(self, req: pb.ArchiveRequest, ctx: Context) -> pb.Empty:
+        """A tar stream into or out of the container's root, as process exec_id
+        (see ember.agent.archive): the host writes a tar to its stdin (put*),
+        or reads one (get) or a JSON listing (list) from its stdout; errors are
+        one line on stderr, the outcome its exit status."""
+        c = self._container(req.container_id)
+        spec.check_id("exec id", req.exec_id)
+        try:
+            path = archive.check_request(req.op, req.path)
+        except archive.ArchiveError as e:
+            raise TTRPCError(Code.INVALID_ARGUMENT, str(e)) from e
+        fds: list[int] = []
+        proc = _add_exec(c, Process(c.id, req.exec_id, helper=True, stdout=PacedBuffer()))
+        init_pid = c.init.pid
+        try:
+            in_r, in_w = os.pipe()
+            fds += [in_r, in_w]
+            out_r, out_w = os.pipe()
+            fds += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            proc.exit = self.reaper.fork(
+                lambda: archive.run_in_container(init_pid, req.op, path), in_r, out_w, err_w)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            with c.lock:
+                c.execs.pop(req.exec_id, None)
+            raise
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        proc.pid = proc.exit.pid
+        proc.stdin_fd = in_w
+        os.set_blocking(in_w, False)
+        drain(out_r, proc.stdout, f"{proc.name}-stdout")
+        drain(err_r, proc.stderr, f"{proc.name}-stderr")
         return EMPTY
 
     def WaitProcess(self, req: pb.ProcessRequest, ctx: Context) -> pb.WaitProcessResponse:
@@ -260,6 +292,13 @@ class AgentService:
                     and "No such file" not in e.message:
                 log.warning("%s", e)
         if c is not None:
+            for p in c.execs.values():
+                if p.helper and p.running:  # an archive whose reader or writer went away
+                    p.stdout.close()
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             for p in [c.init, *c.execs.values()]:
                 if p.exit is not None and not p.exit.wait(10):
                     log.warning("process %s did not exit after crun delete", p.name)
@@ -411,6 +450,18 @@ class AgentService:
             ctx.call_after_response(then)
         log.info("sandbox destroyed")
         return EMPTY
+
+
+def _add_exec(c: Container, proc: Process) -> Process:
+    """Register a new process of a running container under its exec id."""
+    with c.lock:
+        if proc.exec_id in c.execs:
+            raise TTRPCError(Code.ALREADY_EXISTS,
+                             f"exec {proc.exec_id!r} already exists in container {c.id!r}")
+        if not c.init.running:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"container {c.id!r} is not running")
+        c.execs[proc.exec_id] = proc
+    return proc
 
 
 def _write_json(path: str, obj: object) -> None:

@@ -83,6 +83,39 @@ class StreamBuffer:
             return data, offset, eof
 
 
+class PacedBuffer(StreamBuffer):
+    """A stream for one reader that must get every byte (an archive for ember cp):
+    the writer waits while more than ``limit`` bytes are unread, and what the
+    reader has passed (its next offset) is dropped. Closing it lets a writer
+    whose reader went away go on (its bytes are dropped)."""
+
+    def __init__(self, limit: int = KEEP_BYTES) -> None:
+        super().__init__(limit)
+        self._read_to = 0
+
+    def append(self, data: bytes) -> None:
+        with self._cond:
+            while not self._closed and \
+                    self._start + len(self._buf) - self._read_to >= self._limit:
+                self._cond.wait(1.0)
+            if self._closed:
+                return
+            self._buf += data
+            self._cond.notify_all()
+
+    def read(self, offset: int, max_bytes: int = 0, wait_s: float = 0.0
+             ) -> tuple[bytes, int, bool]:
+        with self._cond:
+            if offset > self._read_to:
+                drop = min(offset, self._start + len(self._buf)) - self._start
+                if drop > 0:
+                    del self._buf[:drop]
+                    self._start += drop
+                self._read_to = offset
+                self._cond.notify_all()
+        return super().read(offset, max_bytes, wait_s)
+
+
 def drain(fd: int, buf: StreamBuffer, name: str, also: StreamBuffer | None = None) -> threading.Thread:
     """Copy fd into buf until EOF in a thread; closes fd and buf at the end.
 

@@ -270,6 +270,7 @@ main.add_command(guest)
 
 from ember.cli.check import check_cmd  # noqa: E402
 from ember.cli.config import config_group  # noqa: E402
+from ember.cli.cp import cp_cmd  # noqa: E402
 from ember.cli.events import events_cmd  # noqa: E402
 from ember.cli.info import info_cmd  # noqa: E402
 from ember.cli.metrics import metrics_group  # noqa: E402
@@ -277,6 +278,7 @@ from ember.cli.stats import stats_cmd  # noqa: E402
 
 main.add_command(check_cmd)
 main.add_command(config_group)
+main.add_command(cp_cmd)
 main.add_command(events_cmd)
 main.add_command(info_cmd)
 main.add_command(metrics_group)

@@ -458,3 +458,15 @@ class UpdateInterfaceRequest(_message.Message):
     addresses: _containers.RepeatedScalarFieldContainer[str]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ArchiveRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "op", "path")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    op: str
+    path: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., op: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
