@@ -34,6 +34,13 @@ from pathlib import Path
 from ember import trace
 from ember.config import Config, load_config
 from ember.errors import EmberError, NotFoundError
+from ember.sandbox.options import (
+    RunOptions,
+    apply_to_spec,
+    image_stop_signal,
+    prepare_guest,
+    resolve_image,
+)
 from ember.sandbox.spec import ProcessOptions, build_process, build_spec
 from ember.sandbox.state import (
     LIVE,
@@ -145,6 +152,7 @@ class Sandbox:
         network: str = "none",
         publish: list[str] | None = None,
         console_size: tuple[int, int] | None = None,
+        options: RunOptions | None = None,
         cfg: Config | None = None,
     ) -> Sandbox:
         """Boot a micro-VM and start the image's command in it; returns once it runs.
@@ -152,6 +160,9 @@ class Sandbox:
         network: "none" (loopback only) or "bridge" (ember0, see ember.net.bridge);
         publish: ``[IP:]HOSTPORT:CONTAINERPORT[/tcp]`` entries, bridge only.
         console_size: (rows, cols) the terminal starts with (tty only).
+        options: capabilities, read-only root, hostname, /etc/hosts and DNS entries,
+        restart policy, stop signal and time-out, health check, pull policy
+        (:class:`ember.sandbox.options.RunOptions`).
 
         The sandbox monitor watches this process: if it ends before the
         container has started, the sandbox is torn down. With ``auto_remove``
@@ -159,6 +170,7 @@ class Sandbox:
         process has read the exit code (:meth:`wait`) or ended.
         """
         cfg = cfg or load_config()
+        run_opts = (options or RunOptions()).check(auto_remove)
         ports = _check_network(network, publish or [])
         if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1) * 4):
             raise EmberError(f"invalid --cpus {cpus}: must be > 0 and at most 4 x host cores")
@@ -166,7 +178,7 @@ class Sandbox:
 
         images = ImageStore(cfg)
         with trace.span("image resolve"):
-            img = images.resolve(image)
+            img = resolve_image(images, image, run_opts.pull)
         memory_bytes = parse_size(memory) if memory is not None else None
         if memory_bytes is not None and memory_bytes < (6 << 20):
             raise EmberError(f"memory {memory} is too small: the minimum is 6m")
@@ -178,6 +190,8 @@ class Sandbox:
                               console_size=console_size)
         spec = build_spec(img.config, opts, hostname=sandbox_id[:12], cpus=cpus,
                           memory_bytes=memory_bytes)
+        image_stop_signal(run_opts, img.config)
+        apply_to_spec(spec, run_opts, sandbox_id)
         store = StateStore(cfg)
         with store.lock():
             if name is None:
@@ -192,6 +206,7 @@ class Sandbox:
                 vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
                 exec_defaults=_exec_defaults(spec["process"]),
                 creator_pid=os.getpid(), creator_started=process_started(os.getpid()),
+                options=run_opts.record(),
             )
             store.create(state)
         pause_for_test("recorded")
@@ -222,6 +237,7 @@ class Sandbox:
             dev = self.monitor_call("AttachDisk", path=str(disk.path), format=disk.format,
                                     drive_id="rootfs")
         agent = self.agent()
+        prepare_guest(agent, self.dir, self.state, spec)  # /etc files; spec.json for restarts
         with trace.span("container create"):
             agent.create_container(self.id, spec,
                                    {"kind": dev["kind"], "address": dev["address"]}, stdin=stdin)
@@ -415,18 +431,45 @@ class Sandbox:
     def kill(self, sig: int | str = signal.SIGKILL) -> None:
         signum = _signal_number(sig)
         self._require_running()
+        self._hold_restarts()
         self.agent().signal_process(self.id, "", signum, all=False)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after timeout; the exit code."""
-        if self.status == "unknown":
+    def rename(self, name: str) -> None:
+        """A new name (Docker's rename), checked and taken under the host-wide lock,
+        so two renames (or a rename and a create) never end with one name twice."""
+        _check_name(name)
+        with self.store.lock():
+            if self.store.name_taken(name):
+                raise EmberError(f"the name {name!r} is already in use by another sandbox")
+            self._state = self.store.rename(self.id, name)
+
+    def _hold_restarts(self) -> None:
+        """A container stopped or killed by hand is not restarted (Docker's rule)."""
+        if RunOptions.from_record(self._state.options).restart != "no":
+            self.store.update(self.id, stop_requested=True)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """The stop signal (``--stop-signal``, else the image's, else SIGTERM), then
+        SIGKILL after ``timeout`` seconds (else ``--stop-timeout``, else 10; -1 waits
+        as long as it takes); the exit code."""
+        st = self.state
+        if st.status == "unknown":
             raise self.not_running_error()
-        if self.status not in ("running", "paused"):
-            return self.state.exit_code
+        if st.status not in ("running", "paused"):
+            return st.exit_code
+        opts = RunOptions.from_record(st.options)
+        if timeout is None:
+            timeout = opts.stop_timeout if opts.stop_timeout is not None else 10.0
         try:
-            self.kill(signal.SIGTERM)
             try:
-                return self.wait(timeout)
+                self.kill(opts.stop_signal or signal.SIGTERM)
+            except EmberError:
+                if self.state.status not in ("running", "paused"):
+                    raise
+                # Between two runs of a restarting container: nothing to signal, and
+                # the held restart makes the monitor stop now.
+            try:
+                return self.wait(None if timeout < 0 else timeout)
             except TimeoutError:
                 self.kill(signal.SIGKILL)
                 return self.wait(30)

@@ -16,6 +16,7 @@ import time
 import click
 
 from ember.cli.common import handle_errors
+from ember.cli.runopts import run_options
 from ember.errors import EmberError
 
 
@@ -52,25 +53,31 @@ def main(debug: bool) -> None:
               help="none (loopback only) or bridge (ember0, 10.88.0.0/16).")
 @click.option("-p", "--publish", multiple=True,
               help="[IP:]HOSTPORT:CONTAINERPORT[/tcp]; needs --network bridge.")
+@run_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypoint, cpus,
-        memory, ulimit, label, network, publish, image, command) -> None:
+        memory, ulimit, label, network, publish, image, command, **more) -> None:
     """Run a command in a new container, inside a new micro-VM."""
     from ember import trace
     from ember.api import Sandbox
     from ember.cli.attach import caller_winsize
+    from ember.cli.runopts import collect
+
+    options, file_env = collect(more)  # --env-file first: -e overrides it
 
     trace.mark("cli", trace.process_start())  # interpreter, imports, options
 
     labels = dict(item.partition("=")[::2] for item in label)
     sb = Sandbox.create(
-        image, list(command) or None, name=name, env=list(env), workdir=workdir, user=user,
+        image, list(command) or None, name=name, env=[*file_env, *env], workdir=workdir,
+        user=user,
         entrypoint=[entrypoint] if entrypoint is not None else None, cpus=cpus, memory=memory,
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
         labels=labels, network=network, publish=list(publish),
         console_size=caller_winsize() if tty else None,
+        options=options,
     )
     if detach:  # with --rm, the sandbox monitor removes the sandbox when it exits
         click.echo(sb.id)
@@ -91,10 +98,12 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
               help="Show exited and dead sandboxes too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only ids.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("-s", "--size", is_flag=True, help="Show what each container wrote to its disk.")
 @handle_errors
-def ps(show_all, quiet, as_json) -> None:
+def ps(show_all, quiet, as_json, size) -> None:
     """List sandboxes."""
     from ember.api import Sandbox
+    from ember.cli.sandboxes import ports_text, size_text, status_text
 
     boxes = Sandbox.list(all=show_all)
     if as_json:
@@ -104,17 +113,14 @@ def ps(show_all, quiet, as_json) -> None:
         for b in boxes:
             click.echo(b.id[:12])
         return
-    rows = [("SANDBOX ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAME")]
+    rows = [("SANDBOX ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAME",
+             *(("SIZE",) if size else ()))]
     for b in boxes:
         st = b.state
-        status = st.status
-        if st.status == "exited":
-            status = f"exited ({st.exit_code}{', OOM killed' if st.oom_killed else ''})"
-        elif st.status == "unknown":
-            status = f"unknown ({st.error})"
         cmd = " ".join(st.command)
         rows.append((st.short_id, st.image, (cmd[:27] + "...") if len(cmd) > 30 else cmd,
-                     _ago(st.created), status, st.name))
+                     _ago(st.created), status_text(st), ports_text(st), st.name,
+                     *((size_text(st),) if size else ())))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -168,7 +174,8 @@ def logs(follow, sandbox) -> None:
 
 
 @main.command()
-@click.option("-t", "--time", "timeout", type=float, default=10.0, help="Seconds before SIGKILL.")
+@click.option("-t", "--time", "timeout", type=float,
+              help="Seconds before SIGKILL (default: --stop-timeout, else 10).")
 @click.argument("sandboxes", nargs=-1, required=True)
 @handle_errors
 def stop(timeout, sandboxes) -> None:
@@ -274,6 +281,7 @@ from ember.cli.cp import cp_cmd  # noqa: E402
 from ember.cli.events import events_cmd  # noqa: E402
 from ember.cli.info import info_cmd  # noqa: E402
 from ember.cli.metrics import metrics_group  # noqa: E402
+from ember.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS  # noqa: E402
 from ember.cli.stats import stats_cmd  # noqa: E402
 
 main.add_command(check_cmd)
@@ -283,6 +291,8 @@ main.add_command(events_cmd)
 main.add_command(info_cmd)
 main.add_command(metrics_group)
 main.add_command(stats_cmd)
+for _cmd in SANDBOX_COMMANDS:  # wait, rename, port, top
+    main.add_command(_cmd)
 
 try:  # the Kubernetes commands are optional at import time
     from ember.k8s.cli import k8s_group  # noqa: E402

@@ -50,7 +50,9 @@ from ember.agent.proto import agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError, NotFoundError
 from ember.sandbox import events
+from ember.sandbox.health import HealthChecker
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
+from ember.sandbox.restart import Restarter
 from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.vm import SandboxVM
 from ember.ttrpc import Server, TTRPCError
@@ -77,6 +79,9 @@ class Monitor:
                             nic=st.network == "bridge", cpus=st.cpus)
         self.events = events.SandboxEvents(self.cfg.state_dir, sandbox_id, st.name, st.image,
                                            st.vmm_kind)
+        self.restarter = Restarter(self.store, sandbox_id, st.options)  # --restart
+        self.health = HealthChecker(self.store, sandbox_id, st.options)  # --health-cmd
+        self.rootfs: dict | None = None  # the container's disk, for restarts
         self.server = Server()
         self.done = threading.Event()  # stopping: nothing new starts
         self._stopping = threading.Lock()
@@ -132,6 +137,8 @@ class Monitor:
     def AttachDisk(self, path: str, format: str = "raw", readonly: bool = False,
                    drive_id: str | None = None) -> dict:
         drive_id, dev = self.vm.attach_disk(Path(path), format, readonly, drive_id)
+        if drive_id == "rootfs":
+            self.rootfs = {"kind": dev.kind, "address": dev.address}
         return {"drive_id": drive_id, "kind": dev.kind, "address": dev.address}
 
     def DetachDisk(self, drive_id: str) -> dict:
@@ -166,14 +173,20 @@ class Monitor:
         if self._log is None:
             self._log = RotatingLog(self.dir / LOG_NAME, self.cfg.logs.max_bytes,
                                     self.cfg.logs.max_files)
-        log = self._log
-        streams = [threading.Thread(target=self._pump, args=(container_id, s, log), daemon=True)
-                   for s in ("stdout", "stderr")]
-        for t in streams:
-            t.start()
+        streams = self._pumps(container_id)
         threading.Thread(target=self._wait_main, args=(container_id, streams, auto_stop),
                          daemon=True).start()
+        self.health.start(self.vm, container_id, self.done)
         return {}
+
+    def _pumps(self, container_id: str) -> list[threading.Thread]:
+        """Copy the container's stdout and stderr into the log (each run of it)."""
+        assert self._log is not None
+        streams = [threading.Thread(target=self._pump, args=(container_id, s, self._log),
+                                    daemon=True) for s in ("stdout", "stderr")]
+        for t in streams:
+            t.start()
+        return streams
 
     def Shutdown(self) -> dict:
         """`ember rm` (or a failed create) removes the sandbox: stop, and leave it to them."""
@@ -241,13 +254,17 @@ class Monitor:
 
     def _wait_main(self, cid: str, streams: list[threading.Thread], auto_stop: bool) -> None:
         req = agent_pb2.ProcessRequest(container_id=cid)
-        try:
-            resp = self.vm.rpc.call(AGENT_SERVICE, "WaitProcess", req,
-                                    agent_pb2.WaitProcessResponse)
-        except (TTRPCError, OSError, AttributeError):
-            return  # the VM went away: stop() records why
-        for t in streams:
-            t.join(timeout=5)
+        while True:
+            try:
+                resp = self.vm.rpc.call(AGENT_SERVICE, "WaitProcess", req,
+                                        agent_pb2.WaitProcessResponse)
+            except (TTRPCError, OSError, AttributeError):
+                return  # the VM went away: stop() records why
+            for t in streams:
+                t.join(timeout=5)
+            if not self._restarted(cid, resp):
+                break
+            streams = self._pumps(cid)
         result = {"status": "exited", "exit_code": resp.exit_status, "finished": time.time(),
                   "oom_killed": resp.oom_killed}
         if auto_stop:
@@ -256,6 +273,23 @@ class Monitor:
             self.stop(None, final=result)
         else:
             self.store.update(self.id, **result)
+
+    def _restarted(self, cid: str, resp) -> bool:
+        """--restart: the container was started again (see ember.sandbox.restart)."""
+        if self.rootfs is None or not self.restarter.wanted(resp.exit_status):
+            return False
+        from ember.agent.client import AgentClient
+
+        self.events.outcome("exited", resp.exit_status, resp.oom_killed)
+        try:
+            if not self.restarter.restart(AgentClient(self.vm.rpc), self.rootfs,
+                                          self.done.is_set):
+                return False
+        except (EmberError, TTRPCError, OSError, ValueError) as exc:
+            self._complain("restart", f"restart failed: {exc}")
+            return False
+        self.events.container("restart")
+        return True
 
     def _watch_vmm(self) -> None:
         """Record a VMM that dies on its own (crash, kill -9) and stop serving."""

@@ -14,7 +14,7 @@ opened with ``O_NOFOLLOW``, made 0600, and used only if it is a regular file
 of ours with a single link (anything else in its place is removed first).
 
 The folder is the sandbox: it appears whole (made under a temporary name and
-renamed into place, with a ``name`` file that is never rewritten) and as long
+renamed into place, with a ``name`` file, replaced whole only by ``ember rename``) and as long
 as it exists the sandbox is listed and its name stays taken, even when
 ``state.json`` is missing or unreadable (status ``unknown``). The status is
 also checked against the processes: a sandbox whose monitor is gone is
@@ -79,6 +79,11 @@ class SandboxState:
     exec_defaults: dict = field(default_factory=dict)
     creator_pid: int | None = None  # the process that made the record (until a monitor runs)
     creator_started: float | None = None
+    # `ember run` options the monitor and `ember stop` act on (ember.sandbox.options).
+    options: dict = field(default_factory=dict)
+    restart_count: int = 0  # restarts by the --restart policy (ember.sandbox.restart)
+    stop_requested: bool = False  # `ember stop`/`kill`: the restart policy stands down
+    health: str = ""  # --health-cmd: starting | healthy | unhealthy (ember.sandbox.health)
 
     @property
     def short_id(self) -> str:
@@ -338,6 +343,17 @@ class StateStore:
 
     def name_taken(self, name: str) -> bool:
         return any(st.name == name for st in self.all())
+
+    def rename(self, sandbox_id: str, name: str) -> SandboxState:
+        """Give a sandbox a new name (call under :meth:`lock`, after checking that the
+        name is free): the record and the ``name`` file, each replaced whole, so
+        an unreadable record still answers to its new name."""
+        with self.record_lock(sandbox_id):
+            st = self.load(sandbox_id)
+            st.name = name
+            atomic_write(self.dir(sandbox_id) / NAME_FILE, name + "\n")
+            self._write(st)
+            return st
 
     def refresh(self, st: SandboxState) -> SandboxState:
         """Say ``dead`` for a live-looking sandbox whose monitor is gone.
