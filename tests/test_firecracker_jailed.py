@@ -167,3 +167,67 @@ def test_bad_jailer_settings_fail_at_start_with_the_jailers_words(jail_env):
     with pytest.raises(VMError, match=r"exited with code 125: .*--uid 0"):
         vm.start()
     assert vm.exited()
+
+
+def test_crash_record_and_config_find_a_killed_jailed_vm(jail_env, tmp_path, monkeypatch):
+    """Everything of a jailed Firecracker VM dies at once (its waiter and the
+    VMM, SIGKILL): the crash record names the jail (VMM.jail_record, the same
+    record QEMU gives), and the cleanup `ember rm -f` runs, worked out from the
+    id and the configuration alone, removes the jail folder and its cgroups."""
+    import signal
+
+    from ember.config import load_config
+    from ember.jailer.api import jail_dir
+    from ember.sandbox.vm import cleanup_jail
+
+    root, template, binary = jail_env
+    template.cgroups = {"pids.max": "512"}
+    vm = FirecrackerVMM(_spec(root, template, "crash"), binary=str(binary), placeholder_drives=1)
+    try:
+        vm.start()
+        record = vm.jail_record()
+        assert record == {"id": "t-crash", "exec_file": str(binary), "uid": UID,
+                          "chroot_base_dir": str(root / "jails"),
+                          "parent_cgroup": "ember-test-fc"}
+        folder = jail_dir(vm.jail)  # type: ignore[arg-type]
+        assert folder.is_dir()
+        vmm_pid = vm.pid
+        os.kill(vm._proc.pid, signal.SIGKILL)  # the waiter first: nobody cleans up
+        vm._proc.wait()
+        os.kill(vmm_pid, signal.SIGKILL)
+        assert folder.is_dir(), "the jail outlives its killed waiter"
+        cgroups = list(Path("/sys/fs/cgroup").glob("*/ember-test-fc/t-crash*"))
+        assert cgroups, "and so do its cgroups"
+    except BaseException:
+        vm.kill()
+        raise
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(f'[vm]\nhypervisor = "firecracker"\nfirecracker_binary = "{binary}"\n'
+                        f'[jailer]\nchroot_base_dir = "{root / "jails"}"\n')
+    monkeypatch.setenv("EMBER_CONFIG", str(cfg_file))
+    cleanup_jail(load_config(), "t-crash", parent_cgroup="ember-test-fc")
+    assert not folder.exists()
+    assert not any(p.exists() for p in cgroups)
+
+
+def test_every_backend_declares_what_the_core_asks(tmp_path, monkeypatch):
+    """What sandbox/ needs of a hypervisor before a VM exists comes from its
+    driver class: binary, accelerator, snapshot support (VM templates for
+    both), template inputs, jail record; an unknown name is one clear error."""
+    from ember.config import load_config
+    from ember.errors import EmberError
+    from ember.vmm import HYPERVISORS, backend, configured, vmm_binaries
+
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text('[vm]\nhypervisor = "firecracker"\nfirecracker_binary = "/opt/fc/fcbin"\n')
+    monkeypatch.setenv("EMBER_CONFIG", str(cfg_file))
+    cfg = load_config()
+    assert configured(cfg) is FirecrackerVMM
+    assert vmm_binaries(cfg) == ["/opt/fc/fcbin", cfg.vm.qemu_binary]
+    assert FirecrackerVMM.choose_accel(cfg, tmp_path / "k", "") == "kvm"
+    assert FirecrackerVMM.template_inputs(cfg) == ["/opt/fc/fcbin"]  # absent: by name only
+    for name in HYPERVISORS:
+        cls = backend(name)
+        assert cls.kind == name and cls.supports_snapshots
+    with pytest.raises(EmberError, match="unknown hypervisor 'bhyve'"):
+        backend("bhyve")

@@ -141,7 +141,6 @@ def test_qemu_nic_arguments_and_template_key(tmp_path) -> None:
     placeholder = QemuVMM(spec(nic=True)).argv()  # a template build: no tap yet
     assert placeholder[placeholder.index("-netdev") + 1].startswith("hubport,id=net0")
     # A VM with a NIC never restores a template saved without one, and vice versa.
-    assert template_key(spec(nic=True), "qemu-system-x86_64") != \
-        template_key(spec(), "qemu-system-x86_64")
-    assert template_key(spec(nic=True, net_fd=7), "qemu-system-x86_64") == \
-        template_key(spec(nic=True, net_fd=9), "qemu-system-x86_64")
+    qemu = ["qemu-system-x86_64"]
+    assert template_key(spec(nic=True), qemu) != template_key(spec(), qemu)
+    assert template_key(spec(nic=True, net_fd=7), qemu) == template_key(spec(nic=True, net_fd=9), qemu)

@@ -135,12 +135,11 @@ def guest_build(force, no_template) -> None:
     assets = build_guest(cfg, progress=True, force=force)
     click.echo(f"guest assets: kernel {assets.kernel_release}, key {assets.key}")
     if cfg.vm.snapshot and not no_template:
-        from ember.sandbox.template import TemplateCache
         from ember.sandbox.vm import SandboxVM
 
         started = time.monotonic()
         vm = SandboxVM(cfg, "template-probe", cfg.state_dir, cfg.vm.vcpus, cfg.vm.memory_mib)
-        path = TemplateCache(cfg).get_or_build(vm.base_spec(), wait=True)
+        path = vm.template_for(vm.base_spec(), wait=True)
         if path is None:
             click.echo("warning: could not build the VM template; sandboxes will cold-boot",
                        err=True)

@@ -3,7 +3,8 @@
 Restoring a paused VM from its migration stream takes a fraction of a second
 where a cold boot under TCG takes seconds. A template is keyed by everything
 that must match between the saved VM and the restoring QEMU: guest assets,
-kernel command line, vCPUs, memory, accelerator, the QEMU binary and this
+kernel command line, vCPUs, memory, accelerator, what the hypervisor driver
+says a snapshot depends on (its binary: VMM.template_inputs) and this
 module's device-layout version, and whether the VM has a NIC (a VM with a
 virtio-net device cannot restore a snapshot saved without one; such a
 template is built on a placeholder backend and restored onto the pod's tap).
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ember.config import Config
@@ -28,6 +30,11 @@ from ember.util import atomic_write_json, private_dir
 from ember.vmm.base import VMSpec
 
 LAYOUT_VERSION = "1"
+
+# Boots a fresh VM for spec as VM vm_id (work files in the given folder) and
+# saves its snapshot to the given path; returns the guest's kernel release.
+# ember.sandbox.vm provides it, so this module needs nothing of how VMs boot.
+Builder = Callable[[VMSpec, str, Path, Path], str]
 
 # What this process's last lookup for each owner found (hit, miss, busy: another
 # process was building it, failed: the build failed), for the VM's boot event
@@ -40,15 +47,11 @@ def last_use(owner: str) -> str:
     return _last_use.get(owner, "")
 
 
-def template_key(spec: VMSpec, binary: str) -> str:
-    qemu = shutil.which(binary) or binary
-    try:
-        st = os.stat(qemu)
-        qemu_id = f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        qemu_id = qemu
+def template_key(spec: VMSpec, inputs: list[str]) -> str:
+    """The template's name: everything a restore must match (``inputs``: the
+    hypervisor's own, VMM.template_inputs)."""
     parts = [
-        LAYOUT_VERSION, qemu_id, str(spec.kernel), str(spec.initrd), str(spec.rootfs),
+        LAYOUT_VERSION, *inputs, str(spec.kernel), str(spec.initrd), str(spec.rootfs),
         spec.cmdline, str(spec.vcpus), str(spec.memory_mib), spec.accel,
     ]
     if spec.nic:
@@ -76,15 +79,15 @@ class TemplateCache:
     def path_for(self, key: str) -> Path:
         return self.root / key / "vm.state"
 
-    def get_or_build(self, spec: VMSpec, wait: bool = False,
-                     owner: str | None = None) -> Path | None:
+    def get_or_build(self, spec: VMSpec, inputs: list[str], build: Builder,
+                     wait: bool = False, owner: str | None = None) -> Path | None:
         """The template for spec, building it if needed; None if it cannot be had now.
 
         ``owner``: the sandbox or pod the build is for; the build VM's id (its
         jail) and work folder are then named after it, so removing the owner
         also removes a build that was killed half-way.
         """
-        key = template_key(spec, self.cfg.vm.qemu_binary)
+        key = template_key(spec, inputs)
         path = self.path_for(key)
         use = owner or ""
         if path.exists():
@@ -100,7 +103,7 @@ class TemplateCache:
                 _last_use[use] = "hit"
                 return path
             try:
-                self._build(spec, key, path, owner)
+                self._build(spec, key, path, build, owner)
             except EmberError:
                 _last_use[use] = "failed"
                 return None
@@ -108,34 +111,27 @@ class TemplateCache:
         self._gc(keep=key)
         return path
 
-    def _build(self, spec: VMSpec, key: str, path: Path, owner: str | None = None) -> None:
+    def _build(self, spec: VMSpec, key: str, path: Path, build: Builder,
+               owner: str | None = None) -> None:
         from ember.sandbox.state import template_vm_id
-        from ember.sandbox.vm import SandboxVM
 
         # A short work dir: Unix socket paths are limited to 107 bytes.
         work = Path(tempfile.mkdtemp(prefix=build_prefix(owner), dir=self._tmp_base()))
         tmp_state = path.parent / f".vm.state.{os.getpid()}.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
         vm_id = template_vm_id(owner) if owner else f"template-{key}"
-        vm = SandboxVM(self.cfg, vm_id, work, spec.vcpus, spec.memory_mib,
-                       use_template=False, nic=spec.nic)
         started = time.monotonic()
         try:
-            vm.boot()
-            details = vm.agent.guest_details()
-            assert vm.vmm is not None
-            vm.vmm.save_snapshot(tmp_state)
-            vm.kill()
+            kernel_release = build(spec, vm_id, work, tmp_state)
             os.replace(tmp_state, path)
             atomic_write_json(path.parent / "meta.json", {
                 "key": key, "created": time.time(), "build_seconds": time.monotonic() - started,
                 "spec": {k: str(v) for k, v in dataclasses.asdict(spec).items()
                          if k in ("kernel", "initrd", "rootfs", "cmdline", "vcpus",
                                   "memory_mib", "accel", "nic")},
-                "kernel_release": getattr(details, "kernel_release", ""),
+                "kernel_release": kernel_release,
             })
         finally:
-            vm.kill()
             tmp_state.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
 

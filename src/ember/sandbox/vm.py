@@ -9,6 +9,7 @@ disks. Errors carry the last console lines so a VM that does not boot says why.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -20,29 +21,12 @@ from ember import trace
 from ember.config import Config
 from ember.errors import AgentError, EmberError, VMError
 from ember.util import pause_for_test
+from ember.vmm import configured, make_vmm, vmm_binaries
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 
+__all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "vmm_binaries"]
+
 CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
-
-
-def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
-    """The driver named by the configuration."""
-    kind = cfg.vm.hypervisor
-    if kind == "qemu":
-        from ember.vmm.qemu import QemuVMM
-
-        return QemuVMM(spec, binary=cfg.vm.qemu_binary)
-    if kind == "firecracker":
-        from ember.vmm.firecracker import FirecrackerVMM  # type: ignore[import-not-found]
-
-        return FirecrackerVMM(spec, binary=cfg.vm.firecracker_binary)
-    raise EmberError(f"config vm.hypervisor: unknown hypervisor {kind!r}")
-
-
-def vmm_binaries(cfg: Config) -> list[str]:
-    """Every VMM binary a sandbox may run under, the configured hypervisor's first."""
-    first = cfg.vm.qemu_binary if cfg.vm.hypervisor == "qemu" else cfg.vm.firecracker_binary
-    return list(dict.fromkeys([first, cfg.vm.qemu_binary, cfg.vm.firecracker_binary]))
 
 
 def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> None:
@@ -91,12 +75,10 @@ class SandboxVM:
     # ------------------------------------------------------------------ boot
     def base_spec(self, work_dir: Path | None = None) -> VMSpec:
         from ember.guest.build import current_assets
-        from ember.vmm.accel import resolve_accel
 
         assets = current_assets(self.cfg)
         cmdline = assets.cmdline
-        accel = resolve_accel(self.cfg.vm.accel, self.cfg.vm.qemu_binary, assets.kernel,
-                              self.cfg.data_dir, cmdline)
+        accel = configured(self.cfg).choose_accel(self.cfg, assets.kernel, cmdline)
         if self.cfg.guest.extra_cmdline:
             cmdline += " " + self.cfg.guest.extra_cmdline
         return VMSpec(
@@ -128,17 +110,28 @@ class SandboxVM:
             else:  # period first: the jailer writes the files in this order
                 cgroups["cpu.cfs_period_us"] = str(period)
                 cgroups["cpu.cfs_quota_us"] = str(quota)
-        return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=self.cfg.vm.qemu_binary,
+        binary = configured(self.cfg).configured_binary(self.cfg)
+        return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=binary,
                                 uid=uid, gid=uid, vmm_kind=self.cfg.vm.hypervisor,
                                 kvm=accel == "kvm", cgroups=cgroups)
 
     def jail_record(self) -> dict:
         """What `ember rm -f` needs to remove the jail if everything else died."""
-        jail = getattr(self.vmm, "jail", None)
-        if jail is None:
-            return {}
-        return {"id": jail.id, "exec_file": jail.exec_file, "uid": jail.uid,
-                "chroot_base_dir": jail.chroot_base_dir, "parent_cgroup": jail.parent_cgroup}
+        return self.vmm.jail_record() if self.vmm is not None else {}
+
+    def template_for(self, spec: VMSpec, wait: bool = False,
+                     owner: str | None = None) -> Path | None:
+        """The VM template ``spec`` restores from, built now if need be; None when
+        the hypervisor cannot snapshot or a template cannot be had now (another
+        process builds it, or the build failed: the VM cold-boots)."""
+        backend = configured(self.cfg)
+        if not backend.supports_snapshots:
+            return None
+        from ember.sandbox.template import TemplateCache
+
+        return TemplateCache(self.cfg).get_or_build(
+            spec, backend.template_inputs(self.cfg), functools.partial(_snapshot_new_vm, self.cfg),
+            wait=wait, owner=owner)
 
     def boot(self, net_fd: int | None = None, nic_mac: str = "") -> None:
         """Start the VM and return once the agent answers.
@@ -148,11 +141,9 @@ class SandboxVM:
         spec = self.base_spec()
         spec.net_fd, spec.nic_mac = net_fd, nic_mac
         template = None
-        if self.use_template and self.cfg.vm.hypervisor == "qemu":
-            from ember.sandbox.template import TemplateCache
-
+        if self.use_template:
             with trace.span("template lookup"):
-                template = TemplateCache(self.cfg).get_or_build(spec, owner=self.vm_id)
+                template = self.template_for(spec, owner=self.vm_id)
         if template is not None:
             spec.restore_from = template
         self.vmm = make_vmm(self.cfg, spec)
@@ -280,3 +271,19 @@ class SandboxVM:
                 os.unlink(self.work_dir / name)
             except OSError:
                 pass
+
+
+def _snapshot_new_vm(cfg: Config, spec: VMSpec, vm_id: str, work_dir: Path, dest: Path) -> str:
+    """Boot a fresh VM like ``spec`` (cold, never from a template), wait for its
+    agent, save its snapshot to ``dest`` and kill it: a VM template's build
+    (ember.sandbox.template.Builder). Returns the guest's kernel release."""
+    vm = SandboxVM(cfg, vm_id, work_dir, spec.vcpus, spec.memory_mib,
+                   use_template=False, nic=spec.nic)
+    try:
+        vm.boot()
+        details = vm.agent.guest_details()
+        assert vm.vmm is not None
+        vm.vmm.save_snapshot(dest)
+        return getattr(details, "kernel_release", "")
+    finally:
+        vm.kill()

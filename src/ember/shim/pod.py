@@ -142,11 +142,10 @@ class Pod:
     @property
     def jailed(self) -> bool:
         vmm = self.vm.vmm if self.vm is not None else None
-        return getattr(vmm, "jail", None) is not None
+        return vmm is not None and vmm.jail is not None
 
     def record(self) -> None:
-        jail = self.vm.jail_record() if self.vm is not None and hasattr(self.vm, "jail_record") \
-            else {}
+        jail = self.vm.jail_record() if self.vm is not None else {}
         atomic_write_json(self.dir / "pod.json", {
             "shim_pid": os.getpid(),
             "group": self.group_id,

@@ -15,6 +15,11 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ember.config import Config
+    from ember.jailer.api import JailSpec
 
 
 @dataclass
@@ -50,7 +55,7 @@ class VMSpec:
     accel: str = "tcg"
     drives: list[Drive] = field(default_factory=list)  # attached at boot
     restore_from: Path | None = None  # a snapshot (template) to restore
-    jailer: object | None = None  # ember.jailer settings when jailed
+    jailer: JailSpec | None = None  # ember.jailer settings when jailed
     # One virtio-net NIC (pod networking). net_fd: an open tap the VMM inherits;
     # None with nic=True means a placeholder backend (building a VM template).
     nic: bool = False
@@ -84,13 +89,64 @@ def describe_exit(code: int, supervised: bool = False) -> str:
 
 
 class VMM(abc.ABC):
-    """One VM process. Methods raise ember.errors.VMError on failure."""
+    """One VM process. Methods raise ember.errors.VMError on failure.
+
+    Besides the VM's life, a driver class answers what the sandbox core must
+    know of its hypervisor before a VM exists (which binary, which
+    accelerator, whether VM templates can be made, what a template depends
+    on), so no code outside ``vmm/`` asks which hypervisor it is.
+    """
 
     kind = "abstract"
     label = "the VMM"  # how error messages name it
+    # save_snapshot() and VMSpec.restore_from work: sandboxes start from VM templates.
+    supports_snapshots: ClassVar[bool] = False
 
     def __init__(self, spec: VMSpec) -> None:
         self.spec = spec
+        # The jail the VMM runs in (a copy of spec.jailer as the driver uses it), or None.
+        self.jail: JailSpec | None = None
+
+    # ------------------------------------------------- before a VM exists
+    @classmethod
+    @abc.abstractmethod
+    def configured_binary(cls, cfg: Config) -> str:
+        """The hypervisor binary the configuration names (what the jail runs)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
+        """The accelerator a VM of this hypervisor will use ("kvm" or "tcg")."""
+
+    @classmethod
+    def template_inputs(cls, cfg: Config) -> list[str]:
+        """What a VM template of this hypervisor depends on besides the VMSpec:
+        the binary, by path, size and modification time (another build of it
+        may not load the snapshot)."""
+        import shutil
+
+        binary = cls.configured_binary(cfg)
+        found = shutil.which(binary) or binary
+        try:
+            st = os.stat(found)
+        except OSError:
+            return [found]
+        return [f"{found}:{st.st_size}:{st.st_mtime_ns}"]
+
+    @classmethod
+    def make(cls, cfg: Config, spec: VMSpec) -> VMM:
+        """A driver for spec with the configuration's settings for this hypervisor."""
+        return cls(spec, binary=cls.configured_binary(cfg))  # type: ignore[call-arg]
+
+    # ------------------------------------------------------------ the VM
+    def jail_record(self) -> dict:
+        """What `ember rm -f` needs to remove the jail if everything else died
+        (kept in the crash record; cleanup re-derives it from the id anyway)."""
+        jail = self.jail
+        if jail is None:
+            return {}
+        return {"id": jail.id, "exec_file": jail.exec_file, "uid": jail.uid,
+                "chroot_base_dir": jail.chroot_base_dir, "parent_cgroup": jail.parent_cgroup}
 
     @property
     @abc.abstractmethod
@@ -134,6 +190,10 @@ class VMM(abc.ABC):
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the VMM to exit; its exit code, or None on time-out."""
+
+    @abc.abstractmethod
+    def exited(self) -> bool:
+        """True once the VM process is gone (False before start)."""
 
     def exit_description(self) -> str:
         """How the VMM process ended (see :func:`describe_exit`); "" while it runs."""

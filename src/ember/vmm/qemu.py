@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from ember import trace
+from ember.config import Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qmp import QMPClient, QMPError
@@ -97,6 +98,19 @@ def _running(pid: int) -> bool:
 class QemuVMM(VMM):
     kind = "qemu"
     label = "QEMU"
+    supports_snapshots = True  # migration to a file descriptor, restored with -incoming
+
+    @classmethod
+    def configured_binary(cls, cfg: Config) -> str:
+        return cfg.vm.qemu_binary
+
+    @classmethod
+    def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
+        """`vm.accel`; "auto" boots the guest kernel once under KVM (cached) and
+        falls back to TCG when that does not work (nested KVM here)."""
+        from ember.vmm.accel import resolve_accel
+
+        return resolve_accel(cfg.vm.accel, cfg.vm.qemu_binary, kernel, cfg.data_dir, cmdline)
 
     def __init__(self, spec: VMSpec, binary: str = "qemu-system-x86_64") -> None:
         super().__init__(spec)

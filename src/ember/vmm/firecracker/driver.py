@@ -33,6 +33,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.config import Config
 from ember.errors import VMError
 from ember.util import atomic_write_json
 from ember.vmm import vsock
@@ -81,6 +82,15 @@ class FirecrackerOptions:
 class FirecrackerVMM(VMM):
     kind = "firecracker"
     label = "Firecracker"
+    supports_snapshots = True  # PUT /snapshot/create, /snapshot/load
+
+    @classmethod
+    def configured_binary(cls, cfg: Config) -> str:
+        return cfg.vm.firecracker_binary
+
+    @classmethod
+    def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
+        return "kvm"  # Firecracker has no other: its jail needs /dev/kvm
 
     def __init__(self, spec: VMSpec, binary: str = "firecracker",
                  placeholder_drives: int | None = None, api_timeout: float = 10.0,
@@ -95,6 +105,8 @@ class FirecrackerVMM(VMM):
         self.layout = (fc_jail.JailLayout(binary, spec.work_dir, spec.jailer, spec.vm_id,
                                           tun=bool(self.options.network_interfaces))
                        if spec.jailer is not None else fc_jail.DirectLayout(binary, spec.work_dir))
+        if isinstance(self.layout, fc_jail.JailLayout):
+            self.jail = self.layout.spec
         self.api_socket = self.layout.api_socket
         self.vsock_api, self.vsock_host = self.layout.vsock(spec.agent_socket)
         self.api = FirecrackerAPI(str(self.api_socket), api_timeout, alive=self._check_alive,
