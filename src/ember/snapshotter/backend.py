@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.snapshotter import usage
-from ember.snapshotter.pool import Pool, clone_file, run
+from ember.snapshotter.pool import Pool
+from ember.storage.ext4 import format_empty_rootfs
+from ember.storage.reflink import clone_file
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +119,9 @@ class ReflinkBackend(Backend):
         try:
             os.ftruncate(fd, self.image_size)
             os.close(fd)
-            # -m 0: no blocks reserved for root in a container rootfs. mke2fs
-            # punches holes to "discard" a file, so its inode tables count as
-            # zeroed and the image stays sparse (no lazy init writes later).
-            # Block and inode sizes as ember.storage.ext4 uses for rootfs images.
-            run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-m", "0", "-J", "size=16",
-                 "-E", "root_owner=0:0", "-L", "ember-rootfs", tmp],
-                "mkfs.ext4 for the snapshot template")
-            # A container's rootfs has no lost+found; e2fsck makes one if needed.
-            run(["debugfs", "-w", "-R", "rmdir lost+found", tmp], "debugfs on the template")
+            # mke2fs punches holes to "discard" a file, so its inode tables count
+            # as zeroed and the image stays sparse (no lazy init writes later).
+            format_empty_rootfs(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, tpl)

@@ -14,8 +14,6 @@ use the images inside it by path. :func:`release` unmounts it on request.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.storage.reflink import clone_file, unsupported
 from ember.util import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-FICLONE = 0x40049409
 POOL_IMAGE = "pool.img"
 POOL_DIR = "pool"
 STATE_FILE = "ember-snapshotter.json"
@@ -50,26 +48,6 @@ def run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def clone_file(src: Path, dst: Path) -> None:
-    """Reflink ``src`` to a new file ``dst``: O(1), whatever the size."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.ioctl(dfd, FICLONE, sfd)
-            os.fsync(dfd)
-        except BaseException:
-            os.close(dfd)
-            dfd = -1
-            os.unlink(dst)
-            raise
-        finally:
-            if dfd >= 0:
-                os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
 def supports_reflink(directory: Path) -> bool:
     """Probe (rather than guess from the fs type) whether files clone here."""
     a, b = directory / ".reflink-probe-a", directory / ".reflink-probe-b"
@@ -81,7 +59,7 @@ def supports_reflink(directory: Path) -> bool:
         clone_file(a, b)
         return True
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+        if unsupported(exc):
             return False
         raise
     finally:

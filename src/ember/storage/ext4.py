@@ -79,3 +79,28 @@ def make_ext4(
             os.unlink(tmp)
         raise
     return dest
+
+
+def format_empty_rootfs(target: str | os.PathLike, discard: bool = False,
+                        error: type[EmberError] = EmberError) -> None:
+    """Make ``target`` (a sized file or a block device) an empty container root
+    file system, as ember-snapshotter's backends start every base layer: block
+    and inode sizes as :func:`make_ext4`, no blocks reserved for root, a 16 MiB
+    journal (the guest writes to it), no lost+found (a container's rootfs has
+    none; e2fsck makes one if needed). ``discard``: tell the device that
+    nothing is in use (a thin LV then maps no data for it); on a file, mke2fs
+    punches holes, so it stays sparse either way."""
+    opts = "root_owner=0:0,discard" if discard else "root_owner=0:0"
+    _tool(["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-I", "256", "-m", "0", "-J", "size=16",
+           "-E", opts, "-L", "ember-rootfs", str(target)], error)
+    _tool(["debugfs", "-w", "-R", "rmdir lost+found", str(target)], error)
+
+
+def _tool(cmd: list[str], error: type[EmberError]) -> None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise error(f"{cmd[0]} not found (apt install e2fsprogs)") from None
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip().splitlines()
+        raise error(f"{cmd[0]} failed for {cmd[-1]}: {msg[-1] if msg else res.returncode}")

@@ -11,7 +11,6 @@ writable disk made from it in O(1): a reflink clone where the filesystem can
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
@@ -24,9 +23,9 @@ from ember.errors import ImageError
 from ember.image.store import Image, ImageStore
 from ember.storage.ext4 import content_size, make_ext4
 from ember.storage.layers import apply_layer
+from ember.storage.reflink import clone_file, unsupported
 from ember.util import private_dir
 
-FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -132,25 +131,10 @@ def prepare_writable(base: Path, dest: Path) -> WritableDisk:
 
 def _reflink(base: Path, dest: Path) -> bool:
     """Clone ``base`` into ``dest`` sharing all blocks; False if the filesystem cannot."""
-    src_fd = os.open(base, os.O_RDONLY)
     try:
-        dst_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
-            return True
-        except OSError as exc:
-            if exc.errno not in (
-                errno.EOPNOTSUPP,
-                errno.EXDEV,
-                errno.EINVAL,
-                errno.ENOTTY,
-                errno.EPERM,
-            ):
-                os.unlink(dest)
-                raise ImageError(f"cannot clone {base} to {dest}: {exc.strerror}") from None
-            os.unlink(dest)
+        clone_file(base, dest, mode=0o644, sync=False)
+        return True
+    except OSError as exc:
+        if unsupported(exc):
             return False
-        finally:
-            os.close(dst_fd)
-    finally:
-        os.close(src_fd)
+        raise ImageError(f"cannot clone {base} to {dest}: {exc.strerror}") from None
