@@ -152,6 +152,9 @@ class Sandbox:
         network: str = "none",
         publish: list[str] | None = None,
         console_size: tuple[int, int] | None = None,
+        volumes: list[str] | None = None,
+        mounts: list[str] | None = None,
+        tmpfs: list[str] | None = None,
         options: RunOptions | None = None,
         cfg: Config | None = None,
     ) -> Sandbox:
@@ -160,6 +163,9 @@ class Sandbox:
         network: "none" (loopback only) or "bridge" (ember0, see ember.net.bridge);
         publish: ``[IP:]HOSTPORT:CONTAINERPORT[/tcp]`` entries, bridge only.
         console_size: (rows, cols) the terminal starts with (tty only).
+        volumes, mounts, tmpfs: ``-v``, ``--mount`` and ``--tmpfs`` as Docker spells
+        them (named volumes, read-only or copied host folders, tmpfs; see
+        :mod:`ember.sandbox.mounts`).
         options: capabilities, read-only root, hostname, /etc/hosts and DNS entries,
         restart policy, stop signal and time-out, health check, pull policy
         (:class:`ember.sandbox.options.RunOptions`).
@@ -172,6 +178,9 @@ class Sandbox:
         cfg = cfg or load_config()
         run_opts = (options or RunOptions()).check(auto_remove)
         ports = _check_network(network, publish or [])
+        from ember.sandbox import mounts as mounts_mod
+
+        wanted = mounts_mod.plan(volumes, mounts, tmpfs)  # checked before anything is made
         if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1) * 4):
             raise EmberError(f"invalid --cpus {cpus}: must be > 0 and at most 4 x host cores")
         from ember.image.store import ImageStore
@@ -199,12 +208,14 @@ class Sandbox:
             _check_name(name)
             if store.name_taken(name):
                 raise EmberError(f"the name {name!r} is already in use by another sandbox")
+            # Volumes in use are refused here, under the lock that orders every create.
+            mount_records = mounts_mod.reserve(cfg, store.all(), wanted) if wanted else []
             state = SandboxState(
                 id=sandbox_id, name=name, image=image, image_id=img.id,
                 command=spec["process"]["args"], vcpus=vcpus, cpus=cpus, memory_mib=mem_mib,
                 tty=tty, stdin=stdin, auto_remove=auto_remove, labels=labels or {},
                 vmm_kind=cfg.vm.hypervisor, network=network, publish=ports,
-                exec_defaults=_exec_defaults(spec["process"]),
+                exec_defaults=_exec_defaults(spec["process"]), mounts=mount_records,
                 creator_pid=os.getpid(), creator_started=process_started(os.getpid()),
                 options=run_opts.record(),
             )
@@ -212,6 +223,7 @@ class Sandbox:
         pause_for_test("recorded")
         sb = cls(state, cfg)
         sb._created = True
+        sb._mounts = wanted
         try:
             sb._launch(images, img, spec, stdin)
         except BaseException:
@@ -236,11 +248,18 @@ class Sandbox:
         with trace.span("disk attach"):
             dev = self.monitor_call("AttachDisk", path=str(disk.path), format=disk.format,
                                     drive_id="rootfs")
+        from ember.sandbox import mounts
+
+        wanted = getattr(self, "_mounts", [])
+        with trace.span("mounts attach"):
+            extra_disks = mounts.attach(self, wanted, spec, disk_dir)
         agent = self.agent()
         prepare_guest(agent, self.dir, self.state, spec)  # /etc files; spec.json for restarts
         with trace.span("container create"):
             agent.create_container(self.id, spec,
-                                   {"kind": dev["kind"], "address": dev["address"]}, stdin=stdin)
+                                   {"kind": dev["kind"], "address": dev["address"]}, stdin=stdin,
+                                   extra_disks=extra_disks)
+        mounts.copy_in(self, wanted)  # -v SRC:DEST:copy, before the container starts
         with trace.span("container start"):
             agent.start_container(self.id)
         with trace.span("watch"):

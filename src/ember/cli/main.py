@@ -17,6 +17,7 @@ import click
 
 from ember.cli.common import handle_errors
 from ember.cli.runopts import run_options
+from ember.cli.volume import mount_options
 from ember.errors import EmberError
 
 
@@ -54,6 +55,7 @@ def main(debug: bool) -> None:
 @click.option("-p", "--publish", multiple=True,
               help="[IP:]HOSTPORT:CONTAINERPORT[/tcp]; needs --network bridge.")
 @run_options
+@mount_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
@@ -77,7 +79,8 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
         labels=labels, network=network, publish=list(publish),
         console_size=caller_winsize() if tty else None,
-        options=options,
+        options=options, volumes=list(more.pop("volume", ())),
+        mounts=list(more.pop("mount", ())), tmpfs=list(more.pop("tmpfs", ())),
     )
     if detach:  # with --rm, the sandbox monitor removes the sandbox when it exits
         click.echo(sb.id)
@@ -283,9 +286,11 @@ from ember.cli.info import info_cmd  # noqa: E402
 from ember.cli.metrics import metrics_group  # noqa: E402
 from ember.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS  # noqa: E402
 from ember.cli.stats import stats_cmd  # noqa: E402
+from ember.cli.volume import volume_group  # noqa: E402
 
 main.add_command(check_cmd)
 main.add_command(config_group)
+main.add_command(volume_group)
 main.add_command(cp_cmd)
 main.add_command(events_cmd)
 main.add_command(info_cmd)

@@ -71,6 +71,9 @@ class Monitor:
         self.dir = self.store.dir(sandbox_id)
         st = self.store.load(sandbox_id)
         self.auto_remove = st.auto_remove
+        # Named volumes outlive the sandbox: the guest must flush them even with --rm.
+        self.keeps_data = any(m.get("kind") == "volume" and not m.get("readonly")
+                              for m in st.mounts)
         self.creator_pid = creator_pid
         self.network = st.network
         self.publish = list(st.publish)

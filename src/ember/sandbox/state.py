@@ -77,6 +77,9 @@ class SandboxState:
     # The container's env, cwd and user ("UID:GID"): `ember exec` starts from them, as
     # `docker exec` does (flags override them).
     exec_defaults: dict = field(default_factory=dict)
+    # -v/--mount/--tmpfs (ember.sandbox.mounts.Mount records): a live sandbox's
+    # "volume" entries are what holds a named volume (ember.storage.volumes).
+    mounts: list[dict] = field(default_factory=list)
     creator_pid: int | None = None  # the process that made the record (until a monitor runs)
     creator_started: float | None = None
     # `ember run` options the monitor and `ember stop` act on (ember.sandbox.options).
