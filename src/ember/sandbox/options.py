@@ -272,11 +272,15 @@ def resolve_image(images, ref: str, pull: str):
     try:
         return images.resolve(ref)
     except ImageError as exc:
-        if pull == "never" or not exc.message.startswith("image not found"):
-            if pull == "never":
-                raise ImageError(f"{exc.message} (--pull never: not pulled)") from None
+        if pull == "never":
+            raise ImageError(f"{exc.message} (--pull never: not pulled)") from None
+        if not exc.message.startswith("image not found"):
             raise
-    return images.pull(ref)
+        missing = exc.message
+    try:
+        return images.pull(ref)
+    except ImageError as exc:  # say both: not here, and why the pull failed
+        raise ImageError(f"{missing} (not here, and the pull failed: {exc.message})") from None
 
 
 def image_stop_signal(opts: RunOptions, image_config: dict) -> None:
