@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ember_bin
 from imagetools import busybox_layer, file, layer, make_image, push_image, run_registry
@@ -253,3 +256,56 @@ def test_pull_policies_against_a_registry(ember_env, guest_assets):
             _nothing_left(ember_env)
         finally:
             ember_env.run("image", "rm", ref)
+
+
+def test_init_runs_tini_as_pid_1(ember_env, image):
+    # PID 1 is the guest's static tini, bind-mounted (read-only root too), and the
+    # exit code passes through.
+    proc = ember_env.run("run", "--rm", "--init", "--read-only", image, "sh", "-c",
+                         "tr '\\0' ' ' < /proc/1/cmdline; exit 5")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.startswith(b"/sbin/docker-init -- sh -c")
+    # Orphans are reaped: the command becomes a process that never waits (sleep);
+    # without --init the orphan stays a zombie under it, with --init tini reaps it.
+    zombies = {}
+    for name, flags in (("plain", []), ("inited", ["--init"])):
+        ember_env.run("run", "-d", "--name", name, *flags, image, "sh", "-c",
+                      "sh -c 'sleep 0.3 &'; exec sleep 60", check=True)
+        time.sleep(2)
+        ps = ember_env.run("exec", name, "ps", "-o", "stat").stdout.decode().split()
+        zombies[name] = ps.count("Z")
+    assert zombies == {"plain": 1, "inited": 0}
+    # The stop signal reaches the program through tini (which waits in sigtimedwait:
+    # the agent must not hold the signal as if PID 1 could not take it).
+    ember_env.run("run", "-d", "--name", "tin", "--init", image, "sh", "-c",
+                  "trap 'echo term; exit 9' TERM; echo up; while :; do sleep 0.2; done",
+                  check=True)
+    _until(lambda: b"up" in ember_env.run("logs", "tin").stdout)
+    began = time.monotonic()
+    ember_env.run("stop", "tin", check=True)
+    assert time.monotonic() - began < 5
+    assert ember_env.run("wait", "tin").stdout == b"9\n"
+    assert ember_env.run("logs", "tin").stdout == b"up\nterm\n"
+
+
+SIGWAIT_INIT = ("import signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+                "sys.exit(8 if signal.sigtimedwait({signal.SIGTERM}, 60) else 1)")
+
+
+def test_agent_sends_at_once_to_an_init_waiting_in_sigtimedwait():
+    """tini's way (no handler; signals fetched with sigtimedwait, which unblocks them
+    while it waits): the agent's signal holding must see it takes SIGTERM."""
+    from ember.agent import signals
+
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable,
+                             "-c", SIGWAIT_INIT])
+    try:
+        pid = _until(lambda: (c := psutil.Process(proc.pid).children()) and c[0].pid, 10, 0.01)
+        _until(lambda: Path(f"/proc/{pid}/wchan").read_text().startswith("do_sigtimedwait"),
+               10, 0.01)
+        assert not signals.would_be_lost(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
+        assert proc.wait(10) == 8  # taken by sigtimedwait: not lost
+    finally:
+        proc.kill()
+        proc.wait()

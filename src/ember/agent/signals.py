@@ -6,8 +6,10 @@ ancestor namespace get through). Right after StartContainer the program is
 often still starting (exec, dynamic loading, an interpreter's start-up, all
 slow under TCG), so a prompt SIGTERM from StopContainer would be lost and
 the stop would wait out its whole grace period. So such a signal is held and
-sent as soon as /proc/<pid>/status shows the program catches it (SigCgt), for
-at most ``HOLD_MAX`` seconds, from a thread: SignalProcess answers at once.
+sent as soon as /proc/<pid> shows the program takes it: a handler (SigCgt),
+the signal blocked for signalfd (SigBlk), or the program waiting in
+sigtimedwait (wchan), as an init such as tini (``ember run --init``) does;
+for at most ``HOLD_MAX`` seconds, from a thread: SignalProcess answers at once.
 A program that never installs a handler gets the signal at the deadline,
 which the kernel then discards exactly as it would have at once.
 """
@@ -45,11 +47,23 @@ def is_namespace_init(status: dict[str, str]) -> bool:
     return bool(nspid) and nspid[-1] == "1"
 
 
-def catches(status: dict[str, str], sig: int) -> bool:
-    """Whether the process has a handler installed for sig."""
+def catches(status: dict[str, str], sig: int, pid: int | None = None) -> bool:
+    """Whether the process takes sig: a handler installed, sig blocked (a blocked
+    signal stays pending for signalfd, even to a namespace init), or (given its
+    pid) the process waiting for signals in sigtimedwait, which unblocks the
+    signals it waits for while it waits."""
     try:
-        return bool(int(status.get("SigCgt", "0"), 16) >> (sig - 1) & 1)
+        mask = int(status.get("SigCgt", "0"), 16) | int(status.get("SigBlk", "0"), 16)
     except ValueError:
+        return False
+    return bool(mask >> (sig - 1) & 1) or (pid is not None and _in_sigwait(pid))
+
+
+def _in_sigwait(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip().startswith("do_sigtimedwait")  # or .isra.0 etc.
+    except OSError:
         return False
 
 
@@ -58,7 +72,7 @@ def would_be_lost(pid: int, sig: int) -> bool:
     if sig in _UNBLOCKABLE or sig <= 0:
         return False
     st = _status(pid)
-    return bool(st) and is_namespace_init(st) and not catches(st, sig)
+    return bool(st) and is_namespace_init(st) and not catches(st, sig, pid)
 
 
 def send_when_caught(pid: int, sig: int, alive: Callable[[], bool], name: str,
@@ -74,7 +88,7 @@ def send_when_caught(pid: int, sig: int, alive: Callable[[], bool], name: str,
             st = _status(pid)
             if not st:
                 return
-            if catches(st, sig):
+            if catches(st, sig, pid):
                 break
             time.sleep(pause)
             pause = min(pause * 2, POLL_MAX)

@@ -47,6 +47,7 @@ ROOTFS_PACKAGES = [
     "busybox-static",
     "libstdc++6",  # protobuf's C extension (google._upb) links it
     "kmod",  # modprobe, which the kernel runs to load a module on demand
+    "tini",  # /usr/bin/tini-static: `ember run --init` bind-mounts it as the container's PID 1
 ]
 
 # The kernel command line; microvm adds its virtio_mmio.device= entries itself.
