@@ -40,6 +40,7 @@ from ember.sandbox.options import (
     image_stop_signal,
     prepare_guest,
     resolve_image,
+    signal_number,
 )
 from ember.sandbox.spec import ProcessOptions, build_process, build_spec
 from ember.sandbox.state import (
@@ -448,7 +449,7 @@ class Sandbox:
             self._destroy()
 
     def kill(self, sig: int | str = signal.SIGKILL) -> None:
-        signum = _signal_number(sig)
+        signum = signal_number(sig)
         self._require_running()
         self._hold_restarts()
         self.agent().signal_process(self.id, "", signum, all=False)
@@ -783,20 +784,6 @@ def _collect(agent, cid: str, exec_id: str):
         return get
 
     return getter("stdout"), getter("stderr")
-
-
-def _signal_number(sig: int | str) -> int:
-    if isinstance(sig, int):
-        return sig
-    text = str(sig).upper()
-    if text.isdigit():
-        return int(text)
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise EmberError(f"invalid signal {sig!r}") from None
 
 
 def _check_name(name: str) -> None:
