@@ -222,6 +222,37 @@ def test_follow_streams_new_events_and_ends_at_until(tmp_path) -> None:
     assert time.time() >= until
 
 
+def test_boot_and_restore_failures_and_boots_are_counted(tmp_path, caplog) -> None:
+    """A failed start is a restore failure when the VMM was restoring a template, a
+    boot failure otherwise; the metrics count each, and every boot in the histogram."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from ember.metrics.events import Events
+    from ember.sandbox.events import vm_boot_failed, vm_booted
+
+    reg = CollectorRegistry()
+    counters = Events(reg, EventLog(tmp_path))
+    ev = SandboxEvents(tmp_path, "d" * 64, "f")
+    restoring = SimpleNamespace(vmm=SimpleNamespace(spec=SimpleNamespace(restore_from="x")))
+    cold = SimpleNamespace(vmm=SimpleNamespace(spec=SimpleNamespace(restore_from=None)))
+    vm_boot_failed(ev, restoring, "QEMU exited during start (exit code 1)")
+    vm_boot_failed(ev, cold, "VM did not boot within 30s")
+    vm_booted(ev, SimpleNamespace(restored=True, use_template=True, vm_id="d" * 64), 0.7)
+    caplog.set_level("WARNING", logger="ember.metrics")
+    counters.poll()
+    assert [r["Action"] for r in EventLog(tmp_path).read()] == \
+        ["restore_failed", "boot_failed", "boot"]
+    assert reg.get_sample_value("ember_errors_total", {"kind": "restore_failure"}) == 1
+    assert reg.get_sample_value("ember_errors_total", {"kind": "boot_failure"}) == 1
+    assert reg.get_sample_value("ember_vm_start_seconds_count",
+                                {"kind": "sandbox", "mode": "template"}) == 1
+    assert reg.get_sample_value("ember_restore_floor_seconds") == 0.7
+    assert any("d" * 64 in r.getMessage() and "restore failed" in r.getMessage()
+               for r in caplog.records)
+
+
 # ----------------------------------------------------------------- sandboxes
 def vm_test(fn):
     return pytest.mark.root(pytest.mark.vm(pytest.mark.timeout(600)(fn)))
@@ -341,12 +372,27 @@ def test_cri_pod_events(guest_assets) -> None:
             assert attrs["exitCode"] == "4" and attrs["name"] == "app", attrs
             assert attrs["pod"] == pod and attrs["k8s_namespace"] == "ev-ns"
             assert attrs["k8s_pod"] == "ev-pod" and attrs["kind"] == "pod"
+            # containerd deletes a task once it exited (the shim then removes the
+            # container from the guest: destroy), so destroy may follow at once.
             mine = [e["Action"] for e in events("--filter", f"container={cid}")]
-            assert mine == ["create", "start", "die"], mine
+            assert mine in (["create", "start", "die"], ["create", "start", "die", "destroy"]), \
+                mine
             boot = events("--filter", f"pod={pod}", "--filter", "type=vm")
             assert [e["Action"] for e in boot] == ["boot"], boot
             assert boot[0]["Actor"]["Attributes"]["k8s_pod"] == "ev-pod"
             assert events("--filter", "namespace=ev-ns", "--filter", "event=create")
+
+            # The pod's VMM killed under it: the shim publishes a crash with the pod id.
+            sleeper = client.create_container(pod, "sleeper", BUSYBOX, ["sleep", "1000"])
+            client.start_container(sleeper)
+            rec = next(r for r in (json.loads(f.read_text())
+                                   for f in (work / "st" / "shim").glob("*/pod.json"))
+                       if r.get("group") == pod)
+            os.kill(rec["vmm_pid"], signal.SIGKILL)
+            crash = _wait_for(lambda: events("--filter", f"pod={pod}", "--filter",
+                                             "event=crash"), "no crash event for the pod's VM")
+            assert crash[0]["Actor"]["ID"] == pod and crash[0]["Type"] == "vm"
+            assert "killed by signal 9" in crash[0]["Actor"]["Attributes"]["error"]
         finally:
             discard_pod(client, pod)
         gone = _wait_for(lambda: events("--filter", f"container={cid}", "--filter",

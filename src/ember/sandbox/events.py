@@ -420,6 +420,15 @@ class PodEvents:
         self._containers: dict[str, dict[str, str]] = {}
 
     def _bundle(self, cid: str, bundle: str) -> None:
+        try:
+            spec = json.loads((Path(bundle) / "config.json").read_text())
+            ann = spec.get("annotations") or {}
+        except (OSError, ValueError, AttributeError):
+            ann = {}
+        self.annotate(cid, ann if isinstance(ann, dict) else {})
+
+    def annotate(self, cid: str, ann: dict) -> None:
+        """Learn a container's names (and the pod's) from its CRI annotations."""
         from ember.metrics.targets import (
             ANN_CONTAINER_NAME,
             ANN_POD_NAME,
@@ -429,12 +438,6 @@ class PodEvents:
             CRIO_POD_NAMESPACE,
         )
 
-        try:
-            spec = json.loads((Path(bundle) / "config.json").read_text())
-            ann = spec.get("annotations") or {}
-            ann = ann if isinstance(ann, dict) else {}
-        except (OSError, ValueError, AttributeError):
-            ann = {}
         image = str(ann.get("io.kubernetes.cri.image-name", ""))
         name = str(ann.get(ANN_CONTAINER_NAME) or ann.get(CRIO_CONTAINER_NAME) or "")
         k8s = {"k8s_namespace": str(ann.get(ANN_POD_NAMESPACE)

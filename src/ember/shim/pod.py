@@ -119,6 +119,7 @@ class Pod:
         self.group_id = group_id
         self.vm: SandboxVM | None = None
         self.events: PodEvents | None = None  # the node's event log (set by the shim)
+        self.vmm_died = False  # the VMM was gone before the pod was stopped: a crash
         self.cgroups_created: list[str] = []
         self.cgroup: str | None = None
         self.netns: str | None = None  # the pod netns whose eth0 is redirected to the VM
@@ -180,6 +181,8 @@ class Pod:
                        nic=netns is not None, cpus=vmm_cpu_limit(spec, annotations))
         self.vm = vm
         began = time.monotonic()
+        if self.events is not None:  # the pod's names, before its first event
+            self.events.annotate(self.group_id, annotations)
         try:
             if netns is not None:
                 net_fd, nic = podnet.setup(netns)
@@ -206,7 +209,8 @@ class Pod:
         self.record()
         if self.events is not None:
             events.vm_booted(self.events, vm, time.monotonic() - began)
-            threading.Thread(target=events.watch_vmm, args=(self.events, vm, lambda: self.vm is vm),
+            threading.Thread(target=events.watch_vmm, args=(self.events, vm,
+                             lambda: self.vm is vm or self.vmm_died),
                              name="vmm-watch", daemon=True).start()
         if self.netns is not None:
             self.ports = portforward.start(vm.agent, self.netns)
@@ -217,6 +221,8 @@ class Pod:
         with self._lock:
             vm, self.vm = self.vm, None
             ports, self.ports = self.ports, None
+        # Stopped after its VMM died (containerd deletes the tasks the crash ended).
+        self.vmm_died = vm is not None and vm.vmm is not None and vm.vmm.exited()
         if ports is not None:
             ports.stop()  # while the agent still answers: it closes the guest ends
         if vm is not None:
