@@ -17,17 +17,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from clitools import one_line_error
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(900)]
-
-
-def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 125, (proc.returncode, err)
-    assert err.count("\n") == 1 and err.startswith("ember: error: "), err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _host_tree(root: Path) -> Path:
@@ -106,9 +98,9 @@ def test_cp_stays_inside_the_container_root(ember_env, image, tmp_path):
     # The guest's own files are out of reach: its rootfs holds crun, the
     # container's (busybox) does not.
     res = ember_env.run("cp", "jail:/srv/up/usr/bin/crun", str(tmp_path))
-    _one_line_error(res, "no such file or directory")
+    one_line_error(res, "no such file or directory")
     res = ember_env.run("cp", str(f), "jail:/proc/sys/kernel/marker")  # the kernel's, refused
-    _one_line_error(res, "/proc")
+    one_line_error(res, "/proc")
     # A symlink out of the container is copied as a symlink, never followed on the host.
     assert ember_env.run("cp", "jail:/srv/root", str(tmp_path / "r")).returncode == 0
     assert os.readlink(tmp_path / "r") == "/"
@@ -118,19 +110,19 @@ def test_cp_failures_are_one_line(ember_env, image, tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
     assert ember_env.run("run", "-d", "--name", "live", image, "sleep", "600").returncode == 0
-    _one_line_error(ember_env.run("cp", "live:/no/such", str(tmp_path / "o")),
+    one_line_error(ember_env.run("cp", "live:/no/such", str(tmp_path / "o")),
                     "no such file or directory")
-    _one_line_error(ember_env.run("cp", str(tmp_path / "missing"), "live:/tmp"),
+    one_line_error(ember_env.run("cp", str(tmp_path / "missing"), "live:/tmp"),
                     "no such file or directory on the host")
-    _one_line_error(ember_env.run("cp", str(f), "live:/no/such/folder/f"), "no such folder")
-    _one_line_error(ember_env.run("cp", "live:/etc/hostname", str(tmp_path / "x" / "y")),
+    one_line_error(ember_env.run("cp", str(f), "live:/no/such/folder/f"), "no such folder")
+    one_line_error(ember_env.run("cp", "live:/etc/hostname", str(tmp_path / "x" / "y")),
                     "no such folder on the host")
-    _one_line_error(ember_env.run("cp", str(f), str(tmp_path / "g")), "exactly one")
-    _one_line_error(ember_env.run("cp", str(f), "nobody:/tmp"), "nobody")
+    one_line_error(ember_env.run("cp", str(f), str(tmp_path / "g")), "exactly one")
+    one_line_error(ember_env.run("cp", str(f), "nobody:/tmp"), "nobody")
     assert not (tmp_path / "o").exists()
     # A stopped sandbox is refused, saying why.
     assert ember_env.run("run", "--name", "done", image, "true").returncode == 0
-    _one_line_error(ember_env.run("cp", "done:/etc/hostname", str(tmp_path)),
+    one_line_error(ember_env.run("cp", "done:/etc/hostname", str(tmp_path)),
                     "not running", "exited")
     # The sandbox still works after all that (no helper left behind).
     assert ember_env.run("exec", "live", "true").returncode == 0

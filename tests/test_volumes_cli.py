@@ -18,18 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from clitools import one_line_error
 from conftest import ember_bin
 
 pytestmark = [pytest.mark.root]
-
-
-def _one_line_error(proc, *words: str) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 125, (proc.returncode, err)
-    assert err.count("\n") == 1 and err.startswith("ember: error: "), err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _vol() -> str:
@@ -65,11 +57,11 @@ def test_volume_commands(volumes_env):
     assert run("volume", "ls", "-q").stdout == b"data\n"
     assert b"data" in run("volume", "ls").stdout
 
-    _one_line_error(run("volume", "create", "bad/name"), "invalid volume name")
-    _one_line_error(run("volume", "create", "--size", "1m", "tiny"), "too small")
-    _one_line_error(run("volume", "create", "--size", "lots", "big"), "invalid size")
-    _one_line_error(run("volume", "inspect", "nope"), "no such volume")
-    _one_line_error(run("volume", "rm", "nope"), "no such volume")
+    one_line_error(run("volume", "create", "bad/name"), "invalid volume name")
+    one_line_error(run("volume", "create", "--size", "1m", "tiny"), "too small")
+    one_line_error(run("volume", "create", "--size", "lots", "big"), "invalid size")
+    one_line_error(run("volume", "inspect", "nope"), "no such volume")
+    one_line_error(run("volume", "rm", "nope"), "no such volume")
     assert sorted(p.name for p in root.iterdir()) == ["data"]  # nothing half-made
 
     # A create killed half-way leaves a .new- folder: the next listing sweeps it
@@ -107,7 +99,7 @@ def test_parse_errors_make_nothing(volumes_env, tmp_path):
         (["-v", "a:/x", "--tmpfs", "/x"], "two mounts"),
     ]
     for flags, words in cases:
-        _one_line_error(run("run", "--rm", *flags, "no-such-image", "true"), words)
+        one_line_error(run("run", "--rm", *flags, "no-such-image", "true"), words)
     assert not (run.data / "volumes").exists()  # no volume made on a refused run
 
 
@@ -130,13 +122,13 @@ def test_volume_persists_and_is_exclusive(ember_env, image):
                              "sleep", "600").returncode == 0
         second = ember_env.run("run", "--rm", "--name", "second", "-v", f"{name}:/data", image,
                                "true")
-        _one_line_error(second, "in use read-write by sandbox holder")
-        _one_line_error(ember_env.run("run", "--rm", "--mount",
+        one_line_error(second, "in use read-write by sandbox holder")
+        one_line_error(ember_env.run("run", "--rm", "--mount",
                                       f"type=volume,src={name},dst=/v,readonly", image, "true"),
                         "in use read-write")
         ps = ember_env.run("ps", "-a", "--json")
         assert [s["name"] for s in json.loads(ps.stdout)] == ["holder"]  # nothing left
-        _one_line_error(ember_env.run("volume", "rm", name), "in use by sandbox holder")
+        one_line_error(ember_env.run("volume", "rm", name), "in use by sandbox holder")
         inspect = json.loads(ember_env.run("volume", "inspect", name).stdout)[0]
         assert [u["sandbox"] for u in inspect["in_use_by"]] == ["holder"]
 
@@ -166,7 +158,7 @@ def test_volume_persists_and_is_exclusive(ember_env, image):
         assert both == [b"persisted\n"] * 2
         denied = ember_env.run("exec", "ro1", "sh", "-c", "echo x > /data/g")
         assert denied.returncode != 0 and b"Read-only" in denied.stderr
-        _one_line_error(ember_env.run("run", "--rm", "-v", f"{name}:/data", image, "true"),
+        one_line_error(ember_env.run("run", "--rm", "-v", f"{name}:/data", image, "true"),
                         "mounted read-only by sandbox")
         assert ember_env.run("rm", "-f", "ro1", "ro2").returncode == 0
         assert ember_env.run("volume", "rm", name).stdout == f"{name}\n".encode()
@@ -210,3 +202,54 @@ def test_host_folders_and_tmpfs(ember_env, image, tmp_path):
     assert "/t2 tmpfs" in mounts and "size=4096k" in mounts
     assert (cp / "c.txt").read_text() == "copied\n"  # the copy's writes stay in the sandbox
     assert ember_env.run("ps", "-a", "-q").stdout == b""
+
+
+def test_volume_api_without_vm(tmp_path, monkeypatch):
+    import ember
+
+    monkeypatch.setenv("EMBER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("EMBER_STATE_DIR", str(tmp_path / "state"))
+    vol = ember.Volume.create("apivol", size="32m")
+    assert (vol.name, vol.size) == ("apivol", 32 << 20) and vol.path.is_file()
+    assert ember.Volume.create("apivol").path == vol.path  # exists: the same one
+    assert [v.name for v in ember.Volume.list()] == ["apivol"]
+    assert ember.Volume.get("apivol").inspect()["in_use_by"] == []
+    with pytest.raises(ember.EmberError, match="invalid volume name"):
+        ember.Volume.create("../x")
+    vol.remove()
+    with pytest.raises(ember.EmberError, match="no such volume"):
+        ember.Volume.get("apivol")
+    ember.Volume.create("a")
+    assert ember.Volume.prune() == ["a"]
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(900)
+def test_volume_api_with_sandboxes(ember_env, image, monkeypatch):
+    import ember
+
+    monkeypatch.setenv("EMBER_STATE_DIR", str(ember_env.state_dir))
+    name = _vol()
+    vol = ember.Volume.create(name, size="64m")
+    try:
+        sb = ember.Sandbox.create(image, ["sleep", "600"], volumes=[f"{name}:/data"],
+                                  tmpfs=["/scratch"])
+        sb.files.write("/data/note", "kept\n")
+        assert vol.in_use_by() == [(sb.name, False)]
+        with pytest.raises(ember.EmberError, match="in use read-write"):
+            ember.Sandbox.create(image, ["true"], volumes=[f"{name}:/data:ro"])
+        sb.remove(force=True)
+        nxt = ember.Sandbox.create(image, ["sleep", "600"], mounts=[
+            f"type=volume,src={name},dst=/v,readonly"])
+        assert nxt.files.read("/v/note") == b"kept\n"
+        with pytest.raises(ember.EmberError, match="in use by sandbox"):
+            vol.remove()
+        nxt.remove(force=True)
+        vol.remove()
+    finally:
+        for sb in ember.Sandbox.list(all=True):
+            sb.remove(force=True)
+        try:
+            ember.Volume.get(name).remove()
+        except ember.EmberError:
+            pass

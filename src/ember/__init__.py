@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Sandbox", "run", "EmberError", "__version__"]
+__all__ = ["Sandbox", "Volume", "run", "EmberError", "__version__"]
 
 
 def __getattr__(name: str):  # PEP 562: keep `import ember` cheap inside the guest
@@ -17,6 +17,10 @@ def __getattr__(name: str):  # PEP 562: keep `import ember` cheap inside the gue
         from ember import api
 
         return getattr(api, name)
+    if name == "Volume":
+        from ember.storage.volumes import Volume
+
+        return Volume
     if name == "EmberError":
         from ember.errors import EmberError
 

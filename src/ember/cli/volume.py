@@ -120,17 +120,10 @@ def rm_cmd(names: tuple[str, ...]) -> None:
 
 
 def _remove(name: str) -> None:
-    from ember.storage.volumes import referenced
+    from ember.config import load_config
+    from ember.storage.volumes import remove_unused
 
-    store, states = _store(), _states()
-    with states.lock():  # no `ember run` can take the volume meanwhile
-        store.get(name)  # NotFoundError first
-        refs = referenced(states.all(), name)
-        if refs:
-            who = ", ".join(st.name or st.short_id for st in refs[:3])
-            raise EmberError(f"volume {name} is in use by sandbox {who}: remove the "
-                             "sandbox first (ember rm)")
-        store.remove(name)
+    remove_unused(load_config(), name)
 
 
 @volume_group.command(name="prune")
@@ -138,17 +131,12 @@ def _remove(name: str) -> None:
 @handle_errors
 def prune_cmd(force: bool) -> None:
     """Remove every volume no sandbox names (stopped ones included)."""
-    from ember.storage.volumes import referenced
+    from ember.config import load_config
+    from ember.storage.volumes import prune
 
     if not force and not click.confirm("Remove every volume that no sandbox uses?"):
         return
-    store, states = _store(), _states()
-    freed = 0
-    with states.lock():
-        records = states.all()
-        for v in store.list():
-            if not referenced(records, v.name):
-                store.remove(v.name)
-                freed += v.used
-                click.echo(f"Deleted: {v.name}")
-    click.echo(f"Reclaimed space: {human_size(freed)}")
+    gone = prune(load_config())
+    for v in gone:
+        click.echo(f"Deleted: {v.name}")
+    click.echo(f"Reclaimed space: {human_size(sum(v.used for v in gone))}")
