@@ -253,3 +253,25 @@ def test_volume_api_with_sandboxes(ember_env, image, monkeypatch):
             ember.Volume.get(name).remove()
         except ember.EmberError:
             pass
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(900)
+def test_restarted_container_keeps_its_volumes(ember_env, image):
+    """--restart creates the container again in the same VM: on the same volume."""
+    name = _vol()
+    try:
+        res = ember_env.run("run", "-d", "--name", "again", "--restart", "on-failure:1",
+                            "-v", f"{name}:/data", "--tmpfs", "/t", image,
+                            "sh", "-c", "echo run >> /data/runs; exit 3")
+        assert res.returncode == 0, res.stderr
+        waited = ember_env.run("wait", "again", timeout=300)
+        assert waited.stdout.strip() == b"3", waited.stderr
+        st = json.loads(ember_env.run("inspect", "again").stdout)[0]
+        assert st["restart_count"] == 1
+        assert ember_env.run("rm", "-f", "again").returncode == 0
+        out = ember_env.run("run", "--rm", "-v", f"{name}:/data:ro", image, "cat", "/data/runs")
+        assert out.stdout == b"run\nrun\n", out.stderr
+    finally:
+        ember_env.run("rm", "-f", "again")
+        ember_env.run("volume", "rm", name)

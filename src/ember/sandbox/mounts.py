@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.util import parse_size
+from ember.util import atomic_write_json, parse_size
 
+DISKS_NAME = "disks.json"  # in the sandbox folder: the extra disks, for --restart
 TMPFS_FLAGS = {"exec", "noexec", "suid", "nosuid", "dev", "nodev", "ro", "rw",
                "atime", "noatime", "relatime", "strictatime", "nodiratime"}
 
@@ -266,7 +267,19 @@ def attach(sandbox, wanted: list[Mount], spec: dict, disk_dir: Path) -> list[dic
         spec["mounts"].append({"destination": m.target, "type": "bind",
                                "source": f"ember-disk:{len(disks) - 1}",
                                "options": ["rbind"] + (["ro"] if m.readonly else [])})
+    if disks:  # a restart creates the container again on the same, still attached disks
+        atomic_write_json(sandbox.dir / DISKS_NAME, disks)
     return disks
+
+
+def saved_disks(sandbox_dir: Path) -> list[dict]:
+    """The extra disks attach() gave the container (none if it gave none)."""
+    import json
+
+    try:
+        return json.loads((sandbox_dir / DISKS_NAME).read_text())
+    except FileNotFoundError:
+        return []
 
 
 def copy_in(sandbox, wanted: list[Mount]) -> None:

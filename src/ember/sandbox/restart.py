@@ -89,9 +89,13 @@ class Restarter:
 
         if not self._pause(held):
             return False
-        spec = json.loads((self.store.dir(self.id) / SPEC_NAME).read_text())
+        from ember.sandbox.mounts import saved_disks
+
+        folder = self.store.dir(self.id)
+        spec = json.loads((folder / SPEC_NAME).read_text())
         agent.remove_container(self.id)
-        agent.create_container(self.id, spec, rootfs, stdin=False)
+        agent.create_container(self.id, spec, rootfs, stdin=False,
+                               extra_disks=saved_disks(folder))  # volumes, read-only copies
         agent.start_container(self.id)
         self.started_at = time.monotonic()
         self.store.modify(self.id, lambda st: {"restart_count": st.restart_count + 1})
