@@ -444,7 +444,7 @@ class Sandbox:
                 next_look += 1.0
                 if not sandbox_processes(self.id)[0]:
                     break  # the monitor is gone (killed): finish the removal here
-            time.sleep(0.05)
+            time.sleep(0.01)
         if os.path.lexists(self.dir):
             self._destroy()
 

@@ -380,7 +380,8 @@ class Monitor:
                                      "oom_killed": False, "error": error, **(final or {})}
         try:
             with trace.span("teardown: vm stop"):
-                self.vm.shutdown(timeout=5)
+                # --rm: the disks go with the sandbox, so no guest power-off to wait for.
+                self.vm.shutdown(timeout=5, clean=not self.auto_remove)
         finally:
             if self._log is not None:
                 self._log.close()

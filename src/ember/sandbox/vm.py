@@ -239,11 +239,15 @@ class SandboxVM:
             self.vmm.remove_drive(drive_id)
 
     # ------------------------------------------------------------- shutdown
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Power the guest off cleanly (the agent syncs disks), else kill the VMM."""
+    def shutdown(self, timeout: float = 5.0, clean: bool = True) -> None:
+        """Power the guest off cleanly (the agent syncs disks), else kill the VMM.
+
+        clean=False: the disks are thrown away (``--rm``), so there is nothing to
+        sync: the VMM quits at once instead of waiting for a guest power-off.
+        """
         if self.vmm is None:
             return
-        if self.agent is not None and not self.vmm.exited():
+        if clean and self.agent is not None and not self.vmm.exited():
             try:
                 self.agent.destroy_sandbox()
             except (EmberError, OSError):
