@@ -380,8 +380,9 @@ class Monitor:
                                      "oom_killed": False, "error": error, **(final or {})}
         try:
             with trace.span("teardown: vm stop"):
-                # --rm: the disks go with the sandbox, so no guest power-off to wait for.
-                self.vm.shutdown(timeout=5, clean=not self.auto_remove)
+                # --rm: the disks go with the sandbox, so no guest power-off to wait for
+                # (unless a named volume, which stays, was written).
+                self.vm.shutdown(timeout=5, clean=not self.auto_remove or self.keeps_data)
         finally:
             if self._log is not None:
                 self._log.close()
