@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,13 +46,8 @@ from ember.sandbox.state import (
     LIVE,
     SandboxState,
     StateStore,
-    kill_pid,
-    monitor_alive,
-    pid_alive,
     process_started,
     sandbox_processes,
-    template_vm_id,
-    vmm_alive,
 )
 from ember.util import new_id, parse_size, pause_for_test, private_dir
 
@@ -624,82 +618,19 @@ class Sandbox:
         self._destroy()
 
     def _destroy(self) -> None:
-        """Remove the sandbox and everything it made, from its id alone; idempotent.
+        """Remove the sandbox and everything it made, from its id alone; idempotent
+        (:func:`ember.sandbox.cleanup.destroy`, which a monitor's ``--rm`` runs too)."""
+        from ember.sandbox.cleanup import destroy
 
-        Whatever died before (CLI, monitor, waiter, VMM, an earlier removal),
-        the steps go in an order that a removal killed at any point can simply
-        be run again: the processes, then the network, the jail (folder and
-        cgroups) and the disks, all derived from the id, and the sandbox folder
-        last, so the sandbox is listed (and its name taken) until nothing else
-        of it is left.
-        """
         st = self._state
         try:
             st = self.store.load(self.id)
         except EmberError:
-            pass  # unreadable: what cleanup needs is worked out from the id below
-        self._stop_processes(st)
-        pause_for_test("rm-killed")
-        from ember.net import bridge
-        from ember.sandbox.vm import cleanup_jail
-
-        bridge.disconnect(self.cfg, self.id)  # from the id; a no-op without a netns
+            pass  # unreadable: what cleanup needs is worked out from the id
         try:
-            cleanup_jail(self.cfg, self.id)  # from the id, never from the record
-        except OSError as exc:  # a cgroup that will not empty: the folder stays, try again
-            raise EmberError(f"sandbox {self.name or self.id[:12]}: cannot remove its jail: "
-                             f"{exc}") from None
-        self.close()
-        shutil.rmtree(self.store.disk_dir(self.id), ignore_errors=True)
-        from ember.sandbox.template import build_prefix
-
-        for work in self.cfg.state_dir.glob(build_prefix(self.id) + "*"):  # a killed build's
-            shutil.rmtree(work, ignore_errors=True)
-        pause_for_test("rm-cleaned")
-        with self.store.lock():
-            existed = self.store.dir(self.id).is_dir()
-            self.store.remove(self.id)
-        if existed:  # once, however often a removal is run again
-            from ember.sandbox.events import SandboxEvents
-
-            SandboxEvents(self.cfg.state_dir, self.id, st.name, st.image,
-                          st.vmm_kind).container("destroy")
-
-    def _stop_processes(self, st: SandboxState) -> None:
-        """Stop the monitor (gracefully if it answers), then SIGKILL whatever still
-        runs under this id (monitor, jailer, waiter, VMM) until nothing does.
-
-        Processes are found by command line as well as from the record: the
-        record can be unreadable or older than the processes, and a jailer
-        that was starting forks the VMM's process after any first look.
-        """
-        from ember.sandbox.vm import vmm_binaries
-
-        jail_dirs = [str(Path(self.cfg.jailer.chroot_base_dir) / os.path.basename(b) / i)
-                     for b in vmm_binaries(self.cfg) for i in (self.id, template_vm_id(self.id))]
-        me, short = os.getpid(), self.id[:12]
-        monitors = set(sandbox_processes(self.id, jail_dirs)[0])
-        if monitor_alive(st):
-            monitors.add(st.monitor_pid)  # type: ignore[arg-type]
-        monitors.discard(me)
-        if monitors:
-            if not self._ask_shutdown():
-                for pid in monitors:
-                    kill_pid(pid, self.id, signal.SIGTERM)
-            _wait_gone(monitors, self.id, 15)
-        known = set(monitors)
-        if vmm_alive(st):
-            known.add(st.vmm_pid)  # type: ignore[arg-type]
-        for _ in range(10):
-            found = set().union(*sandbox_processes(self.id, jail_dirs))
-            left = {p for p in found | known if pid_alive(p, short)} - {me}
-            if not left:
-                return
-            for pid in left:
-                kill_pid(pid, short)
-            _wait_gone(left, short, 5)
-        raise EmberError(f"sandbox {self.name or short}: processes {sorted(left)} "
-                         "survive SIGKILL")
+            destroy(self.cfg, st, ask_shutdown=self._ask_shutdown)
+        finally:
+            self.close()
 
     def _ask_shutdown(self) -> bool:
         """Ask the monitor to power the VM off and exit; False if it does not answer."""
@@ -750,12 +681,6 @@ def _log_tail(path: Path, what: str, lines: int = 4) -> str:
         return ""
     tail = [line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()]
     return f"; {what}: {' | '.join(tail)}" if tail else ""
-
-
-def _wait_gone(pids: set[int], marker: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(pid_alive(p, marker) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def _collect(agent, cid: str, exec_id: str):

@@ -82,7 +82,7 @@ def pause_for_test(stage: str) -> None:
     the record exists, no monitor yet), ``vmm-started`` (SandboxVM.boot:
     the VMM runs, the agent is not connected, nothing of the VMM is recorded
     yet), ``template-started`` (the same in the boot of a VM template build);
-    ``rm-killed``, ``rm-cleaned`` and ``rm-renamed`` (Sandbox._destroy:
+    ``rm-killed``, ``rm-cleaned`` and ``rm-renamed`` (sandbox.cleanup.destroy:
     its processes are gone; its jail, network and disks too; its folder is
     renamed away but not yet deleted).
     """

@@ -514,7 +514,7 @@ class Monitor:
 
     def _remove_sandbox(self) -> None:
         """Tear the sandbox down completely: the code path of `ember rm -f`."""
-        from ember.api import Sandbox
+        from ember.sandbox.cleanup import destroy
 
         try:
             # Not "ours" any more: removal must not wait for (or kill) this process.
@@ -525,7 +525,7 @@ class Monitor:
         except EmberError:
             st = self.store.unknown(self.id, "")
         try:
-            Sandbox(st, self.cfg)._destroy()
+            destroy(self.cfg, st)
         except Exception as exc:  # noqa: BLE001 - say it in monitor.log; `ember rm -f` finishes
             self._complain("remove", f"removing the sandbox failed: {exc!r}")
 
