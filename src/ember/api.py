@@ -41,7 +41,7 @@ from ember.sandbox.options import (
     resolve_image,
     signal_number,
 )
-from ember.sandbox.spec import ProcessOptions, build_process, build_spec
+from ember.sandbox.spec import ProcessOptions, build_process, build_spec, make_privileged
 from ember.sandbox.state import (
     LIVE,
     SandboxState,
@@ -150,6 +150,7 @@ class Sandbox:
         volumes: list[str] | None = None,
         mounts: list[str] | None = None,
         tmpfs: list[str] | None = None,
+        privileged: bool = False,
         options: RunOptions | None = None,
         cfg: Config | None = None,
     ) -> Sandbox:
@@ -161,6 +162,8 @@ class Sandbox:
         volumes, mounts, tmpfs: ``-v``, ``--mount`` and ``--tmpfs`` as Docker spells
         them (named volumes, read-only or copied host folders, tmpfs; see
         :mod:`ember.sandbox.mounts`).
+        privileged: every capability and the guest's devices, as Docker's
+        ``--privileged`` (``ember.sandbox.spec.make_privileged``); guest only.
         options: capabilities, read-only root, hostname, /etc/hosts and DNS entries,
         restart policy, stop signal and time-out, health check, pull policy
         (:class:`ember.sandbox.options.RunOptions`).
@@ -194,6 +197,8 @@ class Sandbox:
                               console_size=console_size)
         spec = build_spec(img.config, opts, hostname=sandbox_id[:12], cpus=cpus,
                           memory_bytes=memory_bytes)
+        if privileged:
+            make_privileged(spec)
         image_stop_signal(run_opts, img.config)
         apply_to_spec(spec, run_opts, sandbox_id)
         store = StateStore(cfg)

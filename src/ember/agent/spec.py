@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Callable
 
+from ember.agent import devices
 from ember.ttrpc import Code, TTRPCError
 
 REQUIRED_NAMESPACES = ("pid", "mount", "ipc", "uts")
@@ -108,6 +109,8 @@ def prepare(raw: bytes, container_id: str, rootfs: str, rootfs_readonly: bool,
             namespaces.append({"type": ns})
     if not linux.get("cgroupsPath"):
         linux["cgroupsPath"] = f"/ember/{container_id}"
+    if devices.allows_all(spec):  # privileged: the guest's devices (never the host's)
+        linux["devices"] = devices.guest_devices()
     for m in spec.get("mounts") or []:
         src = m.get("source", "") if isinstance(m, dict) else ""
         if src.startswith(DISK_SOURCE):

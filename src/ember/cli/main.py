@@ -41,6 +41,8 @@ def main(debug: bool) -> None:
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the sandbox when it exits.")
+@click.option("--privileged", is_flag=True,
+              help="All capabilities and devices of the guest (never of the host).")
 @click.option("--name", help="Name the sandbox.")
 @click.option("-e", "--env", multiple=True, help="Set KEY=VALUE in the environment.")
 @click.option("-w", "--workdir", help="Working directory inside the container.")
@@ -59,8 +61,8 @@ def main(debug: bool) -> None:
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
-def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypoint, cpus,
-        memory, ulimit, label, network, publish, image, command, **more) -> None:
+def run(detach, interactive, tty, auto_remove, privileged, name, env, workdir, user, entrypoint,
+        cpus, memory, ulimit, label, network, publish, image, command, **more) -> None:
     """Run a command in a new container, inside a new micro-VM."""
     from ember import trace
     from ember.api import Sandbox
@@ -78,7 +80,7 @@ def run(detach, interactive, tty, auto_remove, name, env, workdir, user, entrypo
         entrypoint=[entrypoint] if entrypoint is not None else None, cpus=cpus, memory=memory,
         tty=tty, stdin=interactive, auto_remove=auto_remove, ulimits=list(ulimit),
         labels=labels, network=network, publish=list(publish),
-        console_size=caller_winsize() if tty else None,
+        console_size=caller_winsize() if tty else None, privileged=privileged,
         options=options, volumes=list(more.pop("volume", ())),
         mounts=list(more.pop("mount", ())), tmpfs=list(more.pop("tmpfs", ())),
     )

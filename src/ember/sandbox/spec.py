@@ -185,3 +185,34 @@ def build_spec(
             ],
         },
     }
+
+
+# Every capability the guest kernel (6.1) knows; a privileged container gets all.
+ALL_CAPS = DEFAULT_CAPS + [
+    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_LEASE", "CAP_AUDIT_CONTROL",
+    "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+]
+
+
+def make_privileged(spec: dict) -> dict:
+    """``--privileged``, as Docker's, inside the guest only: every capability,
+    no masked or read-only paths, /sys and cgroups writable, no seccomp, and an
+    allow-all device rule. That rule is what containerd writes for a CRI
+    privileged container too; on seeing it the guest agent gives the container
+    the guest's device nodes (ember.agent.devices). The host is never reached:
+    these are the guest kernel's capabilities and devices.
+    """
+    spec["process"]["capabilities"] = {k: list(ALL_CAPS) for k in
+                                       ("bounding", "effective", "permitted")}
+    linux = spec.setdefault("linux", {})
+    for key in ("maskedPaths", "readonlyPaths", "seccomp"):
+        linux.pop(key, None)
+    linux.setdefault("resources", {})["devices"] = [{"allow": True, "access": "rwm"}]
+    for m in spec.get("mounts", []):
+        if m.get("destination") in ("/sys", "/sys/fs/cgroup"):
+            m["options"] = [o for o in m.get("options", []) if o != "ro"] + ["rw"]
+    return spec
