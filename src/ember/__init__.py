@@ -18,7 +18,7 @@ def __getattr__(name: str):  # PEP 562: keep `import ember` cheap inside the gue
 
         return getattr(api, name)
     if name == "Volume":
-        from ember.storage.volumes import Volume
+        from ember.sandbox.volumes import Volume
 
         return Volume
     if name == "EmberError":

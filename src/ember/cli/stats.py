@@ -1,6 +1,6 @@
 """`ember stats`: live CPU, memory, network, block I/O and pids per sandbox.
 
-Numbers come from :mod:`ember.sandbox.stats` (the container's guest cgroup
+Numbers come from :mod:`ember.metrics.stats` (the container's guest cgroup
 and the VMM on the host). Sizes are written as Docker writes them: memory in
 binary units (MiB), network and block I/O in decimal ones (kB, MB).
 """
@@ -76,7 +76,7 @@ def stats_cmd(no_stream: bool, fmt: str, refs: tuple[str, ...]) -> None:
 def _stats(no_stream: bool, fmt: str, refs: tuple[str, ...]) -> None:
     from ember.config import load_config
     from ember.metrics.collector import CgroupMounts
-    from ember.sandbox.stats import rates, sample
+    from ember.metrics.stats import rates, sample
 
     cfg = load_config()
     mounts = CgroupMounts()

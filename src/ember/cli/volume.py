@@ -63,7 +63,7 @@ def create_cmd(size: str, name: str) -> None:
 @handle_errors
 def ls_cmd(quiet: bool, as_json: bool) -> None:
     """List volumes."""
-    from ember.storage.volumes import users
+    from ember.sandbox.volumes import users
 
     vols = _store().list()
     if quiet:
@@ -84,7 +84,7 @@ def ls_cmd(quiet: bool, as_json: bool) -> None:
 
 
 def _describe(v, states) -> dict:
-    from ember.storage.volumes import referenced, users
+    from ember.sandbox.volumes import referenced, users
 
     out = v.as_dict()
     out["in_use_by"] = [{"sandbox": st.name, "id": st.id, "readonly": ro}
@@ -121,7 +121,7 @@ def rm_cmd(names: tuple[str, ...]) -> None:
 
 def _remove(name: str) -> None:
     from ember.config import load_config
-    from ember.storage.volumes import remove_unused
+    from ember.sandbox.volumes import remove_unused
 
     remove_unused(load_config(), name)
 
@@ -132,7 +132,7 @@ def _remove(name: str) -> None:
 def prune_cmd(force: bool) -> None:
     """Remove every volume no sandbox names (stopped ones included)."""
     from ember.config import load_config
-    from ember.storage.volumes import prune
+    from ember.sandbox.volumes import prune
 
     if not force and not click.confirm("Remove every volume that no sandbox uses?"):
         return

@@ -24,20 +24,20 @@ from pathlib import Path
 import psutil
 
 from ember.config import Config
+from ember.cri.annotations import (
+    ANN_CONTAINER_NAME,
+    ANN_CONTAINER_TYPE,
+    ANN_HANDLERS,
+    ANN_POD_NAME,
+    ANN_POD_NAMESPACE,
+    CRIO_CONTAINER_NAME,
+    CRIO_POD_NAME,
+    CRIO_POD_NAMESPACE,
+)
 
 # Every per-sandbox series carries these labels, in this order.
 LABELS = ("id", "name", "kind", "k8s_namespace", "k8s_pod", "runtime_class", "hypervisor")
 
-ANN_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-ANN_CONTAINER_NAME = "io.kubernetes.cri.container-name"
-ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
-ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
-# containerd 1.7+ and CRI-O say which runtime handler (RuntimeClass) runs the
-# pod; containerd 1.6 does not, and the label stays empty there.
-ANN_HANDLERS = ("io.kubernetes.cri.runtime-handler", "io.kubernetes.cri-o.RuntimeHandler")
-CRIO_POD_NAME = "io.kubernetes.pod.name"
-CRIO_POD_NAMESPACE = "io.kubernetes.pod.namespace"
-CRIO_CONTAINER_NAME = "io.kubernetes.container.name"
 
 
 @dataclass

@@ -429,7 +429,7 @@ class PodEvents:
 
     def annotate(self, cid: str, ann: dict) -> None:
         """Learn a container's names (and the pod's) from its CRI annotations."""
-        from ember.metrics.targets import (
+        from ember.cri.annotations import (
             ANN_CONTAINER_NAME,
             ANN_POD_NAME,
             ANN_POD_NAMESPACE,

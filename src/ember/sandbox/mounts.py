@@ -226,7 +226,8 @@ def plan(volumes: list[str] | None = None, mounts: list[str] | None = None,
 def reserve(cfg, states, wanted: list[Mount]) -> list[dict]:
     """Under the sandbox store's lock: check the named volumes are free for these
     uses, make the missing ones; the records for the new sandbox."""
-    from ember.storage.volumes import VolumeStore, check_available
+    from ember.sandbox.volumes import check_available
+    from ember.storage.volumes import VolumeStore
 
     store = VolumeStore(cfg)
     for m in wanted:
