@@ -229,6 +229,8 @@ def _measure(tmp_path: Path, data: Path, state: Path) -> None:
     r = json.loads(res.stdout)["qemu"]
     names = {p["name"] for p in r["processes"]}
     assert any("qemu" in n for n in names), names
+    # VMM, sandbox monitor and (jailed) the jailer's waiter: all that lives per sandbox.
+    assert len(r["processes"]) == 3, r["processes"]
     assert r["guest_touched_bytes"] > 0
     assert 0 < r["memory_bytes"] < 512 * MIB
     assert r["memory_bytes"] == sum(p["pss"] for p in r["processes"]) - r["guest_touched_bytes"]

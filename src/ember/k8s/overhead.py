@@ -110,6 +110,21 @@ def vmm_accel(pids: list[int]) -> str | None:
     return None
 
 
+def jailer_waiters(pids: list[int]) -> list[int]:
+    """The jailer's resident waiter above each jailed VMM: it lives as long as the
+    sandbox, so its memory is overhead too."""
+    found = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid).parent()
+            if (parent is not None and parent.pid not in pids and parent.pid not in found
+                    and any(a.endswith("waiter.py") for a in parent.cmdline())):
+                found.append(parent.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
 def sample(pids: list[int], guest_bytes: int, seconds: float) -> dict:
     """Measure live processes: memory now, CPU averaged over ``seconds``."""
     if not pids:
@@ -150,6 +165,7 @@ def measure(cfg: Config, image: str, memory: str, cpus: int, seconds: float,
     sb = Sandbox.create(image, ["sleep", "600"], memory=memory, cpus=cpus)
     try:
         pids: list[int] = list(sb.host_pids())
+        pids += jailer_waiters(pids)
         guest = int(sb.guest_memory_bytes())
         time.sleep(settle)
         accel = vmm_accel(pids) or cfg.vm.accel

@@ -27,6 +27,7 @@ from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
 __all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "vmm_binaries"]
 
 CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
+GUEST_MEMORY_CMDLINE = "init_on_free=1"
 
 
 def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> None:
@@ -81,6 +82,9 @@ class SandboxVM:
         accel = configured(self.cfg).choose_accel(self.cfg, assets.kernel, cmdline)
         if self.cfg.guest.extra_cmdline:
             cmdline += " " + self.cfg.guest.extra_cmdline
+        # init_on_free: a page the guest frees is zeroed, so the template snapshot
+        # carries it as a zero page and a restore never makes it resident (issue 14).
+        cmdline += " " + GUEST_MEMORY_CMDLINE
         return VMSpec(
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
