@@ -6,6 +6,9 @@ In one run, against one private containerd 1.6 (CRI plugin on):
   ember (``io.containerd.ember.v2``);
 * ``ember run --rm IMAGE true`` for the same image: the ratio ember-via-
   containerd / ember-run is what the shim adds;
+* a one-container pod through CRI (RunPodSandbox + CreateContainer +
+  StartContainer) until the container runs, interleaved with ``ember run --rm
+  IMAGE true``: issue 14's goal is pod / ember run <= 1.2;
 * a two-container pod through CRI (RunPodSandbox + 2 x CreateContainer +
   StartContainer, as a kubelet does): time until both containers run, then
   stop + remove;
@@ -110,12 +113,12 @@ def ember_run(env: dict[str, str]) -> None:
         raise SystemExit(f"ember run failed ({res.returncode}): {res.stderr.decode().strip()}")
 
 
-def cri_pod(client, n: int) -> float:
-    """A kubelet's pod start (sandbox, two containers created and started); seconds."""
+def cri_pod(client, n: int, containers: int = 2) -> float:
+    """A kubelet's pod start (sandbox, containers created and started); seconds."""
     t0 = time.monotonic()
-    pod = client.run_pod(f"bench-{n}", runtime_handler="ember")
+    pod = client.run_pod(f"bench-{containers}-{n}", runtime_handler="ember")
     try:
-        for name in ("a", "b"):
+        for name in ("a", "b")[:containers]:
             cid = client.create_container(pod, name, BUSYBOX, ["sleep", "1000"])
             client.start_container(cid)
         return time.monotonic() - t0
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     c = start_containerd(work, cri=True)
     samples: dict[str, list[float]] = {"runc": [], "ember": [], "ember_run": [], "cri_pod": [],
                                        "emptydir_ember": [], "emptydir_runc": [],
-                                       "configmap_swap": []}
+                                       "configmap_swap": [], "cri_pod_1": [],
+                                       "ember_run_vs_pod_1": []}
     vol_root = work / "kubelet"
     try:
         timed(ctr_run, c, RUNTIME, "warm-ember")  # first use: flatten the image, VM template
@@ -210,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                                           if len(v) > i), file=sys.stderr)
         with CRIClient(c.address) as client:
             retry_stale(cri_pod, client, -1)  # warm: pause image, template for the pod size
+            retry_stale(cri_pod, client, -1, 1)
+            for i in range(args.n):  # one container, interleaved with ember run
+                samples["cri_pod_1"].append(retry_stale(cri_pod, client, i, 1))
+                samples["ember_run_vs_pod_1"].append(timed(ember_run, env))
+                print(f"pod(1) {i}: {samples['cri_pod_1'][-1]:.2f}s, ember run "
+                      f"{samples['ember_run_vs_pod_1'][-1]:.2f}s", file=sys.stderr)
             for i in range(args.n):
                 samples["cri_pod"].append(retry_stale(cri_pod, client, i))
                 print(f"pod {i}: {samples['cri_pod'][-1]:.2f}s", file=sys.stderr)
@@ -230,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "ctr_run_ember_s": round(med["ember"], 3),
         "ember_run_s": round(med["ember_run"], 3),
         "cri_two_container_pod_s": round(med["cri_pod"], 3),
+        "cri_one_container_pod_s": round(med["cri_pod_1"], 3),
+        "cri_pod_1_vs_ember_run": round(med["cri_pod_1"] / med["ember_run_vs_pod_1"], 2),
         "ember_vs_runc": round(med["ember"] / med["runc"], 2),
         "ember_ctr_vs_ember_run": round(med["ember"] / med["ember_run"], 2),
         "emptydir_pod_ember_s": round(med["emptydir_ember"], 3),
@@ -247,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
               f"   ({results['ember_vs_runc']}x runc)")
         print(f"ember run --rm true                 median {results['ember_run_s']:.3f} s"
               f"   (ctr+shim / ember run = {results['ember_ctr_vs_ember_run']})")
+        print(f"CRI pod, 1 container running        median {results['cri_one_container_pod_s']:.3f} s"
+              f"   (pod / ember run = {results['cri_pod_1_vs_ember_run']}, goal <= 1.2)")
         print(f"CRI pod, 2 containers running       median {results['cri_two_container_pod_s']:.3f} s")
         print(f"CRI pod, 2 containers + emptyDir    median {results['emptydir_pod_ember_s']:.3f} s"
               f"   ({results['emptydir_pod_ember_vs_runc']}x runc)")

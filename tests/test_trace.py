@@ -41,7 +41,7 @@ def test_debug_trace_lists_every_phase_in_order(ember_env, image):
     assert proc.returncode == 4, proc.stderr
     assert proc.stdout == b"hi\n"
     ph = _phases(proc.stderr.decode())
-    assert list(ph) and set(ph) == set(PHASES), sorted(set(PHASES) ^ set(ph))
+    assert set(PHASES) <= set(ph), sorted(set(PHASES) - set(ph))  # others may add phases
     # One clock across processes: each step begins after the one it waits for.
     order = ["cli", "image resolve", "monitor spawn", "template lookup", "jail", "restore",
              "agent ready", "disk attach", "container create", "container start", "watch",
@@ -63,7 +63,7 @@ def test_trace_env_and_quiet_without_it(ember_env, image):
     finally:
         ember_env.env = saved
     assert proc.returncode == 0, proc.stderr
-    assert set(_phases(proc.stderr.decode())) == set(PHASES)
+    assert set(PHASES) <= set(_phases(proc.stderr.decode()))
     proc = ember_env.run("run", "--rm", image, "true")
     assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
 
