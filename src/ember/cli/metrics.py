@@ -10,8 +10,7 @@ import threading
 import click
 
 from ember.errors import EmberError
-from ember.metrics.collector import DEFAULT_TIMEOUT
-from ember.metrics.server import DEFAULT_LISTEN
+from ember.metrics import DEFAULT_LISTEN, DEFAULT_TIMEOUT
 
 
 @click.group(name="metrics")

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ember.agent.proto import agent_pb2 as pb
 from ember.config import Config
+from ember.metrics import DEFAULT_TIMEOUT
 from ember.metrics.events import Events
 from ember.metrics.targets import LABELS, PodFinder, Target, sandboxes, vmm_process
 from ember.sandbox.events import EventLog
@@ -42,7 +43,6 @@ from ember.sandbox.events import EventLog
 log = logging.getLogger("ember.metrics")
 
 AGENT_SERVICE = "ember.agent.v1.Agent"
-DEFAULT_TIMEOUT = 0.5
 STATUSES = ("creating", "running", "paused", "exited", "dead", "unknown")
 KINDS = ("sandbox", "pod")
 NS = 1e-9

@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry, disable_created_metrics, make_w
 
 from ember.config import Config
 from ember.errors import EmberError
-from ember.metrics.collector import DEFAULT_TIMEOUT, EmberCollector
+from ember.metrics import DEFAULT_LISTEN, DEFAULT_TIMEOUT
+from ember.metrics.collector import EmberCollector
 
 log = logging.getLogger("ember.metrics")
 
-DEFAULT_LISTEN = "127.0.0.1:8090"
 WATCH_INTERVAL = 1.0
 
 
