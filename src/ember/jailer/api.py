@@ -18,10 +18,13 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ember.config import Config, JailerConfig
 from ember.errors import EmberError
 from ember.jailer import cgroups
+
+if TYPE_CHECKING:  # ember-jailer imports this module: it starts faster without tomllib & co
+    from ember.config import Config, JailerConfig
 
 PLACE_MODES = ("hardlink", "bind", "copy")
 VMM_KINDS = ("qemu", "firecracker", "generic")

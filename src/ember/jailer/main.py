@@ -125,15 +125,22 @@ def _close_inherited_fds(keep: list[int]) -> None:
                 pass
 
 
-def main(argv: list[str] | None = None) -> None:
+def _allow_root() -> bool:
     from ember.config import load_config
+
+    return load_config().jailer.allow_root
+
+
+def main(argv: list[str] | None = None) -> None:
     from ember.jailer.jail import run
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         spec = parse(argv)
         _close_inherited_fds(spec.keep_fds)
-        allow_root = load_config().jailer.allow_root
+        # jailer.allow_root only matters for uid or gid 0: reading the configuration
+        # otherwise would add its imports to every sandbox start.
+        allow_root = (spec.uid == 0 or spec.gid == 0) and _allow_root()
         os.environ.clear()
         code = run(spec, allow_root=allow_root)
     except EmberError as exc:
