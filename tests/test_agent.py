@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.agent.client import AgentClient
 from ember.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFoundError
+from ember.sandbox.agent_client import AgentClient
 
 pytestmark = [
     pytest.mark.root,

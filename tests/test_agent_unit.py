@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from ember.agent import spec
-from ember.agent.client import translate
 from ember.agent.crun import exec_error, read_log
 from ember.agent.streams import StreamBuffer
 from ember.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFoundError
+from ember.sandbox.agent_client import translate
 from ember.ttrpc import Code, TTRPCError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

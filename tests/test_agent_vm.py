@@ -16,8 +16,8 @@ import time
 import pytest
 from test_agent import base_image, base_spec, make_spec  # noqa: F401 - fixtures
 
-from ember.agent.client import AgentClient
 from ember.errors import CommandNotFound
+from ember.sandbox.agent_client import AgentClient
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(400),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]

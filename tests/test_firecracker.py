@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ember.agent.client import AgentClient
 from ember.errors import VMError
+from ember.sandbox.agent_client import AgentClient
 from ember.testing.fc_fake import read_log, write_fake_binary
 from ember.vmm.base import Drive, VMSpec
 from ember.vmm.firecracker import FirecrackerOptions, FirecrackerVMM

@@ -84,8 +84,8 @@ def firecracker_config():
 
 
 def test_driver_on_real_firecracker(guest_assets, tmp_path):
-    from ember.agent.client import AgentClient
     from ember.config import load_config
+    from ember.sandbox.agent_client import AgentClient
     from ember.sandbox.vm import SandboxVM, make_vmm
     from ember.vmm.base import Drive
     from ember.vmm.firecracker import FirecrackerVMM

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.agent.client import AgentClient
 from ember.errors import VMError
 from ember.jailer.api import JailSpec, Placement
+from ember.sandbox.agent_client import AgentClient
 from ember.testing.fc_fake import read_log, write_fake_binary
 from ember.vmm.base import Drive, VMSpec
 from ember.vmm.firecracker import FirecrackerVMM

@@ -190,7 +190,7 @@ def test_init_prepares_the_guest_and_scsi_disks_hotplug(guest_assets, guest_fact
 
 @pytest.mark.timeout(240)
 def test_guest_boots_to_the_agent(guest_assets, guest_factory):
-    from ember.agent.client import AgentClient
+    from ember.sandbox.agent_client import AgentClient
 
     g = guest_factory(guest_assets)
     deadline = time.monotonic() + 30

@@ -141,7 +141,7 @@ def test_qemu_boots_confined_and_leaves_nothing(kernel, tmp_path):
 def test_ember_guest_agent_answers_from_a_jailed_qemu(guest_assets, tmp_path):
     """The project's own guest (rootfs, agent over virtio-serial, virtio-scsi,
     virtio-rng, console file) under the QEMU allow-list in kill mode."""
-    from ember.agent.client import AgentClient
+    from ember.sandbox.agent_client import AgentClient
 
     run = Path(tempfile.mkdtemp(prefix="jg-", dir="/tmp"))
     base = Path(tempfile.mkdtemp(prefix="jb-", dir="/tmp"))

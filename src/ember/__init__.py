@@ -7,7 +7,7 @@ agent, the ttrpc code) can import ``ember`` without pulling in the host side.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ember.version import __version__
 
 __all__ = ["Sandbox", "Volume", "run", "EmberError", "__version__"]
 

@@ -350,7 +350,7 @@ class Sandbox:
 
     def agent(self):
         """An AgentClient talking to the guest agent through the monitor."""
-        from ember.agent.client import AgentClient
+        from ember.sandbox.agent_client import AgentClient
 
         if self._agent is None or self._rpc is None or self._rpc.closed:
             self._agent = AgentClient(self._client())

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ember import __version__
 from ember.agent import archive, cgroups, netconf, signals, spec, storage, system, volumes
 from ember.agent.crun import Crun
 from ember.agent.portfwd import PortTable
@@ -20,6 +19,7 @@ from ember.agent.proto import agent_pb2 as pb
 from ember.agent.reaper import Reaper
 from ember.agent.streams import PacedBuffer, drain
 from ember.ttrpc import Code, Context, Server, TTRPCError
+from ember.version import __version__
 
 log = logging.getLogger("ember.agent")
 

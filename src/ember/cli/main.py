@@ -292,8 +292,8 @@ from ember.cli.volume import volume_group  # noqa: E402
 
 main.add_command(check_cmd)
 main.add_command(config_group)
-main.add_command(volume_group)
 main.add_command(cp_cmd)
+main.add_command(volume_group)
 main.add_command(events_cmd)
 main.add_command(info_cmd)
 main.add_command(metrics_group)

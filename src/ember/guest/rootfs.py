@@ -24,7 +24,10 @@ PYTHONPATH = "/usr/lib/ember"  # where ember and google.protobuf live in the gue
 
 # Python packages (relative to their import root) the agent needs, taken from
 # the host so that the generated *_pb2 code matches the protobuf runtime.
-EMBER_FILES = ("__init__.py", "errors.py", "agent", "ttrpc")
+EMBER_FILES = ("errors.py", "version.py", "agent", "ttrpc")
+# The guest's `ember/__init__.py`: not the host's, whose lazy re-exports (ember.Sandbox,
+# ember.Volume) name host modules the guest does not have.
+GUEST_INIT = '"""Ember\'s guest side: the agent and what it needs."""\n\nfrom ember.version import __version__\n\n__all__ = ["__version__"]\n'
 SITE_PACKAGES = ("google/protobuf", "google/_upb")
 
 # Documentation, translations and package-manager leftovers: dead weight in a
@@ -100,6 +103,8 @@ def copy_python_packages(tree: Path) -> None:
     dest = tree / PYTHONPATH.lstrip("/")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi")
     src = PACKAGE_DIR
+    (dest / "ember").mkdir(parents=True, exist_ok=True)
+    (dest / "ember" / "__init__.py").write_text(GUEST_INIT)
     for name in EMBER_FILES:
         s = src / name
         if s.is_dir():

@@ -66,7 +66,7 @@ class HealthChecker:
 
     def probe(self, vm, cid: str, done: threading.Event) -> bool:
         """One run of the health command: True when it exits 0 in time."""
-        from ember.agent.client import AgentClient
+        from ember.sandbox.agent_client import AgentClient
 
         rpc = vm.rpc
         if rpc is None:

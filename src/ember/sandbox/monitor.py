@@ -281,7 +281,7 @@ class Monitor:
         """--restart: the container was started again (see ember.sandbox.restart)."""
         if self.rootfs is None or not self.restarter.wanted(resp.exit_status):
             return False
-        from ember.agent.client import AgentClient
+        from ember.sandbox.agent_client import AgentClient
 
         self.events.outcome("exited", resp.exit_status, resp.oom_killed)
         try:

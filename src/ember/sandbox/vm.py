@@ -67,7 +67,7 @@ class SandboxVM:
         self.cpus = cpus
         self.use_template = cfg.vm.snapshot if use_template is None else use_template
         self.vmm: VMM | None = None
-        self.agent = None  # ember.agent.client.AgentClient once booted
+        self.agent = None  # ember.sandbox.agent_client.AgentClient once booted
         self.rpc = None  # the raw ttrpc.Client under it (the monitor forwards through it)
         self.restored = False
         self._drive_seq = 0
@@ -197,7 +197,7 @@ class SandboxVM:
             time.sleep(CONSOLE_CHECK_S)
 
     def _connect_agent(self, timeout: float) -> None:
-        from ember.agent.client import AgentClient
+        from ember.sandbox.agent_client import AgentClient
         from ember.ttrpc import Client
 
         assert self.vmm is not None
