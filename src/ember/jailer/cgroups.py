@@ -18,7 +18,9 @@ from ember.errors import EmberError
 from ember.jailer.waiter import rmdir_cgroup
 
 
-def _mounts() -> list[tuple[str, str, list[str]]]:
+def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
+    """(fstype, mount point, options) of every cgroup and cgroup2 mount, as the
+    kernel lists them; the shim places pod cgroups by the same list."""
     out = []
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -30,14 +32,14 @@ def _mounts() -> list[tuple[str, str, list[str]]]:
 
 def v1_mount(controller: str) -> Path | None:
     """Where the v1 hierarchy carrying ``controller`` is mounted, if anywhere."""
-    for fstype, target, opts in _mounts():
+    for fstype, target, opts in cgroup_mounts():
         if fstype == "cgroup" and controller in opts:
             return Path(target)
     return None
 
 
 def v2_mount() -> Path | None:
-    for fstype, target, _opts in _mounts():
+    for fstype, target, _opts in cgroup_mounts():
         if fstype == "cgroup2":
             return Path(target)
     return None
@@ -45,7 +47,7 @@ def v2_mount() -> Path | None:
 
 def detect_version() -> int:
     """2 on a unified-only host (cgroup2 at /sys/fs/cgroup), else 1."""
-    for fstype, target, _opts in _mounts():
+    for fstype, target, _opts in cgroup_mounts():
         if target == "/sys/fs/cgroup" and fstype == "cgroup2":
             return 2
     return 1
@@ -172,7 +174,7 @@ class CgroupPlan:
 
 def jail_cgroup_dirs(parent: str, jail_id: str) -> list[Path]:
     """Every ``<mount>/<parent>/<id>`` that exists, whatever the hierarchy."""
-    return [Path(target) / parent / jail_id for _f, target, _o in _mounts()
+    return [Path(target) / parent / jail_id for _f, target, _o in cgroup_mounts()
             if (Path(target) / parent / jail_id).is_dir()]
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from ember.jailer.cgroups import _mounts, detect_version, v2_mount
+from ember.jailer.cgroups import cgroup_mounts, detect_version, v2_mount
 
 log = logging.getLogger("ember.shim.cgroups")
 
@@ -55,7 +55,7 @@ def hierarchies() -> list[Path]:
         root = v2_mount()
         return [root] if root else []
     roots = []
-    for fstype, target, opts in _mounts():
+    for fstype, target, opts in cgroup_mounts():
         if fstype == "cgroup" and V1_CONTROLLERS & set(opts) and Path(target) not in roots:
             roots.append(Path(target))
     return roots
