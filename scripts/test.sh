@@ -1,7 +1,7 @@
 #!/bin/bash
-# Runs Ember's whole test suite: sets the machine up (idempotent), lints, runs
-# the CRI conformance gate (scripts/critest.sh: critest with runc and with
-# ember; EMBER_SKIP_CRITEST=1 skips it), then every test, including those that
+# Runs Ember's whole test suite: sets the machine up (idempotent), lints, checks
+# the import layers, runs the CRI conformance gate (scripts/critest.sh: critest
+# with runc and with ember; EMBER_SKIP_CRITEST=1 skips it), then every test, including those that
 # boot VMs and start containerd. Fails if the gate or pytest fails; pytest's
 # summary line is the last line of the output.
 set -euo pipefail
@@ -10,6 +10,7 @@ EMBER_SETUP_DEMO=0 "$HERE/scripts/setup.sh"
 VENV="${EMBER_VENV:-/opt/ember/venv}"
 cd "$HERE"
 "$VENV/bin/ruff" check src tests bench
+PYTHONPATH="$HERE/src" "$VENV/bin/lint-imports"  # the layers (pyproject.toml [tool.importlinter])
 critest_rc=0
 if [ "${EMBER_SKIP_CRITEST:-0}" = 1 ]; then
   echo "critest gate: skipped (EMBER_SKIP_CRITEST=1)"
