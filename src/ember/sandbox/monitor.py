@@ -61,6 +61,7 @@ AGENT_SERVICE = "ember.agent.v1.Agent"
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
 WAIT_MAX_S = 60.0  # the longest a Wait call blocks before answering "not yet"
+PUMP_WAIT_MS = 30_000  # container output long poll (issue 14: idle guests stay idle)
 
 
 class Monitor:
@@ -233,10 +234,13 @@ class Monitor:
         method = "ReadStdout" if stream == "stdout" else "ReadStderr"
         offset = 0
         while not self.done.is_set() and self.vm.rpc is not None:
-            req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset, wait_ms=1000)
+            # A long poll: the agent answers as soon as there is output or EOF, so an
+            # idle container costs the guest one wake-up per PUMP_WAIT_MS, not per second.
+            req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset,
+                                              wait_ms=PUMP_WAIT_MS)
             try:
-                resp = self.vm.rpc.call(AGENT_SERVICE, method, req,
-                                        agent_pb2.ReadStreamResponse, timeout=30)
+                resp = self.vm.rpc.call(AGENT_SERVICE, method, req, agent_pb2.ReadStreamResponse,
+                                        timeout=PUMP_WAIT_MS / 1000 + 30)
             except (TTRPCError, OSError):
                 return
             if resp.data:
