@@ -109,6 +109,13 @@ FEATURES: tuple[Feature, ...] = (
        Support(_U, NICE, "mounted by kubelet on the node; a writable one is refused like a "
                "filesystem PVC"),
        _NO_FS_SHARE_FC),
+    _f("lvmThinPool", "image layers and container roots on an LVM thin pool", "Volumes",
+       Support(_C, NICE, "ember-snapshotter --backend lvm (containerd's snapshotter setting): "
+               "every snapshot a thin LV, attached to the guest as the device itself; the node "
+               "kernel needs device-mapper (dm-thin-pool), so here it is proved inside an "
+               "Ember VM, containerd's snapshotter suite included",
+               "tests/test_snapshotter_lvm.py::test_lvm_backend_in_a_vm"),
+       Support(_U, NICE, "no test shows a thin LV attached to a Firecracker guest yet")),
     # --- host namespaces and privileges --------------------------------------
     _f("hostNetwork", "hostNetwork", "Host access",
        Support(_U, BY_DESIGN, "the guest has its own kernel and network stack; it cannot "

@@ -6,6 +6,9 @@ disk. What containerd hands the shim decides how that disk is made:
 * a block snapshotter's mount (``type: ext4``, an image file with the ``loop``
   option, or a ``/dev/loopN`` device): the file itself is attached, no copy;
   the container's writes land in that snapshot, its own writable layer;
+* a block device that is not a loop device (``ember-snapshotter --backend
+  lvm``'s ``/dev/VG/LV``, devmapper's ``/dev/mapper/...``): the device itself
+  is attached, no copy and no loop device;
 * the default overlayfs snapshotter (``type: overlay`` with ``lowerdir``,
   ``upperdir``, ``workdir``): the read-only lower layers are flattened once
   into a cached ext4 image (keyed by the layers' identity) and the container
@@ -61,6 +64,12 @@ class Disk:
     owned: bool  # the shim made it (and deletes it); False for snapshotter images
 
 
+def is_loop_device(device: str) -> bool:
+    """Whether ``device`` is a loop device (its file is attached instead of it)."""
+    name = os.path.basename(os.path.realpath(device))
+    return (Path("/sys/block") / name / "loop").is_dir()
+
+
 def loop_backing_file(device: str) -> Path:
     """The file behind /dev/loopN (offset 0 only: the guest sees the whole file)."""
     name = os.path.basename(os.path.realpath(device))
@@ -106,6 +115,10 @@ def prepare(mounts: list[MountSpec], bundle: Path, work_dir: Path, cache_dir: Pa
     readonly = "ro" in m.options
     if m.type in ("ext4", "xfs") or m.type.startswith("ext"):
         path = Path(m.source)
+        if path.is_block_device() and not is_loop_device(m.source):
+            # A block snapshotter's device (ember-snapshotter --backend lvm:
+            # /dev/VG/LV; devmapper): the guest gets the device itself.
+            return Disk(Path(os.path.realpath(m.source)), "raw", readonly, owned=False)
         if path.is_block_device() or m.source.startswith("/dev/"):
             path = loop_backing_file(m.source)
         if not path.is_file():

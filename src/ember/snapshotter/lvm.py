@@ -65,11 +65,13 @@ def check_name(kind: str, name: str) -> str:
 
 
 def _lvm_line(stderr: str, returncode: int) -> str:
-    """The line of lvm's output that says what went wrong."""
+    """lvm's own words for what went wrong, as one line."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines
               if not ln.startswith(("WARNING", "Run `", "File descriptor"))]
-    return (errors or lines or [f"exit status {returncode}"])[-1]
+    # lvm often says what and then that it gave up ('Volume group "x" not
+    # found', 'Cannot process volume group x'): keep both, on one line.
+    return "; ".join((errors or lines or [f"exit status {returncode}"])[-2:])
 
 
 def lvm(*args: str, what: str) -> str:
@@ -113,6 +115,33 @@ def pool_status(vg: str, pool: str) -> PoolStatus:
     return PoolStatus(int(size), float(data or 0), float(meta or 0))
 
 
+def _dm_name(vg: str, lv: str) -> str:
+    """device-mapper's name for VG/LV (LVM doubles the '-' in each part)."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def pool_fill(vg: str, pool: str) -> PoolStatus:
+    """The pool's fill from the kernel (``dmsetup status``: no VG metadata scan,
+    a few ms against lvs' hundreds under TCG); lvs when the pool is inactive.
+
+    The thin-pool status line: ``<transaction> <used>/<total metadata blocks>
+    <used>/<total data blocks> ...``.
+    """
+    proc = subprocess.run(["dmsetup", "status", _dm_name(vg, pool) + "-tpool"],
+                          capture_output=True, text=True, check=False)
+    fields = proc.stdout.split()
+    if proc.returncode == 0 and len(fields) >= 6 and fields[2] == "thin-pool":
+        try:
+            meta_used, meta_total = (int(x) for x in fields[4].split("/"))
+            data_used, data_total = (int(x) for x in fields[5].split("/"))
+            size = int(fields[1]) * 512
+            return PoolStatus(size, 100.0 * data_used / data_total,
+                              100.0 * meta_used / meta_total)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return pool_status(vg, pool)
+
+
 class LvmBackend(Backend):
     """Thin LVs ``VG/ember-<token>-<id>`` in the thin pool ``VG/POOL``."""
 
@@ -123,9 +152,10 @@ class LvmBackend(Backend):
         self.vg = check_name("volume group", vg)
         self.pool = check_name("thin pool", pool)
         self.image_size = image_size
-        self.status = pool_status(vg, pool)  # fails at start, not at the first Prepare
+        self._fresh: PoolStatus | None = pool_status(vg, pool)  # fails at start, not later
         self.token = self._token(root)
         self.prefix = f"ember-{self.token}-"
+        self._measured: dict[int, int] = {}
 
     def _token(self, root: Path) -> str:
         """This root's LV name prefix, fixed at its first start with a VG and pool.
@@ -183,6 +213,7 @@ class LvmBackend(Backend):
                "-E", "root_owner=0:0,discard", "-L", "ember-rootfs", dev], "mkfs.ext4 for the template")
         _tool(["debugfs", "-w", "-R", "rmdir lost+found", dev], "debugfs on the template")
         lvm("lvchange", "-q", "-pr", "-an", "--addtag", f"ember.inodes={used_inodes(Path(dev))}",
+            "--addtag", f"ember.mapped={self._mapped(self._lvs(new).get(new))}",
             self._ref(new), what="sealing the template LV")
         lvm("lvrename", "-q", self.vg, new, name, what="naming the template LV")
         return name
@@ -224,10 +255,15 @@ class LvmBackend(Backend):
         Its inode count goes into a tag, since its children's usage is counted
         against it and an inactive LV's filesystem cannot be read.
         """
-        tag = f"ember.inodes={used_inodes(Path(self.device(sid)))}"
+        name = self.lv(sid)
+        mapped = self._measured.pop(sid, None)  # Commit has just asked usage()
+        if mapped is None:
+            mapped = self._mapped(self._lvs(name).get(name))
+        tags = ["--addtag", f"ember.inodes={used_inodes(Path(self.device(sid)))}",
+                "--addtag", f"ember.mapped={mapped}"]
         try:
-            lvm("lvchange", "-q", "-pr", "-an", "--addtag", tag, self._ref(self.lv(sid)),
-                what=f"making LV {self.lv(sid)} read-only")
+            lvm("lvchange", "-q", "-pr", "-an", *tags, self._ref(name),
+                what=f"making LV {name} read-only")
         except LvmError as exc:
             # Still open (mounted somewhere): read-only is what matters; it is
             # deactivated at the next start.
@@ -250,11 +286,13 @@ class LvmBackend(Backend):
     def _names(self) -> set[str]:
         return {n for n in self._lvs() if n.startswith(self.prefix)}
 
-    @staticmethod
-    def _mapped(row: list[str] | None) -> int:
-        if not row or not row[2]:
-            return 0
-        return int(int(row[1]) * float(row[2]) / 100.0)
+    @classmethod
+    def _mapped(cls, row: list[str] | None) -> int:
+        """Pool bytes an LV maps: lvs knows it only while the LV is active, so a
+        committed (inactive) LV carries it in a tag written at commit."""
+        if row and row[2]:
+            return int(int(row[1]) * float(row[2]) / 100.0)
+        return cls._tag(row, "ember.mapped") or 0
 
     @staticmethod
     def _tag(row: list[str] | None, key: str) -> int | None:
@@ -270,6 +308,7 @@ class LvmBackend(Backend):
         origin = self.lv(parent) if parent is not None else self.prefix + _TEMPLATE
         rows = self._lvs(self.lv(sid), origin)
         me, base = rows.get(self.lv(sid)), rows.get(origin)
+        self._measured = {sid: self._mapped(me)}
         size = max(0, self._mapped(me) - self._mapped(base))
         inodes = used_inodes(Path(self.device(sid))) if me and me[3][4:5] == "a" else 0
         base_inodes = self._tag(base, "ember.inodes") or 0
@@ -291,11 +330,12 @@ class LvmBackend(Backend):
         return 0
 
     def free_bytes(self) -> tuple[int, str]:
-        st = pool_status(self.vg, self.pool)
+        # capacity_error has just read the pool before each Prepare: one lvs, not two.
+        st, self._fresh = self._fresh or pool_fill(self.vg, self.pool), None
         return st.free, f"thin pool {self.vg}/{self.pool}"
 
     def capacity_error(self) -> str | None:
-        st = pool_status(self.vg, self.pool)
+        st = self._fresh = pool_fill(self.vg, self.pool)
         for what, pct in (("data", st.data_percent), ("metadata", st.metadata_percent)):
             if pct > FULL_PERCENT:
                 return (f"thin pool {self.vg}/{self.pool} {what} is {pct:.1f}% full "

@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -66,14 +67,24 @@ def _listen(path: Path) -> socket.socket:
 
 
 def _blockdev(drive: Drive) -> dict:
+    # A block device (an LVM thin LV from ember-snapshotter) needs QEMU's
+    # host_device protocol driver; "file" is for regular files.
+    proto = "host_device" if _is_block_device(drive.path) else "file"
     node: dict[str, object] = {
         "driver": drive.format,
         "node-name": f"n-{drive.drive_id}",
-        "file": {"driver": "file", "filename": str(drive.path)},
+        "file": {"driver": proto, "filename": str(drive.path)},
     }
     if drive.readonly:
         node["read-only"] = True
     return node
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _qcow2_backing(path: Path) -> Path | None:
