@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember import trace
 from ember.config import Config, load_config
@@ -50,6 +52,9 @@ from ember.sandbox.state import (
     sandbox_processes,
 )
 from ember.util import new_id, parse_size, pause_for_test, private_dir
+
+if TYPE_CHECKING:
+    from ember.sandbox.mounts import Mount
 
 MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 GUEST_OVERHEAD_MIB = 128  # guest kernel + agent, on top of a --memory limit
@@ -77,6 +82,7 @@ class Sandbox:
         self._state = state
         self._rpc = None
         self._agent = None
+        self._mounts: builtins.list[Mount] = []  # what create() planned, for _launch
         self._created = False  # this object created the sandbox (see wait, auto_remove)
 
     # --------------------------------------------------------------- lookup
@@ -86,7 +92,7 @@ class Sandbox:
         return cls(StateStore(cfg).find(ref), cfg)
 
     @classmethod
-    def list(cls, all: bool = True, cfg: Config | None = None) -> list[Sandbox]:
+    def list(cls, all: bool = True, cfg: Config | None = None) -> builtins.list[Sandbox]:
         cfg = cfg or load_config()
         states = StateStore(cfg).all()
         # Without all: what may still run, an unreadable record included.
@@ -130,26 +136,26 @@ class Sandbox:
     def create(
         cls,
         image: str,
-        command: list[str] | None = None,
+        command: builtins.list[str] | None = None,
         *,
         name: str | None = None,
-        env: list[str] | None = None,
+        env: builtins.list[str] | None = None,
         workdir: str | None = None,
         user: str | None = None,
-        entrypoint: list[str] | None = None,
+        entrypoint: builtins.list[str] | None = None,
         cpus: float | None = None,
         memory: str | int | None = None,
         tty: bool = False,
         stdin: bool = False,
         auto_remove: bool = False,
-        ulimits: list[str] | None = None,
+        ulimits: builtins.list[str] | None = None,
         labels: dict[str, str] | None = None,
         network: str = "none",
-        publish: list[str] | None = None,
+        publish: builtins.list[str] | None = None,
         console_size: tuple[int, int] | None = None,
-        volumes: list[str] | None = None,
-        mounts: list[str] | None = None,
-        tmpfs: list[str] | None = None,
+        volumes: builtins.list[str] | None = None,
+        mounts: builtins.list[str] | None = None,
+        tmpfs: builtins.list[str] | None = None,
         privileged: bool = False,
         options: RunOptions | None = None,
         cfg: Config | None = None,
@@ -250,7 +256,7 @@ class Sandbox:
                                     drive_id="rootfs")
         from ember.sandbox import mounts
 
-        wanted = getattr(self, "_mounts", [])
+        wanted = self._mounts
         with trace.span("mounts attach"):
             extra_disks = mounts.attach(self, wanted, spec, disk_dir)
         agent = self.agent()
@@ -319,10 +325,11 @@ class Sandbox:
         if line == "OK":
             return
         if line.startswith("ERR "):
-            _, code, msg = line.split(" ", 2)
-            raise EmberError(msg, int(code))
+            _, err_code, msg = line.split(" ", 2)
+            raise EmberError(msg, int(err_code))
         # The sandbox folder (and its logs) goes with the failed start: the error
         # carries what they say.
+        code: int | None
         try:
             code = proc.wait(2)
         except subprocess.TimeoutExpired:
@@ -502,7 +509,7 @@ class Sandbox:
     def resume(self) -> None:
         self.monitor_call("Resume")
 
-    def exec(self, command: list[str], *, env: list[str] | None = None, workdir: str | None = None,
+    def exec(self, command: builtins.list[str], *, env: builtins.list[str] | None = None, workdir: str | None = None,
              user: str | None = None, tty: bool = False, stdin: bytes | None = None,
              timeout: float | None = None, stream: bool = False):
         """Run a command in the running container and collect its output.
@@ -530,7 +537,7 @@ class Sandbox:
         code = agent.wait_process(self.id, exec_id).exit_status
         return ExecResult(code, out(), err(), exec_id)
 
-    def start_exec(self, command: list[str], *, env: list[str] | None = None,
+    def start_exec(self, command: builtins.list[str], *, env: builtins.list[str] | None = None,
                    workdir: str | None = None, user: str | None = None, tty: bool = False,
                    stdin: bool = False, console_size: tuple[int, int] | None = None) -> str:
         self._require_running()
@@ -604,7 +611,7 @@ class Sandbox:
         data["log_path"] = str(self.dir / "container.log")
         return data
 
-    def host_pids(self) -> list[int]:
+    def host_pids(self) -> builtins.list[int]:
         st = self.state
         return [p for p in (st.vmm_pid, st.monitor_pid) if p]
 

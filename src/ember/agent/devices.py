@@ -58,7 +58,7 @@ def guest_devices(dev: str = "/dev", release: str | None = None) -> list[dict]:
 
 def static_nodes(release: str, modules: str = "/lib/modules") -> list[tuple[str, str, int, int]]:
     """(name, c|b, major, minor) from ``modules.devname``: nodes whose module loads on open."""
-    out = []
+    out: list[tuple[str, str, int, int]] = []
     try:
         with open(os.path.join(modules, release, "modules.devname")) as f:
             lines = f.read().splitlines()

@@ -209,7 +209,7 @@ def launch(crun: Crun, proc: Process, args: Sequence[str], pid_file: str, work_d
             listener.close()
             _unlink(sock_path)
     proc.exit = crun.reaper.watch(proc.pid)
-    if proc.terminal:
+    if master is not None:  # a terminal: crun sent its pty master (checked above)
         proc.stdin_fd = proc.pty_fd = master
         drain(os.dup(master), proc.stdout, f"{proc.name}-tty")
         proc.stderr.close()

@@ -93,7 +93,9 @@ def prepare(raw: bytes, container_id: str, rootfs: str, rootfs_readonly: bool,
     """
     spec = parse_json(raw, "OCI spec")
     check_process(spec.get("process"), "OCI spec")
-    root = spec.get("root") if isinstance(spec.get("root"), dict) else {}
+    root = spec.get("root")
+    if not isinstance(root, dict):
+        root = {}
     spec["root"] = {"path": rootfs, "readonly": bool(root.get("readonly")) or rootfs_readonly}
     linux = spec.setdefault("linux", {})
     if not isinstance(linux, dict):

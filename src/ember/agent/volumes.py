@@ -100,10 +100,10 @@ class Volumes:
                     raise TTRPCError(Code.INTERNAL, str(e)) from e
             kinds = (pb.TreeEntry.DIR, pb.TreeEntry.FILE, pb.TreeEntry.SYMLINK)
             for kind in kinds:  # the order that keeps an atomic-writer swap atomic
-                for rel, e in entries:
-                    if e.kind == kind:
+                for rel, entry in entries:
+                    if entry.kind == kind:
                         _no_symlink_parents(root, rel)
-                        self._apply(root, rel, e)
+                        self._apply(root, rel, entry)
             for rel in removes:
                 _no_symlink_parents(root, rel)
                 _remove(os.path.join(root, rel))

@@ -217,7 +217,7 @@ class _Families:
     """Metric families made on first use, yielded in creation order."""
 
     def __init__(self) -> None:
-        self._fams: dict[str, Metric] = {}
+        self._fams: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
 
     def add(self, kind: str, name: str, doc: str, extra: tuple[str, ...], labels: list[str],
             value: float) -> None:

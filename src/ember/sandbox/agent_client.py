@@ -39,8 +39,13 @@ def translate(err: TTRPCError) -> Exception:
 
 
 def _blockdev(dev: Any) -> pb.BlockDevice | None:
+    """A device (see _device), or None for an optional one left unset."""
+    return None if dev is None else _device(dev)
+
+
+def _device(dev: Any) -> pb.BlockDevice:
     """Accept a BlockDevice, a dict of its fields, or an object with the same attributes."""
-    if dev is None or isinstance(dev, pb.BlockDevice):
+    if isinstance(dev, pb.BlockDevice):
         return dev
     if isinstance(dev, dict):
         return pb.BlockDevice(**dev)
@@ -93,7 +98,7 @@ class AgentClient:
                          stdin: bool = False, extra_disks: list | None = None) -> None:
         self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, oci_spec=_json(spec), rootfs=_blockdev(rootfs),
-            stdin=stdin, extra_disks=[_blockdev(d) for d in extra_disks or []]), pb.Empty)
+            stdin=stdin, extra_disks=[_device(d) for d in extra_disks or []]), pb.Empty)
 
     def start_container(self, container_id: str) -> None:
         self._call("StartContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)

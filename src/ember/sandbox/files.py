@@ -13,6 +13,7 @@ the guest applies (:func:`ember.agent.archive.extract` with ``host=True``).
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -212,7 +213,7 @@ class Files:
         self.get(path, consume)
         return found[0]
 
-    def list(self, path: str = "/") -> list[dict]:
+    def list(self, path: str = "/") -> builtins.list[dict]:
         """The entries of the folder path (or path itself if it is not a folder):
         dicts with name, type (file, dir, symlink, other), size, mode, uid, gid,
         mtime and, for a symlink, target."""
@@ -232,7 +233,7 @@ class Files:
         top = archive.top_name(src)
         self.put(op, dest, lambda out: _pack_host(out, src, top))
 
-    def copy_out(self, src: str, dest: str) -> list[str]:
+    def copy_out(self, src: str, dest: str) -> builtins.list[str]:
         """Copy src in the container to the host path dest (the same rules);
         the names skipped (device nodes)."""
         dest = os.path.abspath(dest)

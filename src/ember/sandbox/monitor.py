@@ -263,8 +263,10 @@ class Monitor:
         req = agent_pb2.ProcessRequest(container_id=cid)
         while True:
             try:
-                resp = self.vm.rpc.call(AGENT_SERVICE, "WaitProcess", req,
-                                        agent_pb2.WaitProcessResponse)
+                rpc = self.vm.rpc
+                if rpc is None:
+                    return  # never booted: nothing to wait for
+                resp = rpc.call(AGENT_SERVICE, "WaitProcess", req, agent_pb2.WaitProcessResponse)
             except (TTRPCError, OSError, AttributeError):
                 return  # the VM went away: stop() records why
             for t in streams:
@@ -289,8 +291,10 @@ class Monitor:
 
         self.events.outcome("exited", resp.exit_status, resp.oom_killed)
         try:
-            if not self.restarter.restart(AgentClient(self.vm.rpc), self.rootfs,
-                                          self.done.is_set):
+            rpc = self.vm.rpc
+            if rpc is None:  # not after _wait_main waited through it
+                raise EmberError("the VM has no agent connection")
+            if not self.restarter.restart(AgentClient(rpc), self.rootfs, self.done.is_set):
                 return False
         except (EmberError, TTRPCError, OSError, ValueError) as exc:
             self._complain("restart", f"restart failed: {exc}")
@@ -426,10 +430,10 @@ class Monitor:
             self.cfg, self.id, lambda ip, ns: self.store.update(self.id, ip_address=ip, netns=ns))
         net_fd, nic = podnet.setup(netns)
         try:
-            self.vm.boot(net_fd=net_fd, nic_mac=nic.mac)
+            agent = self.vm.boot(net_fd=net_fd, nic_mac=nic.mac)
         finally:
             os.close(net_fd)  # QEMU has its own copy
-        self.vm.agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+        agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
         for proxy in self.proxies:
             proxy.start(ip)
 

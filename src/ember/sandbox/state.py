@@ -316,7 +316,7 @@ class StateStore:
 
     def all(self) -> list[SandboxState]:
         """Every sandbox folder, readable or not (status ``unknown``)."""
-        out = []
+        out: list[SandboxState] = []
         if not self.root.is_dir():
             return out
         self.sweep()

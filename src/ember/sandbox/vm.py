@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember import trace
 from ember.config import Config
@@ -23,6 +24,10 @@ from ember.errors import AgentError, EmberError, VMError
 from ember.util import pause_for_test
 from ember.vmm import configured, make_vmm, vmm_binaries
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec
+
+if TYPE_CHECKING:
+    from ember.sandbox.agent_client import AgentClient
+    from ember.ttrpc import Client
 
 __all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "vmm_binaries"]
 
@@ -67,8 +72,8 @@ class SandboxVM:
         self.cpus = cpus
         self.use_template = cfg.vm.snapshot if use_template is None else use_template
         self.vmm: VMM | None = None
-        self.agent = None  # ember.sandbox.agent_client.AgentClient once booted
-        self.rpc = None  # the raw ttrpc.Client under it (the monitor forwards through it)
+        self.agent: AgentClient | None = None  # once booted
+        self.rpc: Client | None = None  # the raw ttrpc client under it (the monitor uses it)
         self.restored = False
         self._drive_seq = 0
         self._lock = threading.Lock()
@@ -137,8 +142,8 @@ class SandboxVM:
             spec, backend.template_inputs(self.cfg), functools.partial(_snapshot_new_vm, self.cfg),
             wait=wait, owner=owner)
 
-    def boot(self, net_fd: int | None = None, nic_mac: str = "") -> None:
-        """Start the VM and return once the agent answers.
+    def boot(self, net_fd: int | None = None, nic_mac: str = "") -> AgentClient:
+        """Start the VM and return once the agent answers; its client (``self.agent``).
 
         net_fd: the tap the NIC uses (the caller keeps and closes its copy).
         """
@@ -156,11 +161,12 @@ class SandboxVM:
             pause_for_test("template-started" if self.vm_id.startswith(("tpl-", "template-"))
                            else "vmm-started")
             with trace.span("agent ready"):
-                self._connect_agent(self.cfg.vm.boot_timeout)
+                agent = self._connect_agent(self.cfg.vm.boot_timeout)
                 self.restored = template is not None
                 threading.Thread(target=self._cap_console, args=(self.vmm,), daemon=True,
                                  name="console-cap").start()
-                self.agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
+                agent.sync_guest(time.time_ns(), secrets.token_bytes(64))
+                return agent
         except VMError:
             died = self._death_during_start()
             self.kill()
@@ -196,7 +202,8 @@ class SandboxVM:
                 return  # not a regular file of ours: leave it, the VMM writes by descriptor
             time.sleep(CONSOLE_CHECK_S)
 
-    def _connect_agent(self, timeout: float) -> None:
+    def _connect_agent(self, timeout: float) -> AgentClient:
+        """Wait for the guest agent to answer; the client, also kept as ``self.agent``."""
         from ember.sandbox.agent_client import AgentClient
         from ember.ttrpc import Client
 
@@ -206,8 +213,8 @@ class SandboxVM:
             sock = self.vmm.connect_agent(timeout)
         except VMError as exc:
             raise VMError(f"VM did not boot: {exc}{self._console_hint()}") from None
-        self.rpc = Client(sock)
-        client = AgentClient(self.rpc)
+        rpc = self.rpc = Client(sock)
+        client = AgentClient(rpc)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -216,7 +223,7 @@ class SandboxVM:
             try:
                 client.wait_ready(min(remaining, 2.0))
                 self.agent = client
-                return
+                return client
             except (AgentError, TimeoutError, OSError):
                 if self.vmm.exited():
                     client.close()
@@ -288,8 +295,8 @@ def _snapshot_new_vm(cfg: Config, spec: VMSpec, vm_id: str, work_dir: Path, dest
     vm = SandboxVM(cfg, vm_id, work_dir, spec.vcpus, spec.memory_mib,
                    use_template=False, nic=spec.nic)
     try:
-        vm.boot()
-        details = vm.agent.guest_details()
+        agent = vm.boot()
+        details = agent.guest_details()
         assert vm.vmm is not None
         vm.vmm.save_snapshot(dest)
         return getattr(details, "kernel_release", "")

@@ -10,19 +10,21 @@ of read-only users.
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Iterable
 from pathlib import Path
 
 from ember.config import Config
 from ember.errors import EmberError
-from ember.sandbox.state import LIVE, StateStore, vmm_alive
+from ember.sandbox.state import LIVE, SandboxState, StateStore, vmm_alive
 from ember.storage.volumes import VolumeInfo, VolumeStore
 
 
 # --------------------------------------------------------------- users
-def users(states, name: str) -> list[tuple[object, bool]]:
+def users(states: Iterable[SandboxState], name: str) -> list[tuple[SandboxState, bool]]:
     """(sandbox state, readonly) of every sandbox that mounts the volume and is live,
     or dead with its VM still running (a killed monitor's orphan still writes)."""
-    out = []
+    out: list[tuple[SandboxState, bool]] = []
     for st in states:
         if st.status not in LIVE and not (st.status == "dead" and vmm_alive(st)):
             continue
@@ -32,7 +34,7 @@ def users(states, name: str) -> list[tuple[object, bool]]:
     return out
 
 
-def check_available(states, name: str, readonly: bool) -> None:
+def check_available(states: Iterable[SandboxState], name: str, readonly: bool) -> None:
     """Refuse a use that the volume's live users rule out (see the module docstring)."""
     holders = users(states, name)
     writers = [st for st, ro in holders if not ro]
@@ -48,13 +50,13 @@ def check_available(states, name: str, readonly: bool) -> None:
                          "only when no other sandbox uses it")
 
 
-def _how(st) -> str:
+def _how(st: SandboxState) -> str:
     if st.status == "dead":
         return f"dead, but its VM still runs: ember rm -f {st.name or st.short_id}"
     return st.status
 
 
-def referenced(states, name: str) -> list:
+def referenced(states: Iterable[SandboxState], name: str) -> list[SandboxState]:
     """Every sandbox record (any status) that names the volume."""
     return [st for st in states
             if any(m.get("kind") == "volume" and m.get("source") == name for m in st.mounts)]
@@ -127,7 +129,7 @@ class Volume:
         return [cls(v, cfg) for v in VolumeStore(cfg).list()]
 
     @classmethod
-    def prune(cls, cfg: Config | None = None) -> list[str]:
+    def prune(cls, cfg: Config | None = None) -> builtins.list[str]:
         """Remove every volume no sandbox names; their names."""
         from ember.config import load_config
 
@@ -145,7 +147,7 @@ class Volume:
     def path(self) -> Path:
         return self._info.path
 
-    def in_use_by(self) -> list[tuple[str, bool]]:
+    def in_use_by(self) -> builtins.list[tuple[str, bool]]:
         """(sandbox name, readonly) of the sandboxes using it now."""
         return [(st.name, ro) for st, ro in users(StateStore(self.cfg).all(), self.name)]
 

@@ -19,6 +19,7 @@ import queue
 import subprocess
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -26,6 +27,9 @@ from google.protobuf.message import Message
 from ember.shim.proto import events_pb2 as ev
 from ember.shim.proto import forward_pb2
 from ember.ttrpc import Client, ConnectionClosed, TTRPCError
+
+if TYPE_CHECKING:
+    from ember.sandbox.events import PodEvents
 
 log = logging.getLogger("ember.shim.events")
 
@@ -72,7 +76,7 @@ class Publisher:
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="shim-events", daemon=True)
         self._thread.start()
-        self.node = None  # ember.sandbox.events.PodEvents: the node's own event log
+        self.node: PodEvents | None = None  # the node's own event log
 
     def _to_node(self, topic: str, event: Message) -> None:
         if self.node is not None:

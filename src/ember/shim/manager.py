@@ -195,7 +195,9 @@ def cleanup_dead_pod(pdir: Path) -> None:
 
 def shim_alive(rec: dict) -> bool:
     pid = rec.get("shim_pid")
-    return bool(pid) and "ember.shim" in _cmdline(pid)
+    if not pid:
+        return False
+    return "ember.shim" in _cmdline(pid)
 
 
 def delete(args: ShimArgs) -> bytes:

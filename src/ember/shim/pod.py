@@ -187,13 +187,13 @@ class Pod:
             if netns is not None:
                 net_fd, nic = podnet.setup(netns)
             try:
-                vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
+                agent = vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
             except Exception as exc:
                 if self.events is not None:
                     events.vm_boot_failed(self.events, vm, str(exc))
                 raise
             if nic is not None:
-                vm.agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+                agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
         except BaseException:
             self.vm = None
             vm.kill()

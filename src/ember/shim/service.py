@@ -42,6 +42,7 @@ from ember.errors import (
     VMError,
 )
 from ember.sandbox.events import PodEvents
+from ember.sandbox.vm import SandboxVM
 from ember.shim import guestspec, metrics, podns, rootfs, volumes
 from ember.shim.events import Publisher, timestamp
 from ember.shim.pod import Pod, SizeError, pod_identity
@@ -138,6 +139,12 @@ class TaskService:
         if agent is None:
             raise TTRPCError(Code.FAILED_PRECONDITION, "the pod's VM is not running")
         return agent
+
+    def _vm(self) -> SandboxVM:
+        vm = self.pod.vm
+        if vm is None:
+            raise TTRPCError(Code.FAILED_PRECONDITION, "the pod's VM is not running")
+        return vm
 
     def _record(self, c: Container) -> None:
         """What `delete` reports if the shim dies: the exit status once known."""
@@ -237,7 +244,7 @@ class TaskService:
             for f in files:
                 agent.copy_file(f.path, f.data, mode=f.mode, make_dirs=True)
             guest["mounts"] = self.volumes.carry(guest, cid)
-            c.drive_id, dev = self.pod.vm.attach_disk(c.disk.path, c.disk.format, c.disk.readonly)
+            c.drive_id, dev = self._vm().attach_disk(c.disk.path, c.disk.format, c.disk.readonly)
             blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
                                         readonly=c.disk.readonly)
             agent.create_container(cid, guest, blk, stdin=bool(req.stdin))

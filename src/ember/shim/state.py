@@ -56,7 +56,7 @@ class Proc:
     terminal: bool = False
     spec: bytes = b""  # exec: the OCI process JSON
     pid: int = 0
-    status: int = CREATED
+    status: task_pb2.Status = CREATED
     exit_status: int = 0
     exited_at_ns: int = 0
     exited: threading.Event = field(default_factory=threading.Event)

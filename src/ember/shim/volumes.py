@@ -111,7 +111,7 @@ def _fs_type(path: str) -> str:
 class Entry:
     """One host tree entry as the sync compares it."""
 
-    kind: int
+    kind: pb.TreeEntry.Kind
     mode: int
     uid: int
     gid: int

@@ -103,6 +103,7 @@ def lvm_setup(device: str | None, file_: Path | None, size: str | None, volume_g
     undo: list[Callable[[], object]] = []
     try:
         if file_ is not None:
+            assert size is not None  # --file without --size is refused above
             device = _loop_file(file_, parse_size(size), force, undo)
         assert device is not None
         _make_pool(device, vg, pool, force, undo)

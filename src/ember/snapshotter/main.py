@@ -135,6 +135,7 @@ def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | Non
         if pool_size:
             log.info("--pool-size is ignored with --backend lvm (the thin pool has its size)")
         data_dir = root.resolve()
+        assert volume_group and thin_pool  # --backend lvm without them is refused above
         storage = LvmBackend(data_dir, volume_group, thin_pool, image_size)
         where = f"thin pool {volume_group}/{thin_pool}"
     else:

@@ -20,6 +20,7 @@ from google.protobuf import empty_pb2
 from ember.snapshotter import core
 from ember.snapshotter.backend import MountSpec, is_disk_full
 from ember.snapshotter.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from ember.snapshotter.store import ACTIVE, COMMITTED, VIEW
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,16 @@ STATUS = {
     core.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+# The store's snapshot kinds as containerd's enum names them (the same numbers).
+KINDS = {VIEW: snapshots_pb2.VIEW, ACTIVE: snapshots_pb2.ACTIVE, COMMITTED: snapshots_pb2.COMMITTED}
+
 
 def _mounts(specs: list[MountSpec]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in specs]
 
 
 def _info(i: core.Info) -> snapshots_pb2.Info:
-    msg = snapshots_pb2.Info(name=i.name, parent=i.parent, kind=i.kind, labels=i.labels)
+    msg = snapshots_pb2.Info(name=i.name, parent=i.parent, kind=KINDS[i.kind], labels=i.labels)
     msg.created_at.FromNanoseconds(i.created)
     msg.updated_at.FromNanoseconds(i.updated)
     return msg

@@ -110,7 +110,10 @@ class Store:
         cur = self.db.execute(
             "INSERT INTO snapshots (key, parent, kind, created, updated, labels)"
             " VALUES (?, ?, ?, ?, ?, ?)", (key, parent, kind, now, now, json.dumps(labels)))
-        return int(cur.lastrowid)
+        sid = cur.lastrowid
+        if sid is None:  # sqlite3 sets it after every INSERT that made a row
+            raise sqlite3.DatabaseError(f"snapshot {key}: the INSERT made no row")
+        return sid
 
     def commit(self, sid: int, name: str, labels: dict[str, str], size: int, inodes: int) -> None:
         now = time.time_ns()
