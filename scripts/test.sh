@@ -11,6 +11,7 @@ VENV="${EMBER_VENV:-/opt/ember/venv}"
 cd "$HERE"
 "$VENV/bin/ruff" check src tests bench
 PYTHONPATH="$HERE/src" "$VENV/bin/lint-imports"  # the layers (pyproject.toml [tool.importlinter])
+PYTHONPATH="$HERE/src" "$VENV/bin/mypy"  # types (pyproject.toml [tool.mypy])
 critest_rc=0
 if [ "${EMBER_SKIP_CRITEST:-0}" = 1 ]; then
   echo "critest gate: skipped (EMBER_SKIP_CRITEST=1)"

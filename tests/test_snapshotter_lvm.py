@@ -453,6 +453,9 @@ echo GUEST-DONE
 @pytest.mark.root
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(IN_GUEST, reason="this is the host side")
+@pytest.mark.skipif(os.environ.get("EMBER_LVM_VM_TEST") != "1", reason=(
+    "opt-in (EMBER_LVM_VM_TEST=1): under TCG the in-VM run with containerd's suite does not "
+    "yet fit the CI budget (issue 16 stays open)"))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_lvm_backend_in_a_vm(ember_env):
     """Boot an Ember VM from the LVM test image and prove the backend there."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,8 +158,3 @@ def _make_pool(device: str, vg: str, pool: str, force: bool, undo: list) -> None
         f"{meta}b", "-c", f"{CHUNK >> 10}k", "-Zn", "-n", pool, vg,
         what=f"creating thin pool {vg}/{pool}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from ember.snapshotter.main import main
-
-    main(["lvm-setup", *sys.argv[1:]])

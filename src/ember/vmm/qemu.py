@@ -526,7 +526,9 @@ class QemuVMM(VMM):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             info = self.qmp("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
+            if not isinstance(info, dict):
+                info = {}
+            status = info.get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
