@@ -52,6 +52,23 @@ def mounts() -> set[str]:
         return {line.split()[1] for line in f}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ember0_left_as_found():
+    """The whole run leaves the host's ember0 as it found it. Any test may start a
+    sandbox on the bridge (`--network bridge`), which creates ember0 and, like
+    docker0, leaves it; if the run made it, it goes (with its iptables rules) at
+    the end, and a bridge still in use then is a leaked sandbox."""
+    if os.geteuid() != 0:
+        yield
+        return
+    from ember.net.bridge import BRIDGE, remove_bridge
+
+    had_bridge = Path(f"/sys/class/net/{BRIDGE}").exists()
+    yield
+    if not had_bridge and Path(f"/sys/class/net/{BRIDGE}").exists():
+        assert remove_bridge(), f"{BRIDGE} still in use after the tests: a sandbox leaked"
+
+
 @pytest.fixture(scope="session")
 def guest_assets():
     """Build (or reuse) the guest kernel/initrd/rootfs in the shared cache."""
