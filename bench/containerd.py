@@ -37,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from ember_testing.oci import build_oci_archive, busybox_layer  # noqa: E402
 from shimtools import (  # noqa: E402
     BUSYBOX,
     RUNTIME,
@@ -48,7 +49,6 @@ from shimtools import (  # noqa: E402
 )
 
 from ember.config import load_config  # noqa: E402
-from ember.testing.oci import build_oci_archive, busybox_layer  # noqa: E402
 
 RETRIED: list[str] = []  # failures that were retried, reported with the results
 

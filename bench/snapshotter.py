@@ -28,11 +28,13 @@ from pathlib import Path
 
 from ember.snapshotter.pool import clone_file
 from ember.snapshotter.proto import snapshots_pb2 as pb
-from ember.testing.containerd import ContainerdInstance, proxy_snapshotter
-from ember.testing.mounts import mounted
-from ember.testing.oci import Entry, build_oci_archive, busybox_layer, tree_layer
-from ember.testing.snapshotter import SnapshotterProcess
 from ember.util import parse_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # test support
+from ember_testing.containerd import ContainerdInstance, proxy_snapshotter  # noqa: E402
+from ember_testing.mounts import mounted  # noqa: E402
+from ember_testing.oci import Entry, build_oci_archive, busybox_layer, tree_layer  # noqa: E402
+from ember_testing.snapshotter import SnapshotterProcess  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-
-from ember.testing.containerd import ContainerdInstance
-from ember.testing.mounts import loops_under, mounts_under
-from ember.testing.oci import Entry, build_oci_archive, busybox_layer
+from ember_testing.containerd import ContainerdInstance
+from ember_testing.mounts import loops_under, mounts_under
+from ember_testing.oci import Entry, build_oci_archive, busybox_layer
 
 RUNTIME = "io.containerd.ember.v2"
 BUSYBOX = "localhost/ember-test/busybox:1"

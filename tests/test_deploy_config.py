@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ember_bin
+from ember_testing.containerd import ContainerdInstance
 from shimtools import (
     BUSYBOX,
     PAUSE,
@@ -38,7 +39,6 @@ from test_cri import _wait
 from ember.config import KEY_HELP, Config, default_config_text, load_config
 from ember.cri import api_pb2 as api
 from ember.cri.client import CRIClient
-from ember.testing.containerd import ContainerdInstance
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP = REPO / "scripts/setup.sh"

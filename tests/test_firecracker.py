@@ -1,6 +1,6 @@
 """The Firecracker driver through its whole life, against the fake Firecracker.
 
-The driver really execs a ``firecracker`` executable (ember.testing.fc_fake)
+The driver really execs a ``firecracker`` executable (ember_testing.fc_fake)
 and configures it over HTTP on its Unix API socket; the fake checks every
 request against the published OpenAPI description and Firecracker's state
 rules and records it. Its hybrid vsock socket relays ``CONNECT 1024`` to a
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ember_testing.fc_fake import read_log, write_fake_binary
 
 from ember.errors import VMError
 from ember.sandbox.agent_client import AgentClient
-from ember.testing.fc_fake import read_log, write_fake_binary
 from ember.vmm.base import Drive, VMSpec
 from ember.vmm.firecracker import FirecrackerOptions, FirecrackerVMM
 from ember.vmm.firecracker import drives as fc_drives

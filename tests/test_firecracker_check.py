@@ -11,9 +11,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from ember_testing.fc_fake import write_fake_binary
 
 from ember.cli.check import check_cmd, check_kvm
-from ember.testing.fc_fake import write_fake_binary
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from ember_testing.fc_fake import FakeFirecracker
 
-from ember.testing.fc_fake import FakeFirecracker
 from ember.vmm.firecracker.contract import ContractError, default_spec_path, load
 
 pytestmark = pytest.mark.skipif(not default_spec_path().exists(),

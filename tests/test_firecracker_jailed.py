@@ -18,13 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ember_testing
 import pytest
+from ember_testing.fc_fake import read_log, write_fake_binary
 
 import ember
 from ember.errors import VMError
 from ember.jailer.api import JailSpec, Placement
 from ember.sandbox.agent_client import AgentClient
-from ember.testing.fc_fake import read_log, write_fake_binary
 from ember.vmm.base import Drive, VMSpec
 from ember.vmm.firecracker import FirecrackerVMM
 from ember.vmm.firecracker import drives as fc_drives
@@ -62,6 +63,7 @@ def jail_env(tmp_path_factory):
         assert proc.stdout.readline().strip() == b"EMBER-AGENT-READY"  # type: ignore[union-attr]
         os.chmod(agent_dir / "a.sock", 0o666)
         src = str(Path(ember.__file__).resolve().parents[1])
+        support = str(Path(ember_testing.__file__).resolve().parents[1])  # tests/
         binary = write_fake_binary(root / "bin", env={
             "EMBER_FC_FAKE_LOG": "/log/requests.jsonl",
             "EMBER_FC_FAKE_GUEST": "1024=/guest/agent.sock",
@@ -70,7 +72,7 @@ def jail_env(tmp_path_factory):
             id="x", exec_file=str(binary), uid=UID, gid=UID, chroot_base_dir=str(root / "jails"),
             seccomp="off", parent_cgroup="ember-test-fc",
             files=[_ro("/usr"), _ro("/usr/lib", "/lib"), _ro("/usr/lib64", "/lib64"),
-                   _ro(str(Path(sys.prefix))), _ro(src),
+                   _ro(str(Path(sys.prefix))), _ro(src), _ro(support),
                    _ro(str(default_spec_path()), "/spec/firecracker.yaml"),
                    _ro(str(agent_dir / "a.sock"), "/guest/agent.sock"),
                    Placement(str(logdir), "/log", "bind", writable=True)])

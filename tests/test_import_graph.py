@@ -72,10 +72,8 @@ def test_no_import_circles(graph):
 def test_only_vmm_names_a_hypervisor_driver(graph):
     drivers = {"ember.vmm.qemu", "ember.vmm.qmp", "ember.vmm.accel"} | {
         m for m in graph.modules if m.startswith("ember.vmm.firecracker")}
-    # ember.testing (the Firecracker fake) is test support that is still shipped in
-    # the package (issue 12, point 6, open); it is no part of the runtime.
     offenders = {m for d in drivers for m in graph.find_modules_that_directly_import(d)
-                 if not m.startswith(("ember.vmm", "ember.testing"))}
+                 if not m.startswith("ember.vmm")}
     assert offenders == set()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ember_testing.mounts import loops_under, mounts_under
 
 from ember.config import Config
 from ember.shim import guestspec, rootfs
@@ -25,7 +26,6 @@ from ember.shim.events import Publisher
 from ember.shim.pod import vm_size
 from ember.shim.proto import events_pb2 as ev
 from ember.shim.proto import task_pb2 as pb
-from ember.testing.mounts import loops_under, mounts_under
 from ember.ttrpc import Client, Code, TTRPCError
 
 SHIM = [sys.executable, "-m", "ember.shim.main"]
@@ -152,7 +152,7 @@ def test_publisher_without_address_drops_events_quietly() -> None:
 # ------------------------------------------------------------ events via containerd
 @pytest.fixture(scope="module")
 def containerd():
-    from ember.testing.containerd import ContainerdInstance
+    from ember_testing.containerd import ContainerdInstance
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -349,9 +349,10 @@ def test_loop_device_mount_resolves_to_its_file(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_deploy_snippet_registers_the_ember_handlers_with_cri(tmp_path: Path) -> None:
     """deploy/containerd/ember-runtime.toml, as shipped, loads into containerd 1.6's CRI."""
+    from ember_testing.containerd import ContainerdInstance
+
     from ember.cri import api_pb2 as api
     from ember.cri.client import CRIClient
-    from ember.testing.containerd import ContainerdInstance
 
     snippet = (Path(__file__).parent.parent / "deploy/containerd/ember-runtime.toml").read_text()
     snippet = snippet.replace("version = 2\n", "")  # the instance's config says it already

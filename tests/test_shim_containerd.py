@@ -257,12 +257,11 @@ def test_shim_sigkill_then_containerd_delete_cleans_up(ctrd) -> None:
 
 def test_block_snapshotter_rootfs_is_attached_in_place(guest_assets) -> None:
     """With ember-snapshotter the container's writes land in its snapshot image itself."""
+    from ember_testing.containerd import ContainerdInstance, proxy_snapshotter
+    from ember_testing.mounts import loops_under
+    from ember_testing.oci import build_oci_archive, busybox_layer
+    from ember_testing.snapshotter import SnapshotterProcess
     from shimtools import ember_config_file, shim_env
-
-    from ember.testing.containerd import ContainerdInstance, proxy_snapshotter
-    from ember.testing.mounts import loops_under
-    from ember.testing.oci import build_oci_archive, busybox_layer
-    from ember.testing.snapshotter import SnapshotterProcess
 
     work = new_workdir()
     sn = SnapshotterProcess(work / "sn", pool_size="2g", image_size="256m")

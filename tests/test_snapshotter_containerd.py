@@ -13,11 +13,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from ember.testing.containerd import ContainerdInstance
-from ember.testing.mounts import loops_under, mounts_under, wait_loops_gone
-from ember.testing.oci import Entry, build_oci_archive, busybox_layer
-from ember.testing.snapshotter import SnapshotterProcess
+from ember_testing.containerd import ContainerdInstance
+from ember_testing.mounts import loops_under, mounts_under, wait_loops_gone
+from ember_testing.oci import Entry, build_oci_archive, busybox_layer
+from ember_testing.snapshotter import SnapshotterProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.containerd, pytest.mark.timeout(240),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (containerd, mounts)")]

@@ -16,11 +16,11 @@ import time
 
 import grpc
 import pytest
+from ember_testing.mounts import mounted
+from ember_testing.snapshotter import running_snapshotter
 
 from ember.snapshotter.proto import snapshots_pb2 as pb
 from ember.snapshotter.proto import snapshots_pb2_grpc
-from ember.testing.mounts import mounted
-from ember.testing.snapshotter import running_snapshotter
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mount)")]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ember_testing.mounts import mounted, wait_loops_gone
+from ember_testing.snapshotter import SnapshotterProcess, running_snapshotter
 from google.protobuf import field_mask_pb2
 
 from ember.snapshotter.mounts import BlockImage, block_image
 from ember.snapshotter.proto import snapshots_pb2 as pb
-from ember.testing.mounts import mounted, wait_loops_gone
-from ember.testing.snapshotter import SnapshotterProcess, running_snapshotter
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mount)")]

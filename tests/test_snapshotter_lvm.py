@@ -12,7 +12,7 @@ Three parts:
   usage, remove, restart, O(1) prepare, kill -9 between lvcreate and the
   metadata commit, broken rows, a nearly full pool, lvm-setup for real;
 * the VM test: an Ember VM (``ember run --privileged``) from an image holding
-  lvm2 and the project (ember.testing.lvmimage) makes a loop-backed thin pool
+  lvm2 and the project (ember_testing.lvmimage) makes a loop-backed thin pool
   and runs the second part and containerd's snapshotter conformance suite.
 """
 
@@ -179,7 +179,7 @@ class Sn:
     """A real ember-snapshotter --backend lvm process serving DIR/root."""
 
     def __init__(self, tmp: Path, vg: str = "", pool: str = "", image_size: str = "1g") -> None:
-        from ember.testing.snapshotter import SnapshotterProcess
+        from ember_testing.snapshotter import SnapshotterProcess
 
         self.proc = SnapshotterProcess(tmp / "sn", "--backend", "lvm", "--volume-group",
                                        vg or VG, "--thin-pool", pool or POOL, start=False,
@@ -218,7 +218,7 @@ def commit(stub, name, key):
 
 
 def mounted(mounts, target):
-    from ember.testing.mounts import mounted as m
+    from ember_testing.mounts import mounted as m
 
     return m(mounts, target)
 
@@ -459,7 +459,7 @@ echo GUEST-DONE
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_lvm_backend_in_a_vm(ember_env):
     """Boot an Ember VM from the LVM test image and prove the backend there."""
-    from ember.testing.lvmimage import SNAPTEST, ensure_image
+    from ember_testing.lvmimage import SNAPTEST, ensure_image
 
     if not SNAPTEST.exists():
         pytest.skip(f"{SNAPTEST} is missing (see ../shared/conformance)")

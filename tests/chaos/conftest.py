@@ -4,7 +4,7 @@ Every case ends the same way: ``ember ps -a`` must tell the truth
 (:meth:`Chaos.assert_truthful`: every sandbox folder listed, ``running``
 only with a live monitor and VM, ``dead`` only without a monitor, with the
 right words about the VM), ``ember rm -f`` must succeed (or say "no such
-sandbox" for one that is truly gone), and :func:`ember.testing.leftovers.leftovers`
+sandbox" for one that is truly gone), and :func:`ember_testing.leftovers.leftovers`
 must find nothing of the sandbox on the host: no process, jail folder,
 cgroup, netns, link, mount, loop device or file.
 
@@ -29,8 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import EmberEnv, ember_bin
-
-from ember.testing.leftovers import leftovers
+from ember_testing.leftovers import leftovers
 
 LIVE = ("running", "paused", "creating")
 

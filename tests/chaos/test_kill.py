@@ -164,7 +164,7 @@ def running(guest_assets, image):
 
 
 def _jail_leftovers(env, sid: str) -> list[str]:
-    from ember.testing.leftovers import leftovers
+    from ember_testing.leftovers import leftovers
 
     return [line for line in leftovers(sid, env.cfg())
             if line.startswith(("jail folder", "cgroup"))]

@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from ember_testing.leftovers import leftovers
 
 from ember.sandbox.state import SandboxState, StateStore
-from ember.testing.leftovers import leftovers
 
 from .conftest import monitor_pids, vmm_pids
 

@@ -19,9 +19,9 @@ import os
 import time
 
 import pytest
+from ember_testing.leftovers import host_snapshot
 
 from ember.api import Sandbox
-from ember.testing.leftovers import host_snapshot
 
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(3600)]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from ember.snapshotter.proto import snapshots_pb2_grpc
-from ember.testing.mounts import cleanup_under, mounts_under, wait_loops_gone
+from ember_testing.mounts import cleanup_under, mounts_under, wait_loops_gone
 
 
 class SnapshotterProcess:

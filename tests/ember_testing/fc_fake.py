@@ -489,8 +489,9 @@ def write_fake_binary(directory: Path, name: str = "firecracker",
     path = directory / name
     preset = (f"import json, os\nos.environ.update(json.loads({json.dumps(env)!r}))\n"
               if env else "")
-    path.write_text(f"#!{sys.executable}\nimport sys\n{preset}"
-                    "from ember.testing.fc_fake import main\nsys.exit(main())\n")
+    support = str(Path(__file__).resolve().parents[1])  # tests/, where ember_testing lives
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {support!r})\n{preset}"
+                    "from ember_testing.fc_fake import main\nsys.exit(main())\n")
     path.chmod(0o755)
     return path
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from ember.testing.mounts import cleanup_under
+from ember_testing.mounts import cleanup_under
 
 CONTAINERD = os.environ.get("EMBER_TEST_CONTAINERD", "containerd")
 CTR = os.environ.get("EMBER_TEST_CTR", "ctr")
