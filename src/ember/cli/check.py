@@ -2,7 +2,7 @@
 
 It reports what it finds, not what it hopes: a /dev/kvm node is only called
 usable when it opens, answers KVM_GET_API_VERSION and lets us create a VM,
-and even then the accelerator probe (ember.vmm.accel) may have found KVM too
+and even then the accelerator probe (ember.vmm.qemu.accel) may have found KVM too
 slow to boot a guest, as on nested hosts: its recorded boot times are shown,
 with when they were measured. A binary counts as Firecracker only when its
 ``--version`` says it is a Firecracker release and nothing else. The exit
@@ -29,7 +29,7 @@ from ember.errors import EmberError
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
-PROBE_FILE = "accel-probe.json"  # written by ember.vmm.accel.resolve_accel
+PROBE_FILE = "accel-probe.json"  # written by ember.vmm.qemu.accel.resolve_accel
 FIRECRACKER_RELEASE = re.compile(r"Firecracker v\d+\.\d+\.\d+(?:-[0-9A-Za-z.]+)?")
 
 

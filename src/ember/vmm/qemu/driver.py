@@ -41,7 +41,7 @@ from ember import trace
 from ember.config import Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
-from ember.vmm.qmp import QMPClient, QMPError
+from ember.vmm.qemu.qmp import QMPClient, QMPError
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 # TCG's translation cache per VM. An idle sandbox that ran a container fills
@@ -140,7 +140,7 @@ class QemuVMM(VMM):
     def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
         """`vm.accel`; "auto" boots the guest kernel once under KVM (cached) and
         falls back to TCG when that does not work (nested KVM here)."""
-        from ember.vmm.accel import resolve_accel
+        from ember.vmm.qemu.accel import resolve_accel
 
         return resolve_accel(cfg.vm.accel, cfg.vm.qemu_binary, kernel, cfg.data_dir, cmdline)
 
