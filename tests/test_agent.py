@@ -390,3 +390,19 @@ def test_output_is_drained_and_bounded(client, rootfs, base_spec):
         got += len(chunk)
         data = (data + chunk)[-4:]
     assert got == total + 4 and data == b"end\n"
+
+
+def test_output_reader_ends_quietly_when_the_process_is_gone(client, rootfs, base_spec):
+    """The output reader's policy against the real agent: a container removed while a
+    reader waits on it ends the stream (End.GONE), after the bytes it had written."""
+    from ember.sandbox.output import End
+
+    client.create_container("gone", make_spec(base_spec, ["sh", "-c", "echo a; sleep 30"]),
+                            rootfs)
+    client.start_container("gone")
+    reader = client.iter_output("gone", wait_ms=200)
+    got = []
+    for data in reader:
+        got.append(data)
+        client.remove_container("gone", timeout_ms=100)
+    assert got == [b"a\n"] and reader.ended is End.GONE

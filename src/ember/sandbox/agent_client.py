@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ember.agent.proto import agent_pb2 as pb
 from ember.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFoundError
+from ember.sandbox.output import OutputReader, read_method
 from ember.ttrpc import Client, Code, ConnectionClosed, Transport, TTRPCError
 
 SERVICE = "ember.agent.v1.Agent"
@@ -144,16 +145,16 @@ class AgentClient:
         return self._read("ReadStderr", container_id, exec_id, offset, wait_ms, max_bytes)
 
     def iter_output(self, container_id: str, exec_id: str = "", stream: str = "stdout",
-                    offset: int = 0, wait_ms: int = 1000) -> Iterator[bytes]:
-        """Yield a stream's chunks from offset until EOF."""
-        read = self.read_stdout if stream == "stdout" else self.read_stderr
-        while True:
-            r = read(container_id, exec_id, offset, wait_ms)
-            if r.data:
-                yield r.data
-            offset = r.offset + len(r.data)
-            if r.eof:
-                return
+                    offset: int = 0, wait_ms: int = 1000, *, max_bytes: int = 0,
+                    stop: Callable[[], bool] | None = None,
+                    retry: Callable[[Exception], bool] | None = None) -> OutputReader:
+        """A stream's chunks from offset until it ends (see ember.sandbox.output for
+        which errors end it quietly and which are raised)."""
+        method = read_method(stream)
+        return OutputReader(
+            lambda off, wait: self._read(method, container_id, exec_id, off, wait, max_bytes),
+            wait_ms=wait_ms, offset=offset, closed=lambda: self.ttrpc.closed,
+            stop=stop, retry=retry)
 
     def tty_resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         self._call("TtyWinResize", pb.TtyWinResizeRequest(
