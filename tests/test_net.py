@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from ember.net import podnet
+from ember.sandbox.spec import joined_netns
 from ember.shim import guestspec
 
 pytestmark = [pytest.mark.root]
@@ -98,8 +99,8 @@ def test_netns_path_and_guest_spec() -> None:
             "linux": {"namespaces": [{"type": "pid"},
                                      {"type": "network", "path": "/var/run/netns/cni-1"},
                                      {"type": "ipc", "path": "/run/ember-test/ns/ipc"}]}}
-    assert podnet.netns_path(spec) == "/var/run/netns/cni-1"
-    assert podnet.netns_path({"linux": {"namespaces": [{"type": "network"}]}}) is None
+    assert joined_netns(spec) == "/var/run/netns/cni-1"
+    assert joined_netns({"linux": {"namespaces": [{"type": "network"}]}}) is None
     guest, _ = guestspec.for_guest(spec, "c1")
     # The container shares the guest's network (the pod's); other namespaces stay, pathless.
     assert guest["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}]

@@ -20,8 +20,8 @@ import pytest
 from ember_testing.mounts import loops_under, mounts_under
 
 from ember.config import Config
+from ember.sandbox.podcgroup import expand_systemd_slice, pod_cgroup
 from ember.shim import guestspec, rootfs
-from ember.shim.cgroups import expand_systemd_slice, pod_cgroup
 from ember.shim.events import Publisher
 from ember.shim.pod import vm_size
 from ember.shim.proto import events_pb2 as ev

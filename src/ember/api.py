@@ -38,6 +38,7 @@ from ember.errors import EmberError, NotFoundError
 from ember.sandbox.options import (
     RunOptions,
     apply_to_spec,
+    check_network,
     image_stop_signal,
     prepare_guest,
     resolve_image,
@@ -181,7 +182,7 @@ class Sandbox:
         """
         cfg = cfg or load_config()
         run_opts = (options or RunOptions()).check(auto_remove)
-        ports = _check_network(network, publish or [])
+        ports = check_network(network, publish or [])
         from ember.sandbox import mounts as mounts_mod
 
         wanted = mounts_mod.plan(volumes, mounts, tmpfs)  # checked before anything is made
@@ -664,21 +665,6 @@ def _exec_defaults(process: dict) -> dict:
     user = process.get("user") or {}
     return {"env": env, "cwd": process.get("cwd") or "/",
             "user": f"{user.get('uid', 0)}:{user.get('gid', 0)}"}
-
-
-def _check_network(network: str, publish: list[str]) -> list[str]:
-    """Validate --network/--publish before anything exists; the normalised port list."""
-    if network not in ("none", "bridge"):
-        raise EmberError(f"invalid --network {network!r}: expected none or bridge")
-    if publish and network != "bridge":
-        raise EmberError("--publish needs --network bridge")
-    from ember.net.proxy import parse_publish
-
-    ports = [parse_publish(p) for p in publish]
-    seen = [(p.host_ip, p.host_port) for p in ports]
-    if len(set(seen)) != len(seen):
-        raise EmberError("--publish names the same host port twice")
-    return [str(p) for p in ports]
 
 
 def _log_tail(path: Path, what: str, lines: int = 4) -> str:

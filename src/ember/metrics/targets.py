@@ -151,7 +151,7 @@ class PodFinder:
         out, bundles = [], set()
         for pdir in dirs:
             rec = read_record(pdir)
-            group = rec.get("group")
+            group = rec.group
             if not group or not shim_alive(rec):
                 continue  # a dead shim's folder: containerd's `delete` cleans it up
             containers, pod_ann = {}, {}
@@ -171,7 +171,7 @@ class PodFinder:
                 else:
                     name = ann.get(ANN_CONTAINER_NAME) or ann.get(CRIO_CONTAINER_NAME) or cid[:12]
                 containers[cid] = name
-            vmm_pid = rec.get("vmm_pid")
+            vmm_pid = rec.vmm_pid
             proc = vmm_process(vmm_pid)
             status = "creating" if not vmm_pid else ("running" if proc is not None else "dead")
             try:
@@ -185,7 +185,7 @@ class PodFinder:
                     hypervisor = "firecracker" if "firecracker" in proc.name() else "qemu"
                 except psutil.Error:
                     pass
-            scope = _jail_scope(rec.get("jail")) or str(rec.get("cgroup") or "")
+            scope = _jail_scope(rec.jail) or str(rec.cgroup or "")
             out.append(Target(
                 kind="pod", id=group, name=pod_ann.get(ANN_POD_NAME)
                 or pod_ann.get(CRIO_POD_NAME) or group[:12],
@@ -194,7 +194,7 @@ class PodFinder:
                 k8s_namespace=pod_ann.get(ANN_POD_NAMESPACE) or pod_ann.get(CRIO_POD_NAMESPACE, ""),
                 k8s_pod=pod_ann.get(ANN_POD_NAME) or pod_ann.get(CRIO_POD_NAME, ""),
                 runtime_class=next((pod_ann[a] for a in ANN_HANDLERS if pod_ann.get(a)), ""),
-                cgroup_scope=scope, containers=containers, netns=str(rec.get("netns") or ""),
+                cgroup_scope=scope, containers=containers, netns=rec.netns,
             ))
         for gone in set(self._annotations) - bundles:
             del self._annotations[gone]

@@ -61,14 +61,6 @@ class NicConfig:
     routes: list[tuple[str, str]] = field(default_factory=list)  # (dest CIDR | "default", gw)
 
 
-def netns_path(spec: dict) -> str | None:
-    """The network namespace path an OCI spec joins, if any (CRI's sandbox: CNI's netns)."""
-    for ns in ((spec.get("linux") or {}).get("namespaces") or []):
-        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
-            return str(ns["path"])
-    return None
-
-
 def _ns(path: str):
     from pyroute2 import NetNS
 

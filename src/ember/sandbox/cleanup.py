@@ -43,8 +43,8 @@ def destroy(cfg: Config, st: SandboxState,
     answer); without it, or when it fails, the monitor gets SIGTERM.
     """
     from ember.net import bridge
+    from ember.sandbox.record import VMRecord, release_vm
     from ember.sandbox.template import build_prefix
-    from ember.sandbox.vm import cleanup_jail
 
     store = StateStore(cfg)
     label = st.name or st.id[:12]
@@ -52,7 +52,9 @@ def destroy(cfg: Config, st: SandboxState,
     pause_for_test("rm-killed")
     bridge.disconnect(cfg, st.id)  # from the id; a no-op without a netns
     try:
-        cleanup_jail(cfg, st.id)  # from the id, never from the record
+        # The VM's release from the id alone, never from the record: the processes
+        # are gone (found by command line above) and the netns went with the bridge.
+        release_vm(cfg, st.id, VMRecord())
     except OSError as exc:  # a cgroup that will not empty: the folder stays, try again
         raise EmberError(f"sandbox {label}: cannot remove its jail: {exc}") from None
     shutil.rmtree(store.disk_dir(st.id), ignore_errors=True)

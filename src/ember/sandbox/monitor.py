@@ -420,7 +420,7 @@ class Monitor:
         if self.network != "bridge":
             self.vm.boot()
             return
-        from ember.net import bridge, podnet
+        from ember.net import bridge
         from ember.net.proxy import TCPProxy, parse_publish
 
         # Bind first: a port in use must fail before anything else is made.
@@ -428,12 +428,7 @@ class Monitor:
             self.proxies.append(TCPProxy(parse_publish(p)))
         ip, netns = bridge.connect(
             self.cfg, self.id, lambda ip, ns: self.store.update(self.id, ip_address=ip, netns=ns))
-        net_fd, nic = podnet.setup(netns)
-        try:
-            agent = self.vm.boot(net_fd=net_fd, nic_mac=nic.mac)
-        finally:
-            os.close(net_fd)  # QEMU has its own copy
-        agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+        self.vm.boot(netns=netns)
         for proxy in self.proxies:
             proxy.start(ip)
 

@@ -297,3 +297,18 @@ def prepare_guest(agent, sandbox_dir, st, spec: dict) -> None:
 
 
 SPEC_NAME = "spec.json"
+
+
+def check_network(network: str, publish: list[str]) -> list[str]:
+    """Validate --network/--publish before anything exists; the normalised port list."""
+    if network not in ("none", "bridge"):
+        raise EmberError(f"invalid --network {network!r}: expected none or bridge")
+    if publish and network != "bridge":
+        raise EmberError("--publish needs --network bridge")
+    from ember.net.proxy import parse_publish
+
+    ports = [parse_publish(p) for p in publish]
+    seen = [(p.host_ip, p.host_port) for p in ports]
+    if len(set(seen)) != len(seen):
+        raise EmberError("--publish names the same host port twice")
+    return [str(p) for p in ports]

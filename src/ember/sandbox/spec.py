@@ -216,3 +216,11 @@ def make_privileged(spec: dict) -> dict:
         if m.get("destination") in ("/sys", "/sys/fs/cgroup"):
             m["options"] = [o for o in m.get("options", []) if o != "ro"] + ["rw"]
     return spec
+
+
+def joined_netns(spec: dict) -> str | None:
+    """The network namespace path an OCI spec joins, if any (CRI's sandbox: CNI's netns)."""
+    for ns in ((spec.get("linux") or {}).get("namespaces") or []):
+        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
+            return str(ns["path"])
+    return None

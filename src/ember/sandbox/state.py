@@ -40,11 +40,15 @@ import psutil
 
 from ember.config import Config
 from ember.errors import EmberError, NotFoundError
+from ember.sandbox.record import VMRecord
 from ember.util import atomic_write, atomic_write_json, pause_for_test, private_dir
 
 
 @dataclass
-class SandboxState:
+class SandboxState(VMRecord):
+    """``state.json``: one `ember run` sandbox; its VM's part (VMM pid, jail,
+    netns) is the crash record every VM owner writes (:class:`VMRecord`)."""
+
     id: str
     name: str
     image: str = ""
@@ -57,7 +61,6 @@ class SandboxState:
     finished: float | None = None
     error: str = ""
     monitor_pid: int | None = None
-    vmm_pid: int | None = None
     vmm_kind: str = "qemu"
     vcpus: int = 1
     cpus: float | None = None  # --cpus: the VMM's cgroup CPU limit too (None: none)
@@ -68,11 +71,9 @@ class SandboxState:
     restored_from_snapshot: bool = False
     disk: str = ""
     labels: dict[str, str] = field(default_factory=dict)
-    jail: dict = field(default_factory=dict)
     network: str = "none"  # none | bridge (ember.net.bridge)
     publish: list[str] = field(default_factory=list)  # "IP:HOSTPORT:PORT/tcp"
     ip_address: str = ""  # on the ember0 bridge; recorded before the netns is made
-    netns: str = ""
     monitor_started: float | None = None  # the monitor's start time (guards pid reuse)
     # The container's env, cwd and user ("UID:GID"): `ember exec` starts from them, as
     # `docker exec` does (flags override them).

@@ -10,6 +10,7 @@ disks. Errors carry the last console lines so a VM that does not boot says why.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import secrets
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
     from ember.sandbox.agent_client import AgentClient
     from ember.ttrpc import Client
 
-__all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "vmm_binaries"]
+__all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "release_network", "vmm_binaries"]
+
+log = logging.getLogger("ember.sandbox.vm")
 
 CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
 GUEST_MEMORY_CMDLINE = "init_on_free=1"
@@ -54,6 +57,18 @@ def cleanup_jail(cfg: Config, vm_id: str, parent_cgroup: str | None = None) -> N
             if parent_cgroup:
                 spec.parent_cgroup = parent_cgroup.strip("/")
             cleanup(spec)
+
+
+def release_network(netns: str | None) -> None:
+    """Undo :meth:`SandboxVM.boot`'s redirect in ``netns``; quiet if it is gone."""
+    if not netns:
+        return
+    from ember.net import podnet
+
+    try:
+        podnet.teardown(netns)
+    except podnet.NetError as exc:
+        log.warning("network teardown in %s: %s", netns, exc)
 
 
 class SandboxVM:
@@ -142,11 +157,33 @@ class SandboxVM:
             spec, backend.template_inputs(self.cfg), functools.partial(_snapshot_new_vm, self.cfg),
             wait=wait, owner=owner)
 
-    def boot(self, net_fd: int | None = None, nic_mac: str = "") -> AgentClient:
+    def boot(self, netns: str | None = None) -> AgentClient:
         """Start the VM and return once the agent answers; its client (``self.agent``).
 
-        net_fd: the tap the NIC uses (the caller keeps and closes its copy).
+        The one boot sequence of the monitor (``ember run``) and the shim (pods).
+        netns: a network namespace whose ``eth0`` the VM takes over
+        (:mod:`ember.net.podnet`: a tc redirect to a tap the VMM gets as a
+        descriptor, then the guest NIC gets eth0's MAC, addresses and routes).
+        A failed boot kills the VMM and undoes the redirect.
         """
+        if netns is None:
+            return self._boot()
+        from ember.net import podnet
+
+        net_fd, nic = podnet.setup(netns)
+        try:
+            try:
+                agent = self._boot(net_fd, nic.mac)
+            finally:
+                os.close(net_fd)  # the VMM has its own copy
+            agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+            return agent
+        except BaseException:
+            self.kill()
+            release_network(netns)
+            raise
+
+    def _boot(self, net_fd: int | None = None, nic_mac: str = "") -> AgentClient:
         spec = self.base_spec()
         spec.net_fd, spec.nic_mac = net_fd, nic_mac
         template = None

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 
 from ember.config import load_config
 from ember.errors import EmberError
-from ember.shim import cgroups
+from ember.sandbox.record import PodRecord, release_vm
 from ember.shim.events import timestamp
 from ember.shim.pod import pod_identity, read_record
 from ember.shim.proto import options_pb2
@@ -141,7 +141,7 @@ def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Pat
         proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=logf, cwd=str(pdir), env=env, start_new_session=True,
                                 close_fds=True)
-    atomic_write_json(pdir / "pod.json", {"shim_pid": proc.pid, "group": group})
+    PodRecord(shim_pid=proc.pid, group=group).write(pdir)
 
 
 # -------------------------------------------------------------------- delete
@@ -164,37 +164,21 @@ def _mounts_below(base: Path) -> list[str]:
 
 
 def cleanup_dead_pod(pdir: Path) -> None:
-    """Everything a dead shim's pod leaves: VMM, mounts, cgroups, files."""
+    """Everything a dead shim's pod leaves: VM (VMM, jail, cgroups, netns), mounts, files."""
     rec = read_record(pdir)
-    vmm_pid, vm_dir = rec.get("vmm_pid"), rec.get("vm_dir") or str(pdir / "vm")
-    if rec.get("group"):
-        # A jailed VMM is found by its chroot (no pid-reuse risk), derived from the pod's
-        # id and the configuration, never from what a record says about the jail.
-        from ember.sandbox.vm import cleanup_jail
-
-        cleanup_jail(load_config(), rec["group"], rec.get("cgroup") or None)
-    if not rec.get("jail") and vmm_pid and vm_dir in _cmdline(vmm_pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(vmm_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while _cmdline(vmm_pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    rec.vm_dir = rec.vm_dir or str(pdir / "vm")
+    if rec.group:
+        release_vm(load_config(), rec.group, rec)
     for mp in _mounts_below(pdir):
         if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", mp], capture_output=True)
-    cgroups.remove(rec.get("cgroups_created") or [])
-    if rec.get("netns"):
-        from ember.net import podnet
-
-        with contextlib.suppress(podnet.NetError):
-            podnet.teardown(rec["netns"])
     with contextlib.suppress(EmberError):  # pod volumes' disks (ember.shim.volumes)
         shutil.rmtree(load_config().data_dir / "shim-volumes" / pdir.name, ignore_errors=True)
     shutil.rmtree(pdir, ignore_errors=True)
 
 
-def shim_alive(rec: dict) -> bool:
-    pid = rec.get("shim_pid")
+def shim_alive(rec: PodRecord) -> bool:
+    pid = rec.shim_pid
     if not pid:
         return False
     return "ember.shim" in _cmdline(pid)

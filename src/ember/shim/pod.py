@@ -15,15 +15,14 @@ serves the guest's listening TCP ports on that namespace's loopback, where
 containerd's PortForward dials. ``EMBER_POD_NETWORK=0`` in the shim's
 environment turns this off (the VM then has no NIC, as before).
 
-``pod.json`` in the pod folder records what a crashed shim leaves behind (the
-VMM pid, cgroups it created, the netns it changed) so that ``containerd-shim-ember-v2 delete`` can
+``pod.json`` in the pod folder (:class:`ember.sandbox.record.PodRecord`) records
+what a crashed shim leaves behind (the VMM pid, cgroups it created, the netns it changed) so that ``containerd-shim-ember-v2 delete`` can
 clean up without the shim.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -32,12 +31,13 @@ import time
 from pathlib import Path
 
 from ember.config import Config
-from ember.net import podnet
 from ember.sandbox import events
+from ember.sandbox import podcgroup as cgroups
 from ember.sandbox.events import PodEvents
-from ember.sandbox.vm import SandboxVM
-from ember.shim import cgroups, portforward
-from ember.util import atomic_write_json
+from ember.sandbox.record import PodRecord
+from ember.sandbox.spec import joined_netns
+from ember.sandbox.vm import SandboxVM, release_network
+from ember.shim import portforward
 
 log = logging.getLogger("ember.shim.pod")
 
@@ -146,17 +146,11 @@ class Pod:
         return vmm is not None and vmm.jail is not None
 
     def record(self) -> None:
-        jail = self.vm.jail_record() if self.vm is not None else {}
-        atomic_write_json(self.dir / "pod.json", {
-            "shim_pid": os.getpid(),
-            "group": self.group_id,
-            "vmm_pid": self.vmm_pid,
-            "vm_dir": str(self.dir / "vm"),
-            "jail": jail or None,
-            "cgroup": self.cgroup,
-            "cgroups_created": self.cgroups_created,
-            "netns": self.netns,
-        })
+        PodRecord(shim_pid=os.getpid(), group=self.group_id, vmm_pid=self.vmm_pid,
+                  vm_dir=str(self.dir / "vm"),
+                  jail=self.vm.jail_record() if self.vm is not None else {},
+                  cgroup=self.cgroup, cgroups_created=list(self.cgroups_created),
+                  netns=self.netns or "").write(self.dir)
 
     def _vm_config(self) -> Config:
         """With the jailer on, the VMM's jail cgroup goes below the pod's cgroup."""
@@ -173,10 +167,9 @@ class Pod:
         if self.cgroup:
             # The VMM inherits the shim's cgroups when it is forked.
             self.cgroups_created = cgroups.enter(self.cgroup, [os.getpid()])
-        netns = podnet.netns_path(spec) if network_enabled() else None
+        netns = joined_netns(spec) if network_enabled() else None
         self.netns = netns
         self.record()  # before the tc set-up, so `delete` after a crash can undo it
-        net_fd, nic = None, None
         vm = SandboxVM(self._vm_config(), self.group_id, self.dir / "vm", vcpus, memory,
                        nic=netns is not None, cpus=vmm_cpu_limit(spec, annotations))
         self.vm = vm
@@ -184,26 +177,16 @@ class Pod:
         if self.events is not None:  # the pod's names, before its first event
             self.events.annotate(self.group_id, annotations)
         try:
-            if netns is not None:
-                net_fd, nic = podnet.setup(netns)
-            try:
-                agent = vm.boot(net_fd=net_fd, nic_mac=nic.mac if nic else "")
-            except Exception as exc:
-                if self.events is not None:
-                    events.vm_boot_failed(self.events, vm, str(exc))
-                raise
-            if nic is not None:
-                agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
-        except BaseException:
+            vm.boot(netns=netns)  # undoes the netns redirect itself if it fails
+        except BaseException as exc:
+            if self.events is not None and isinstance(exc, Exception):
+                events.vm_boot_failed(self.events, vm, str(exc))
             self.vm = None
             vm.kill()
-            self._release_network()
+            self.netns = None
             self._release_cgroups()
             self.record()
             raise
-        finally:
-            if net_fd is not None:
-                os.close(net_fd)  # QEMU has its own copy
         if self.cgroup and vm.vmm is not None and vm.vmm.pid and not self.jailed:
             cgroups.enter(self.cgroup, [vm.vmm.pid])  # a jailed VMM is in <pod>/<id> already
         self.record()
@@ -236,12 +219,8 @@ class Pod:
         self.record()
 
     def _release_network(self) -> None:
-        if self.netns:
-            try:
-                podnet.teardown(self.netns)
-            except podnet.NetError as exc:
-                log.warning("pod network teardown: %s", exc)
-            self.netns = None
+        release_network(self.netns)
+        self.netns = None
 
     def _release_cgroups(self) -> None:
         if self.cgroups_created:
@@ -255,8 +234,5 @@ def network_enabled() -> bool:
     return os.environ.get("EMBER_POD_NETWORK", "1").strip().lower() not in ("0", "off", "false")
 
 
-def read_record(pod_dir: Path) -> dict:
-    try:
-        return json.loads((pod_dir / "pod.json").read_text())
-    except (OSError, ValueError):
-        return {}
+def read_record(pod_dir: Path) -> PodRecord:
+    return PodRecord.read(pod_dir)

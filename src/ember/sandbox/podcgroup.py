@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ember.jailer.cgroups import cgroup_mounts, detect_version, v2_mount
 
-log = logging.getLogger("ember.shim.cgroups")
+log = logging.getLogger("ember.sandbox.podcgroup")
 
 # v1 hierarchies a pod's processes are charged in (named hierarchies are skipped).
 V1_CONTROLLERS = {"cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices",
