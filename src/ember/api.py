@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import secrets
 import signal
@@ -46,18 +45,18 @@ from ember.sandbox.options import (
 )
 from ember.sandbox.spec import ProcessOptions, build_process, build_spec, make_privileged
 from ember.sandbox.state import (
-    LIVE,
     SandboxState,
     StateStore,
     process_started,
     sandbox_processes,
 )
+from ember.sandbox.status import ENDED, LIVE, UP, Status
 from ember.util import new_id, parse_size, pause_for_test, private_dir
 
 if TYPE_CHECKING:
+    from ember.sandbox.monitor_rpc import MonitorClient
     from ember.sandbox.mounts import Mount
 
-MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 GUEST_OVERHEAD_MIB = 128  # guest kernel + agent, on top of a --memory limit
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_.-"
 
@@ -97,7 +96,7 @@ class Sandbox:
         cfg = cfg or load_config()
         states = StateStore(cfg).all()
         # Without all: what may still run, an unreadable record included.
-        return [cls(s, cfg) for s in states if all or s.status in (*LIVE, "unknown")]
+        return [cls(s, cfg) for s in states if all or s.status in (*LIVE, Status.UNKNOWN)]
 
     @property
     def state(self) -> SandboxState:
@@ -118,7 +117,7 @@ class Sandbox:
         return self._state.name
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         return self.state.status
 
     @property
@@ -253,8 +252,7 @@ class Sandbox:
         with trace.span("wait for monitor ready"):
             self._wait_ready(proc, ready_r)
         with trace.span("disk attach"):
-            dev = self.monitor_call("AttachDisk", path=str(disk.path), format=disk.format,
-                                    drive_id="rootfs")
+            dev = self.monitor().attach_disk(str(disk.path), disk.format, drive_id="rootfs")
         from ember.sandbox import mounts
 
         wanted = self._mounts
@@ -264,14 +262,14 @@ class Sandbox:
         prepare_guest(agent, self.dir, self.state, spec)  # /etc files; spec.json for restarts
         with trace.span("container create"):
             agent.create_container(self.id, spec,
-                                   {"kind": dev["kind"], "address": dev["address"]}, stdin=stdin,
+                                   {"kind": dev.kind, "address": dev.address}, stdin=stdin,
                                    extra_disks=extra_disks)
         mounts.copy_in(self, wanted)  # -v SRC:DEST:copy, before the container starts
         with trace.span("container start"):
             agent.start_container(self.id)
         with trace.span("watch"):
             # The monitor records "running" (and from here on outlives us).
-            self.monitor_call("Watch", container_id=self.id, auto_stop=True)
+            self.monitor().watch(self.id, auto_stop=True)
 
     def _spawn_monitor(self) -> tuple[subprocess.Popen, int]:
         ready_r, ready_w = os.pipe()
@@ -364,17 +362,12 @@ class Sandbox:
             self._agent = AgentClient(self._client())
         return self._agent
 
-    def monitor_call(self, method: str, **args: object) -> dict:
-        from ember.ttrpc import TTRPCError
+    def monitor(self) -> MonitorClient:
+        """The sandbox monitor's own API (ember.sandbox.v1.Monitor), typed; its
+        calls fail with one-line EmberErrors."""
+        from ember.sandbox.monitor_rpc import MonitorClient
 
-        try:
-            out = self._client().call(MONITOR_SERVICE, method, json.dumps(args).encode(),
-                                      timeout=120)
-        except TTRPCError as exc:
-            raise EmberError(f"{method}: {exc.message}") from None
-        except OSError as exc:  # the monitor went away mid-call (ConnectionClosed)
-            raise EmberError(f"{method}: lost the sandbox monitor: {exc}") from None
-        return json.loads(out or b"{}")
+        return MonitorClient(self._client())
 
     def close(self) -> None:
         if self._rpc is not None:
@@ -411,12 +404,11 @@ class Sandbox:
             if not os.path.exists(self.dir / "api.sock"):
                 return None
             try:
-                out = self.monitor_call("Wait", timeout=min(left, 30.0))
+                out = self.monitor().wait(min(left, 30.0))
             except EmberError:
                 return None
-            if out.get("exited"):
-                code = out.get("exit_code")
-                return code if isinstance(code, int) else 137
+            if out.exited:
+                return out.exit_code if out.HasField("exit_code") else 137
 
     def _wait_record(self, deadline: float | None) -> int:
         while True:
@@ -425,9 +417,9 @@ class Sandbox:
             except NotFoundError:
                 raise NotFoundError(f"sandbox {self.name or self.id[:12]} was removed before "
                                     "its exit code could be read") from None
-            if st.status in ("exited", "dead"):
+            if st.status in ENDED:
                 return st.exit_code if st.exit_code is not None else 137
-            if st.status == "unknown":
+            if st.status == Status.UNKNOWN:
                 raise self.not_running_error()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"sandbox {self.name} still running")
@@ -440,7 +432,7 @@ class Sandbox:
         if not os.path.lexists(self.dir):
             return
         try:
-            self.monitor_call("Release")
+            self.monitor().release()
         except EmberError:
             pass  # no monitor: removed below
         self.close()
@@ -480,9 +472,9 @@ class Sandbox:
         SIGKILL after ``timeout`` seconds (else ``--stop-timeout``, else 10; -1 waits
         as long as it takes); the exit code."""
         st = self.state
-        if st.status == "unknown":
+        if st.status == Status.UNKNOWN:
             raise self.not_running_error()
-        if st.status not in ("running", "paused"):
+        if st.status not in UP:
             return st.exit_code
         opts = RunOptions.from_record(st.options)
         if timeout is None:
@@ -491,7 +483,7 @@ class Sandbox:
             try:
                 self.kill(opts.stop_signal or signal.SIGTERM)
             except EmberError:
-                if self.state.status not in ("running", "paused"):
+                if self.state.status not in UP:
                     raise
                 # Between two runs of a restarting container: nothing to signal, and
                 # the held restart makes the monitor stop now.
@@ -505,10 +497,10 @@ class Sandbox:
 
     def pause(self) -> None:
         self._require_running()
-        self.monitor_call("Pause")
+        self.monitor().pause()
 
     def resume(self) -> None:
-        self.monitor_call("Resume")
+        self.monitor().resume()
 
     def exec(self, command: builtins.list[str], *, env: builtins.list[str] | None = None, workdir: str | None = None,
              user: str | None = None, tty: bool = False, stdin: bytes | None = None,
@@ -562,19 +554,19 @@ class Sandbox:
         return exec_id
 
     def _require_running(self) -> None:
-        if self.state.status not in ("running", "paused"):
+        if self.state.status not in UP:
             raise self.not_running_error()
 
     def not_running_error(self) -> EmberError:
         """A one-line error saying why the sandbox cannot be used."""
         st = self.state
         label = st.name or st.short_id
-        if st.status == "dead":
+        if st.status == Status.DEAD:
             return EmberError(f"sandbox {label} is dead: {st.error or 'its VM is gone'}")
-        if st.status == "unknown":
+        if st.status == Status.UNKNOWN:
             return EmberError(f"sandbox {label}: {st.error}; `ember rm -f {st.short_id}` "
                               "removes it")
-        if st.status in ("running", "paused"):
+        if st.status in UP:
             return EmberError(f"sandbox {label} does not answer (status {st.status})")
         return EmberError(f"sandbox {label} is not running (status {st.status})")
 
@@ -583,7 +575,7 @@ class Sandbox:
         to ``wait`` seconds for the monitor to record it; None while it lives."""
         deadline = time.monotonic() + wait
         while True:
-            if self.state.status in ("dead", "unknown"):
+            if self.state.status in (Status.DEAD, Status.UNKNOWN):
                 return self.not_running_error()
             if time.monotonic() >= deadline:
                 return None
@@ -600,7 +592,7 @@ class Sandbox:
         from ember.sandbox.logfile import LOG_NAME, read_log
 
         return read_log(self.dir / LOG_NAME, follow=follow, poll=poll,
-                        running=lambda: self.status in ("running", "paused", "creating"))
+                        running=lambda: self.status in LIVE)
 
     # -------------------------------------------------------------- inspect
     def inspect(self) -> dict:
@@ -623,9 +615,9 @@ class Sandbox:
     def remove(self, force: bool = False) -> None:
         """Delete the sandbox; with force, stop it first even if it runs."""
         st = self.state
-        if st.status in ("running", "paused", "creating") and not force:
+        if st.status in LIVE and not force:
             raise EmberError(f"sandbox {st.name} is {st.status}: stop it first or use force")
-        if st.status == "unknown" and not force:
+        if st.status == Status.UNKNOWN and not force:
             raise EmberError(f"sandbox {st.name or st.short_id}: {st.error}: it may still run, "
                              "remove it with force (`ember rm -f`)")
         self._destroy()
@@ -647,12 +639,10 @@ class Sandbox:
 
     def _ask_shutdown(self) -> bool:
         """Ask the monitor to power the VM off and exit; False if it does not answer."""
-        from ember.ttrpc import TTRPCError
-
         try:
-            self._client().call(MONITOR_SERVICE, "Shutdown", b"{}", timeout=10)
+            self.monitor().shutdown(timeout=10)
             return True
-        except (EmberError, TTRPCError, OSError):
+        except EmberError:  # no socket, refused, or the monitor went away
             return False
         finally:
             self.close()

@@ -23,7 +23,6 @@ from ember.version import __version__
 
 log = logging.getLogger("ember.agent")
 
-SERVICE = "ember.agent.v1.Agent"
 MAX_WAIT_MS = 60_000
 EMPTY = pb.Empty()
 

@@ -17,6 +17,7 @@ import click
 
 from ember.cli.common import handle_errors
 from ember.errors import EmberError
+from ember.sandbox.status import Status
 
 
 def split_ref(arg: str) -> tuple[str | None, str]:
@@ -35,9 +36,9 @@ def _running(ref: str):
 
     sb = Sandbox.get(ref)
     status = sb.status
-    if status == "paused":
+    if status == Status.PAUSED:
         raise EmberError(f"sandbox {ref} is paused: unpause it to copy files")
-    if status != "running":
+    if status != Status.RUNNING:
         raise EmberError(f"sandbox {ref} is not running (status {status}): ember cp needs a "
                          "running sandbox (a stopped one's disk is not read without its VM)")
     return sb

@@ -30,8 +30,9 @@ from ember.cli.check import (
 from ember.cli.common import human_size
 from ember.config import Config, load_config
 from ember.errors import EmberError
+from ember.sandbox.status import Status
 
-STATUSES = ("creating", "running", "paused", "exited", "dead", "unknown")
+STATUSES = tuple(Status)
 
 
 def disk_usage(root: Path, what: str, required: bool = False) -> int | None:

@@ -7,17 +7,18 @@ import click
 
 from ember.cli.common import handle_errors, human_size
 from ember.errors import EmberError
+from ember.sandbox.status import UP, Status
 
 
 # ---------------------------------------------------------------- ps helpers
 def status_text(st) -> str:
     """``running (healthy), 2 restarts``, ``exited (3)``, ``unknown (why)``."""
     status = st.status
-    if st.status == "exited":
+    if st.status == Status.EXITED:
         status = f"exited ({st.exit_code}{', OOM killed' if st.oom_killed else ''})"
-    elif st.status == "unknown":
+    elif st.status == Status.UNKNOWN:
         status = f"unknown ({st.error})"
-    elif st.status == "running" and st.health:
+    elif st.status == Status.RUNNING and st.health:
         status = f"running ({st.health})"
     if st.restart_count:
         status += f", {st.restart_count} restart{'s' if st.restart_count > 1 else ''}"
@@ -36,7 +37,7 @@ def port_lines(st) -> list[tuple[str, str]]:
 
 def ports_text(st) -> str:
     """Published ports while the sandbox runs (a stopped one has released them)."""
-    if st.status not in ("running", "paused"):
+    if st.status not in UP:
         return ""
     return ", ".join(f"{host}->{port}" for port, host in port_lines(st))
 

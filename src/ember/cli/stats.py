@@ -14,6 +14,7 @@ import time
 import click
 
 from ember.errors import EmberError
+from ember.sandbox.status import Status
 
 INTERVAL_S = 1.0  # between two samples: the window of the CPU percentages
 HEADER = ("SANDBOX ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O",
@@ -58,7 +59,7 @@ def _states(cfg, refs: tuple[str, ...]):
     store = StateStore(cfg)
     if refs:
         return [store.find(r) for r in refs]
-    return [st for st in store.all() if st.status == "running"]
+    return [st for st in store.all() if st.status == Status.RUNNING]
 
 
 @click.command(name="stats")

@@ -33,17 +33,18 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ember.agent.proto import AGENT_SERVICE
 from ember.agent.proto import agent_pb2 as pb
 from ember.config import Config
 from ember.metrics import DEFAULT_TIMEOUT
 from ember.metrics.events import Events
 from ember.metrics.targets import LABELS, PodFinder, Target, sandboxes, vmm_process
 from ember.sandbox.events import EventLog
+from ember.sandbox.status import UP, Status
 
 log = logging.getLogger("ember.metrics")
 
-AGENT_SERVICE = "ember.agent.v1.Agent"
-STATUSES = ("creating", "running", "paused", "exited", "dead", "unknown")
+STATUSES = tuple(Status)
 KINDS = ("sandbox", "pod")
 NS = 1e-9
 
@@ -284,11 +285,11 @@ class EmberCollector:
         targets = self.targets()
         self.events.poll()
         self.events.observe(targets)
-        live = [t for t in targets if t.status in ("running", "paused")
+        live = [t for t in targets if t.status in UP
                 and vmm_process(t.vmm_pid, t.started if t.kind == "sandbox" else 0.0)]
         # Guest calls first, in parallel; host numbers meanwhile.
         asked = {t.id: self.pool.submit(self._ask, t) for t in live
-                 if t.status == "running" and t.socket is not None}
+                 if t.status == Status.RUNNING and t.socket is not None}
         live_ids = {t.id for t in live}
         mounts = CgroupMounts()
         host = {t.id: host_stats(t, mounts) for t in live}
@@ -315,7 +316,7 @@ class EmberCollector:
         now = time.time()
         counts = {(k, s): 0 for k in KINDS for s in STATUSES}
         for t in targets:
-            counts[(t.kind, t.status if t.status in STATUSES else "unknown")] += 1
+            counts[(t.kind, t.status if t.status in STATUSES else Status.UNKNOWN)] += 1
         node = GaugeMetricFamily("ember_sandboxes", "Sandboxes (ember run) and pods "
                                  "(containerd shim) on this node, by status.",
                                  labels=["kind", "status"])

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ember.metrics.targets import Target
 from ember.sandbox.events import EventLog, Tail
+from ember.sandbox.status import Status
 
 log = logging.getLogger("ember.metrics")
 
@@ -156,12 +157,12 @@ class Events:
         with self._lock:
             present = set()
             for t in targets:
-                if t.kind != "sandbox" or t.status != "dead":
+                if t.kind != "sandbox" or t.status != Status.DEAD:
                     continue
                 kind = self.crash_kind(t)
                 if kind == "vmm":
                     continue
-                key = ("dead", t.id)
+                key = (Status.DEAD, t.id)
                 present.add(key)
                 if key in self._seen:
                     continue

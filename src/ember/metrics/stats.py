@@ -31,6 +31,7 @@ from ember.metrics.collector import (
 )
 from ember.metrics.targets import Target, sandboxes
 from ember.sandbox.state import SandboxState
+from ember.sandbox.status import Status
 
 GUEST_TIMEOUT = 3.0  # TCG guests on a busy host answer slowly
 
@@ -107,10 +108,10 @@ def sample(cfg: Config, st: SandboxState, mounts: CgroupMounts | None = None) ->
     """One sample of a running sandbox; a one-line EmberError when it is not running
     or its guest does not answer."""
     label = st.name or st.short_id
-    if st.status == "paused":
+    if st.status == Status.PAUSED:
         raise EmberError(f"sandbox {label} is paused: its guest cannot be asked")
-    if st.status != "running":
-        why = f": {st.error}" if st.error and st.status in ("dead", "unknown") else ""
+    if st.status != Status.RUNNING:
+        why = f": {st.error}" if st.error and st.status in (Status.DEAD, Status.UNKNOWN) else ""
         raise EmberError(f"sandbox {label} is not running (status {st.status}){why}")
     t = target(cfg, st)
     try:

@@ -34,6 +34,7 @@ from ember.cri.annotations import (
     CRIO_POD_NAME,
     CRIO_POD_NAMESPACE,
 )
+from ember.sandbox.status import Status
 
 # Every per-sandbox series carries these labels, in this order.
 LABELS = ("id", "name", "kind", "k8s_namespace", "k8s_pod", "runtime_class", "hypervisor")
@@ -45,7 +46,7 @@ class Target:
     kind: str  # "sandbox" (ember run) or "pod" (containerd shim)
     id: str
     name: str
-    status: str
+    status: Status  # a pod's too: creating, running or dead
     hypervisor: str = "qemu"
     socket: Path | None = None  # ttrpc socket that answers ember.agent.v1.Agent/GuestStats
     vmm_pid: int | None = None
@@ -173,7 +174,8 @@ class PodFinder:
                 containers[cid] = name
             vmm_pid = rec.vmm_pid
             proc = vmm_process(vmm_pid)
-            status = "creating" if not vmm_pid else ("running" if proc is not None else "dead")
+            status = Status.CREATING if not vmm_pid else \
+                (Status.RUNNING if proc is not None else Status.DEAD)
             try:
                 started = proc.create_time() if proc is not None else \
                     (pdir / "pod.json").stat().st_mtime

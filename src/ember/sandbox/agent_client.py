@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ember.agent.proto import AGENT_SERVICE as SERVICE
 from ember.agent.proto import agent_pb2 as pb
 from ember.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFoundError
 from ember.sandbox.output import OutputReader, read_method
 from ember.ttrpc import Client, Code, ConnectionClosed, Transport, TTRPCError
-
-SERVICE = "ember.agent.v1.Agent"
 
 
 def translate(err: TTRPCError) -> Exception:

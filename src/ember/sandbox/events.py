@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.sandbox.status import Status
 
 DIR_NAME = "events"
 LOG_NAME = "events.log"
@@ -377,13 +378,13 @@ class SandboxEvents:
     def vm(self, action: str, **attrs: object) -> dict:
         return self.log.publish("vm", action, self.id, **self.base, **attrs)
 
-    def outcome(self, status: str, exit_code: int | None, oom_killed: bool,
+    def outcome(self, status: Status, exit_code: int | None, oom_killed: bool,
                 error: str = "") -> None:
         """The container's end: oom (when it was), then die (Docker's order)."""
         if oom_killed:
             self.container("oom")
         attrs: dict[str, object] = {"exitCode": "" if exit_code is None else exit_code}
-        if status == "dead":
+        if status == Status.DEAD:
             attrs["error"] = error
         self.container("die", **attrs)
 

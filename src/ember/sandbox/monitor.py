@@ -6,8 +6,9 @@ socket (``api.sock``) in the sandbox folder that any number of CLI processes
 may use at once:
 
 * ``ember.agent.v1.Agent``: every agent method, forwarded byte-for-byte;
-* ``ember.sandbox.v1.Monitor``: host-side operations (JSON payloads): attach
-  and detach disks, watch the main container, pause/resume, shut down.
+* ``ember.sandbox.v1.Monitor``: host-side operations (``monitor.proto``, both
+  ends in :mod:`ember.sandbox.monitor_rpc`): attach and detach disks, watch the
+  main container, pause/resume, wait for its end, shut down.
 
 While a container is watched, its output is copied into ``container.log``
 (JSON lines, like Docker's json-file driver, rotated past ``[logs] max_size``:
@@ -36,29 +37,29 @@ Run as ``python -m ember.sandbox.monitor --id ID --ready-fd N [--creator-pid PID
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ember import trace
-from ember.agent.proto import agent_pb2
+from ember.agent.proto import AGENT_SERVICE, agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError, NotFoundError
 from ember.sandbox import events
 from ember.sandbox.health import HealthChecker
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
+from ember.sandbox.monitor_rpc import MonitorService
 from ember.sandbox.restart import Restarter
 from ember.sandbox.state import StateStore, kill_pid
+from ember.sandbox.status import Status
 from ember.sandbox.vm import SandboxVM
 from ember.ttrpc import Server, TTRPCError
 
-AGENT_SERVICE = "ember.agent.v1.Agent"
-MONITOR_SERVICE = "ember.sandbox.v1.Monitor"
 START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
 WAIT_MAX_S = 60.0  # the longest a Wait call blocks before answering "not yet"
 PUMP_WAIT_MS = 30_000  # container output long poll (issue 14: idle guests stay idle)
@@ -106,13 +107,11 @@ class Monitor:
 
     # ------------------------------------------------------------- serving
     def register(self) -> None:
+        """api.sock serves the agent's methods (forwarded) and monitor.proto's."""
         service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
         for method in service.methods:
             self.server.register(AGENT_SERVICE, method.name, self._forwarder(method.name))
-        for name in ("Status", "AttachDisk", "DetachDisk", "Watch", "Pause", "Resume",
-                     "Shutdown", "Release"):
-            self.server.register(MONITOR_SERVICE, name, self._json_handler(getattr(self, name)))
-        self.server.register(MONITOR_SERVICE, "Wait", self._wait_call)
+        MonitorService(self).register(self.server)
 
     def _forwarder(self, method: str):
         def forward(payload: bytes, ctx) -> bytes:
@@ -121,49 +120,36 @@ class Monitor:
             return self.vm.rpc.call(AGENT_SERVICE, method, payload, timeout=ctx.time_left())
         return forward
 
-    @staticmethod
-    def _json_handler(fn):
-        def handle(payload: bytes, ctx) -> bytes:
-            try:
-                args = json.loads(payload or b"{}")
-                return json.dumps(fn(**args) or {}).encode()
-            except EmberError as exc:
-                raise TTRPCError(9, exc.message) from None
-            except (TypeError, ValueError) as exc:
-                raise TTRPCError(3, f"bad request: {exc}") from None
-        return handle
-
-    # ------------------------------------------------------------ methods
-    def Status(self) -> dict:
+    # ---------------------------------- methods (the wire: ember.sandbox.monitor_rpc)
+    def status(self) -> tuple[int | None, bool]:
+        """(the VMM's pid, whether the VM came from a template)."""
         vmm = self.vm.vmm
-        return {"vmm_pid": vmm.pid if vmm else None, "restored": self.vm.restored}
+        return (vmm.pid if vmm else None), self.vm.restored
 
-    def AttachDisk(self, path: str, format: str = "raw", readonly: bool = False,
-                   drive_id: str | None = None) -> dict:
+    def attach_disk(self, path: str, format: str = "raw", readonly: bool = False,
+                    drive_id: str | None = None) -> tuple[str, str, str]:
+        """Hot-plug a disk image; (drive id, kind, address) for the guest to find it."""
         drive_id, dev = self.vm.attach_disk(Path(path), format, readonly, drive_id)
         if drive_id == "rootfs":
             self.rootfs = {"kind": dev.kind, "address": dev.address}
-        return {"drive_id": drive_id, "kind": dev.kind, "address": dev.address}
+        return drive_id, dev.kind, dev.address
 
-    def DetachDisk(self, drive_id: str) -> dict:
+    def detach_disk(self, drive_id: str) -> None:
         self.vm.detach_disk(drive_id)
-        return {}
 
-    def Pause(self) -> dict:
+    def pause(self) -> None:
         assert self.vm.vmm is not None
         self.vm.vmm.pause()
-        self.store.update(self.id, status="paused")
+        self.store.update(self.id, status=Status.PAUSED)
         self.events.container("pause")
-        return {}
 
-    def Resume(self) -> dict:
+    def resume(self) -> None:
         assert self.vm.vmm is not None
         self.vm.vmm.resume()
-        self.store.update(self.id, status="running")
+        self.store.update(self.id, status=Status.RUNNING)
         self.events.container("unpause")
-        return {}
 
-    def Watch(self, container_id: str, auto_stop: bool = True) -> dict:
+    def watch(self, container_id: str, auto_stop: bool = True) -> None:
         with self._phase:
             if self.done.is_set():
                 why = f": start abandoned: {self.abandoned}" if self.abandoned else ""
@@ -171,8 +157,8 @@ class Monitor:
             self.started.set()  # from here on, the creator may go away
         # The monitor says "running", so a creator killed right after this call
         # leaves no sandbox "creating" forever; an exit is recorded only later.
-        self.store.modify(self.id, lambda st: {"status": "running"}
-                          if st.status == "creating" else None)
+        self.store.modify(self.id, lambda st: {"status": Status.RUNNING}
+                          if st.status == Status.CREATING else None)
         self.events.container("start")
         if self._log is None:
             self._log = RotatingLog(self.dir / LOG_NAME, self.cfg.logs.max_bytes,
@@ -181,7 +167,6 @@ class Monitor:
         threading.Thread(target=self._wait_main, args=(container_id, streams, auto_stop),
                          daemon=True).start()
         self.health.start(self.vm, container_id, self.done)
-        return {}
 
     def _pumps(self, container_id: str) -> list[threading.Thread]:
         """Copy the container's stdout and stderr into the log (each run of it)."""
@@ -192,33 +177,30 @@ class Monitor:
             t.start()
         return streams
 
-    def Shutdown(self) -> dict:
+    def shutdown(self) -> None:
         """`ember rm` (or a failed create) removes the sandbox: stop, and leave it to them."""
         self.removing = True
         self.released.set()
-        threading.Thread(target=self.stop, args=("removed",), daemon=True).start()
-        return {}
+        threading.Thread(target=self.stop, args=(Status.EXITED,), daemon=True).start()
 
-    def Release(self) -> dict:
+    def release(self) -> None:
         """The creator has read the output and the exit code: --rm may go ahead."""
         self.released.set()
-        return {}
 
-    def _wait_call(self, payload: bytes, ctx) -> bytes:
-        """Wait {timeout}: block until the sandbox has stopped (at most ``timeout``
-        seconds); answers {"exited": bool, status, exit_code, oom_killed, error}.
+    def wait(self, timeout: float | None,
+             after_response: Callable[[Callable[[], None]], None]) -> dict | None:
+        """Block until the sandbox has stopped, at most ``timeout`` seconds (None or
+        more than WAIT_MAX_S: WAIT_MAX_S); its outcome (status, exit_code,
+        oom_killed, error), or None if it still runs.
 
-        Nothing is removed before every such answer is on the wire.
+        ``after_response`` runs a function once the answer is on the wire: nothing
+        is removed before every such answer has been sent.
         """
-        try:
-            timeout = float(json.loads(payload or b"{}").get("timeout", WAIT_MAX_S))
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise TTRPCError(3, f"bad request: {exc}") from None
         with self._waits_cv:
             self._waits += 1
-        ctx.call_after_response(self._wait_answered)
-        done = self.finished.wait(min(max(timeout, 0.0), WAIT_MAX_S))
-        return json.dumps({"exited": done, **(self.result if done else {})}).encode()
+        after_response(self._wait_answered)
+        limit = WAIT_MAX_S if timeout is None else min(max(timeout, 0.0), WAIT_MAX_S)
+        return dict(self.result) if self.finished.wait(limit) else None
 
     def _wait_answered(self) -> None:
         with self._waits_cv:
@@ -274,7 +256,7 @@ class Monitor:
             if not self._restarted(cid, resp):
                 break
             streams = self._pumps(cid)
-        result = {"status": "exited", "exit_code": resp.exit_status, "finished": time.time(),
+        result = {"status": Status.EXITED, "exit_code": resp.exit_status, "finished": time.time(),
                   "oom_killed": resp.oom_killed}
         if auto_stop:
             # Stop the VM before saying "exited": whoever waits on the status may
@@ -289,7 +271,7 @@ class Monitor:
             return False
         from ember.sandbox.agent_client import AgentClient
 
-        self.events.outcome("exited", resp.exit_status, resp.oom_killed)
+        self.events.outcome(Status.EXITED, resp.exit_status, resp.oom_killed)
         try:
             rpc = self.vm.rpc
             if rpc is None:  # not after _wait_main waited through it
@@ -313,7 +295,7 @@ class Monitor:
                      f"guest console: {tail}")
             self._complain("vmm", error)
             self.events.vm("crash", error=error)
-            self.stop("dead", error=error)
+            self.stop(Status.DEAD, error=error)
 
     # ------------------------------------------------------------ creator
     def _watch_creator(self) -> None:
@@ -366,7 +348,7 @@ class Monitor:
         if stopping:
             return  # run() removes a sandbox whose container never started
         if serving:
-            self.stop("dead", error=f"start abandoned: {why}")
+            self.stop(Status.DEAD, error=f"start abandoned: {why}")
             return
         # Mid-boot: kill the VMM as soon as it exists, so the boot fails now
         # rather than after a full boot; run() then tears everything down.
@@ -377,14 +359,16 @@ class Monitor:
             self.booted.wait(0.05)
 
     # ----------------------------------------------------------- lifecycle
-    def stop(self, status: str | None, error: str = "", final: dict | None = None) -> None:
+    def stop(self, status: Status | None, error: str = "", final: dict | None = None) -> None:
         """Stop the VM and record the outcome; run() then stops serving (and, for
-        --rm or an abandoned start, removes the sandbox)."""
+        --rm or an abandoned start, removes the sandbox). ``status``: DEAD (the VM
+        or the start is lost), EXITED (asked to stop), None (the container ended:
+        ``final`` says how)."""
         with self._stopping:
             if self.done.is_set():
                 return
             self.done.set()
-        result: dict[str, object] = {"status": status or "exited", "exit_code": None,
+        result: dict[str, object] = {"status": status or Status.EXITED, "exit_code": None,
                                      "oom_killed": False, "error": error, **(final or {})}
         try:
             with trace.span("teardown: vm stop"):
@@ -400,8 +384,8 @@ class Monitor:
                 changes.update(ip_address="", netns="")  # released, as Docker does on stop
             try:
                 st = self.store.load(self.id)
-                if status == "dead" or (status and st.status not in ("exited",)):
-                    changes["status"] = "exited" if status == "removed" else status
+                if status == Status.DEAD or (status and st.status != Status.EXITED):
+                    changes["status"] = status
                 if error:
                     changes["error"] = error
                 st = self.store.update(self.id, **changes)
@@ -491,7 +475,7 @@ class Monitor:
         self.register()
         threading.Thread(target=self._watch_vmm, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
-            target=self.stop, args=("exited",), daemon=True).start())
+            target=self.stop, args=(Status.EXITED,), daemon=True).start())
         ready = threading.Event()
         t = threading.Thread(target=self.server.serve_unix, args=(str(self.dir / "api.sock"), ready),
                              daemon=True)

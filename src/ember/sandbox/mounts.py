@@ -260,10 +260,10 @@ def attach(sandbox, wanted: list[Mount], spec: dict, disk_dir: Path) -> list[dic
         else:  # a read-only copy of a host folder, packed once for this sandbox
             image = make_ext4(m.source, disk_dir / f"bind{n}.img",
                               rootfs_size(content_size(Path(m.source))), label="ember-bind")
-        dev = sandbox.monitor_call("AttachDisk", path=str(image), format="raw",
-                                   readonly=m.readonly, drive_id=f"mnt{n}")
+        dev = sandbox.monitor().attach_disk(str(image), "raw", readonly=m.readonly,
+                                            drive_id=f"mnt{n}")
         # A read-only ext4 mount must not replay a journal (it cannot write it).
-        disks.append({"kind": dev["kind"], "address": dev["address"], "fstype": "ext4",
+        disks.append({"kind": dev.kind, "address": dev.address, "fstype": "ext4",
                       "readonly": m.readonly, "options": ["noload"] if m.readonly else []})
         spec["mounts"].append({"destination": m.target, "type": "bind",
                                "source": f"ember-disk:{len(disks) - 1}",

@@ -41,6 +41,7 @@ import psutil
 from ember.config import Config
 from ember.errors import EmberError, NotFoundError
 from ember.sandbox.record import VMRecord
+from ember.sandbox.status import LIVE, Status
 from ember.util import atomic_write, atomic_write_json, pause_for_test, private_dir
 
 
@@ -55,7 +56,7 @@ class SandboxState(VMRecord):
     image_id: str = ""
     command: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    status: str = "creating"  # creating | running | paused | exited | dead | unknown
+    status: Status = Status.CREATING
     exit_code: int | None = None
     oom_killed: bool = False
     finished: float | None = None
@@ -89,12 +90,15 @@ class SandboxState(VMRecord):
     stop_requested: bool = False  # `ember stop`/`kill`: the restart policy stands down
     health: str = ""  # --health-cmd: starting | healthy | unhealthy (ember.sandbox.health)
 
+    def __post_init__(self) -> None:
+        # Records on disk hold the plain word; a word that is no status is an error.
+        self.status = Status.parse(self.status)
+
     @property
     def short_id(self) -> str:
         return self.id[:12]
 
 
-LIVE = ("running", "paused", "creating")
 LOCK_NAME = "state.lock"
 NAME_FILE = "name"
 SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
@@ -167,6 +171,7 @@ class StateStore:
         path = self.dir(st.id) / "state.json"
         if not path.parent.is_dir():  # never re-create a removed folder
             raise NotFoundError(f"no such sandbox: {st.id}")
+        st.status = Status.parse(st.status)  # update(status=...) writes no stray word
         atomic_write_json(path, asdict(st))
 
     def load(self, sandbox_id: str) -> SandboxState:
@@ -230,7 +235,7 @@ class StateStore:
                 created = folder.stat().st_mtime
             except OSError:
                 created = time.time()
-        return SandboxState(id=sandbox_id, name=name, created=created, status="unknown",
+        return SandboxState(id=sandbox_id, name=name, created=created, status=Status.UNKNOWN,
                             error=reason)
 
     @contextmanager
@@ -370,18 +375,18 @@ class StateStore:
         if st.status not in LIVE:
             return st
         if creation_abandoned(st):
-            st.status = "dead"
+            st.status = Status.DEAD
             st.error = st.error or (f"its creator (pid {st.creator_pid}) ended before "
                                     "a sandbox monitor started")
             return st
-        if not st.monitor_pid and st.status == "creating":
+        if not st.monitor_pid and st.status == Status.CREATING:
             if time.time() - st.created > 300:
-                st.status = "dead"
+                st.status = Status.DEAD
                 st.error = st.error or "its creation was abandoned (no sandbox monitor)"
             return st
         if monitor_alive(st):
             return st
-        st.status = "dead"
+        st.status = Status.DEAD
         if not st.error:
             who = f"the sandbox monitor (pid {st.monitor_pid})" if st.monitor_pid else \
                 "the sandbox monitor"
@@ -446,7 +451,7 @@ def monitor_alive(st: SandboxState) -> bool:
 def creation_abandoned(st: SandboxState) -> bool:
     """True for a record still ``creating``, with no monitor ever started, whose
     creator process has ended (the very process: its start time is compared)."""
-    if st.status != "creating" or st.monitor_pid or not st.creator_pid:
+    if st.status != Status.CREATING or st.monitor_pid or not st.creator_pid:
         return False
     started = process_started(st.creator_pid)
     if started is None or st.creator_started is None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ember.config import Config
 from ember.errors import EmberError
-from ember.sandbox.state import LIVE, SandboxState, StateStore, vmm_alive
+from ember.sandbox.state import SandboxState, StateStore, vmm_alive
+from ember.sandbox.status import LIVE, Status
 from ember.storage.volumes import VolumeInfo, VolumeStore
 
 
@@ -26,7 +27,7 @@ def users(states: Iterable[SandboxState], name: str) -> list[tuple[SandboxState,
     or dead with its VM still running (a killed monitor's orphan still writes)."""
     out: list[tuple[SandboxState, bool]] = []
     for st in states:
-        if st.status not in LIVE and not (st.status == "dead" and vmm_alive(st)):
+        if st.status not in LIVE and not (st.status == Status.DEAD and vmm_alive(st)):
             continue
         for m in st.mounts:
             if m.get("kind") == "volume" and m.get("source") == name:
@@ -51,7 +52,7 @@ def check_available(states: Iterable[SandboxState], name: str, readonly: bool) -
 
 
 def _how(st: SandboxState) -> str:
-    if st.status == "dead":
+    if st.status == Status.DEAD:
         return f"dead, but its VM still runs: ember rm -f {st.name or st.short_id}"
     return st.status
 

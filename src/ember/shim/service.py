@@ -31,7 +31,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from ember import __version__
-from ember.agent.proto import agent_pb2
+from ember.agent.proto import AGENT_SERVICE, agent_pb2
 from ember.config import Config
 from ember.errors import (
     AgentError,
@@ -56,7 +56,6 @@ from ember.util import atomic_write_json
 log = logging.getLogger("ember.shim.service")
 
 SERVICE = "containerd.task.v2.Task"
-AGENT_SERVICE = "ember.agent.v1.Agent"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DRAIN_TIMEOUT = 2.0
 EMPTY = empty_pb2.Empty()
