@@ -489,8 +489,12 @@ def write_fake_binary(directory: Path, name: str = "firecracker",
     path = directory / name
     preset = (f"import json, os\nos.environ.update(json.loads({json.dumps(env)!r}))\n"
               if env else "")
-    support = str(Path(__file__).resolve().parents[1])  # tests/, where ember_testing lives
-    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {support!r})\n{preset}"
+    # tests/ (where ember_testing lives) and the ember this process runs: the
+    # jailer execs with an empty environment, so PYTHONPATH does not reach it.
+    import ember
+
+    paths = [str(Path(__file__).resolve().parents[1]), str(Path(ember.__file__).resolve().parents[1])]
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path[:0] = {paths!r}\n{preset}"
                     "from ember_testing.fc_fake import main\nsys.exit(main())\n")
     path.chmod(0o755)
     return path

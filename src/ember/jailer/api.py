@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # ember-jailer imports this module: it starts faster without 
     from ember.config import Config, JailerConfig
 
 PLACE_MODES = ("hardlink", "bind", "copy")
-VMM_KINDS = ("qemu", "firecracker", "generic")
 DEFAULT_BASE = "/srv/jailer"
 
 

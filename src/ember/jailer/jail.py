@@ -73,7 +73,7 @@ def jailed_exec(spec: JailSpec) -> str:
     QEMU finds its modules and firmware relative to its own location (Debian's
     build is relocatable), so it keeps its host path, e.g. /usr/bin/qemu-system-x86_64.
     """
-    if spec.vmm_kind == "qemu":
+    if profiles.PROFILES[spec.vmm_kind].keep_host_path:
         return os.path.normpath(spec.exec_file)
     return "/" + spec.exec_name
 
@@ -81,9 +81,10 @@ def jailed_exec(spec: JailSpec) -> str:
 def _wants_kvm(spec: JailSpec) -> bool:
     if spec.kvm is not None:
         return spec.kvm
-    if spec.vmm_kind == "firecracker":
+    rule = profiles.PROFILES[spec.vmm_kind].kvm
+    if rule == "always":
         return True
-    if spec.vmm_kind == "qemu":
+    if rule == "from-args":
         args = spec.args
         return "-enable-kvm" in args or any(
             ("accel=kvm" in a) or (a.startswith("kvm") and i > 0 and args[i - 1] == "-accel")
@@ -95,6 +96,8 @@ def validate(spec: JailSpec, allow_root: bool) -> Plan:
     """Check every argument; raise a one-line EmberError before anything exists."""
     if os.geteuid() != 0:
         raise EmberError("must run as root (it builds namespaces, cgroups and device nodes)")
+    if spec.vmm_kind not in profiles.PROFILES:
+        raise EmberError(f"--vmm-kind {spec.vmm_kind!r}: one of {', '.join(profiles.PROFILES)}")
     if not _ID_RE.match(spec.id):
         raise EmberError(f"--id {spec.id!r}: use 1-64 letters, digits or '-'")
     exe = spec.exec_file
@@ -161,7 +164,8 @@ def validate(spec: JailSpec, allow_root: bool) -> Plan:
         if not os.path.exists("/dev/kvm"):
             raise EmberError("the VMM wants KVM but /dev/kvm does not exist")
         devices.append(_KVM)
-    modules = files.qemu_modules(exe) if spec.vmm_kind == "qemu" else []
+    find_modules = profiles.PROFILES[spec.vmm_kind].modules
+    modules = find_modules(exe) if find_modules is not None else []
     cache = files.LibraryCache(Path(spec.chroot_base_dir) / f".libs-{spec.exec_name}.json")
     libs = sorted(set(cache.libraries(exe, *modules)) | set(modules))
     return Plan(spec, filt, cg, libs, devices=devices, rlimits=rlimits,
@@ -194,13 +198,12 @@ def build(plan: Plan) -> None:
             files.make_parents(root, target)
             if not target.exists():
                 files.link_or_copy(lib, target)
-        if spec.vmm_kind == "qemu":
-            for data_dir in files.QEMU_DATA_DIRS:
-                if os.path.isdir(data_dir):
-                    target = files.under(root, data_dir)
-                    files.make_parents(root, target)
-                    files.make_stub(data_dir, target)
-                    plan.binds.append((data_dir, target, False))
+        for data_dir in profiles.PROFILES[spec.vmm_kind].data_dirs:
+            if os.path.isdir(data_dir):
+                target = files.under(root, data_dir)
+                files.make_parents(root, target)
+                files.make_stub(data_dir, target)
+                plan.binds.append((data_dir, target, False))
         for p in spec.files:
             target = files.under(root, p.jail_path)
             files.make_parents(root, target)
@@ -292,7 +295,7 @@ def child(plan: Plan) -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
     exe = jailed_exec(spec)
     argv = [exe, *spec.args]
-    if spec.vmm_kind == "firecracker":
+    if profiles.PROFILES[spec.vmm_kind].id_args:
         argv[1:1] = ["--id", spec.id]  # what Firecracker's own jailer passes
     seccomp.load(plan.filt)
     os.execve(exe, argv, {})

@@ -13,7 +13,8 @@ import os
 import sys
 
 from ember.errors import EmberError
-from ember.jailer.api import VMM_KINDS, JailSpec, Placement
+from ember.jailer.api import JailSpec, Placement
+from ember.jailer.profiles import PROFILES
 from ember.jailer.seccomp import MODES
 
 
@@ -44,7 +45,7 @@ def _parser() -> _Parser:
     p.add_argument("--cgroup-version", type=int, choices=(1, 2))
     p.add_argument("--parent-cgroup")
     p.add_argument("--resource-limit", action="append", default=[], metavar="fsize=N|no-file=N")
-    p.add_argument("--vmm-kind", choices=VMM_KINDS, default="generic",
+    p.add_argument("--vmm-kind", choices=tuple(PROFILES), default="generic",
                    help="picks the seccomp allow-list and what goes into the jail")
     p.add_argument("--seccomp-level", choices=MODES, default="kill",
                    help="kill (default), log (allow but audit-log unlisted calls), off")

@@ -1,4 +1,9 @@
-"""Seccomp allow-lists, one per kind of VMM.
+"""The jailer's only per-VMM knowledge: one :class:`VmmProfile` per kind of
+VMM (``--vmm-kind``), with its seccomp allow-list and how it is laid out and
+started in the jail. The rest of the jailer reads profile fields and never
+compares kinds.
+
+Seccomp allow-lists:
 
 QEMU: the syscalls ``qemu-system-x86_64 -M microvm -accel tcg`` made under
 ``strace -f`` while booting a Debian cloud kernel with a busybox initrd, serving
@@ -38,6 +43,10 @@ any list, an ``--seccomp-allow-file`` one included):
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ember.jailer.files import QEMU_DATA_DIRS, qemu_modules
 
 _COMMON_RUNTIME = """
     read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2
@@ -73,7 +82,26 @@ FIRECRACKER = _COMMON_RUNTIME + """
 # ptrace, bpf, keyctl, module loading, kexec, setuid and namespace calls.
 GENERIC = QEMU + FIRECRACKER
 
-PROFILES: dict[str, str] = {"qemu": QEMU, "firecracker": FIRECRACKER, "generic": GENERIC}
+
+
+@dataclass(frozen=True)
+class VmmProfile:
+    """How the jailer treats one kind of VMM."""
+
+    syscalls: str  # the seccomp allow-list, whitespace separated
+    keep_host_path: bool = False  # exec at its host path (QEMU finds its modules from it)
+    kvm: str = "no"  # gets /dev/kvm: "always", "no", or "from-args" (an -accel kvm in argv)
+    data_dirs: tuple[str, ...] = ()  # host folders bound read-only (firmware, keymaps)
+    modules: Callable[[str], list[str]] | None = None  # loadable modules of the binary
+    id_args: bool = False  # argv starts with --id ID, as Firecracker's own jailer passes
+
+
+PROFILES: dict[str, VmmProfile] = {
+    "qemu": VmmProfile(QEMU, keep_host_path=True, kvm="from-args", data_dirs=QEMU_DATA_DIRS,
+                       modules=qemu_modules),
+    "firecracker": VmmProfile(FIRECRACKER, kvm="always", id_args=True),
+    "generic": VmmProfile(GENERIC),
+}
 
 
 # Denied with an errno instead of killing, so that a VMM's probe falls back.
@@ -116,7 +144,7 @@ ARG_RULES: dict[str, tuple[int, list[tuple[int, int]]]] = {
 
 def syscalls_for(kind: str) -> list[str]:
     """The sorted, de-duplicated allow-list for a VMM kind."""
-    return sorted(set(PROFILES[kind].split()) | {"execve"})
+    return sorted(set(PROFILES[kind].syscalls.split()) | {"execve"})
 
 
 def read_allow_file(path: str) -> list[str]:

@@ -136,7 +136,7 @@ class SandboxVM:
                 cgroups["cpu.cfs_quota_us"] = str(quota)
         binary = configured(self.cfg).configured_binary(self.cfg)
         return spec_from_config(self.cfg, id=self.vm_id[:64], exec_file=binary,
-                                uid=uid, gid=uid, vmm_kind=self.cfg.vm.hypervisor,
+                                uid=uid, gid=uid,
                                 kvm=accel == "kvm", cgroups=cgroups)
 
     def jail_record(self) -> dict:
