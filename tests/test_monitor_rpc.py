@@ -11,6 +11,8 @@
 * Wait is a long poll: "not yet" after the time asked (capped at the
   monitor's limit), the outcome once the sandbox has stopped, and every
   answer counted until it is on the wire (nothing is removed before).
+* The committed generated code of every .proto (monitor_pb2 among them) is
+  what scripts/gen-protos.sh makes from it now.
 
 The real monitor over a real VM is exercised by tests/test_run.py,
 tests/test_lifecycle_monitor.py and the rest of the `ember run` tests.
@@ -19,8 +21,11 @@ tests/test_lifecycle_monitor.py and the rest of the `ember run` tests.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +36,8 @@ from ember.sandbox.monitor import WAIT_MAX_S, Monitor
 from ember.sandbox.monitor_rpc import SERVICE, SERVICE_NAME, MonitorClient, MonitorService
 from ember.sandbox.status import Status
 from ember.ttrpc import Client, Code, Server, TTRPCError
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 class RecordingServer(Server):
@@ -239,3 +246,15 @@ def test_monitor_wait_long_polls_and_counts_answers():
     assert m.wait(-5, hooks.append) is None
     assert time.monotonic() - began < 1
     assert WAIT_MAX_S == 60.0  # what a client asking for more gets at most
+
+
+@pytest.mark.parametrize("proto", sorted(str(p.relative_to(SRC)) for p in
+                                         (SRC / "ember").rglob("*.proto")))
+def test_generated_code_matches_its_proto(proto, tmp_path):
+    """scripts/gen-protos.sh was run after the .proto last changed."""
+    pytest.importorskip("grpc_tools")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{SRC}",
+                    f"--python_out={tmp_path}", proto], check=True, cwd=SRC)
+    name = proto.removesuffix(".proto") + "_pb2.py"
+    assert (tmp_path / name).read_bytes() == (SRC / name).read_bytes(), \
+        f"{name} is stale: run scripts/gen-protos.sh"
