@@ -220,12 +220,10 @@ def run_checks(cfg: Config) -> list[Check]:
 
 def verdict(cfg: Config, checks: list[Check]) -> tuple[bool, str]:
     by_name = {c.name: c for c in checks}
+    from ember.vmm import configured
+
     hv = cfg.vm.hypervisor
-    if hv == "firecracker":
-        fc = by_name["firecracker"]
-        ready = fc.status == "ok" and by_name["kvm"].status == "ok"
-    else:
-        ready = by_name["qemu"].status == "ok" and by_name["accel probe"].status != "error"
+    ready = configured(cfg).host_ready(lambda name: by_name[name].status)
     ready = ready and by_name["guest assets"].status == "ok"
     return ready, (f"hypervisor {hv!r}: {'ready' if ready else 'NOT ready'}"
                    + ("" if by_name["guest assets"].status == "ok"

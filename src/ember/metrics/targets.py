@@ -35,6 +35,7 @@ from ember.cri.annotations import (
     CRIO_POD_NAMESPACE,
 )
 from ember.sandbox.status import Status
+from ember.vmm import process_kind
 
 # Every per-sandbox series carries these labels, in this order.
 LABELS = ("id", "name", "kind", "k8s_namespace", "k8s_pod", "runtime_class", "hypervisor")
@@ -47,7 +48,7 @@ class Target:
     id: str
     name: str
     status: Status  # a pod's too: creating, running or dead
-    hypervisor: str = "qemu"
+    hypervisor: str = ""
     socket: Path | None = None  # ttrpc socket that answers ember.agent.v1.Agent/GuestStats
     vmm_pid: int | None = None
     started: float = 0.0  # unix time
@@ -76,7 +77,7 @@ def vmm_process(pid: int | None, not_before: float = 0.0) -> psutil.Process | No
     try:
         proc = psutil.Process(pid)
         name = proc.name()
-        if not (name.startswith("qemu") or "firecracker" in name):
+        if process_kind(name) is None:
             return None
         if not_before and proc.create_time() < not_before - 2:
             return None
@@ -113,7 +114,7 @@ def sandboxes(cfg: Config) -> list[Target]:
             continue  # removed meanwhile
         out.append(Target(
             kind="sandbox", id=st.id, name=st.name, status=st.status,
-            hypervisor=st.vmm_kind or "qemu", socket=store.dir(st.id) / "api.sock",
+            hypervisor=st.vmm_kind, socket=store.dir(st.id) / "api.sock",
             vmm_pid=st.vmm_pid, started=st.created, cgroup_scope=_jail_scope(st.jail),
             veth=veth_name(st.id) if st.network == "bridge" else "",
             containers={st.id: st.name}, exit_code=st.exit_code, oom_killed=st.oom_killed,
@@ -181,10 +182,10 @@ class PodFinder:
                     (pdir / "pod.json").stat().st_mtime
             except (psutil.Error, OSError):
                 started = 0.0
-            hypervisor = "qemu"
-            if proc is not None:
+            hypervisor = rec.vmm_kind
+            if not hypervisor and proc is not None:  # a record from before vmm_kind
                 try:
-                    hypervisor = "firecracker" if "firecracker" in proc.name() else "qemu"
+                    hypervisor = process_kind(proc.name()) or ""
                 except psutil.Error:
                     pass
             scope = _jail_scope(rec.jail) or str(rec.cgroup or "")

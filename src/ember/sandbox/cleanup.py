@@ -11,6 +11,7 @@ taken) until nothing else of it is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ember.config import Config
 from ember.errors import EmberError
+from ember.sandbox.record import VMRecord
 from ember.sandbox.state import (
     SandboxState,
     StateStore,
@@ -43,7 +45,6 @@ def destroy(cfg: Config, st: SandboxState,
     answer); without it, or when it fails, the monitor gets SIGTERM.
     """
     from ember.net import bridge
-    from ember.sandbox.record import VMRecord, release_vm
     from ember.sandbox.template import build_prefix
 
     store = StateStore(cfg)
@@ -115,3 +116,35 @@ def wait_gone(pids: set[int], marker: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(pid_alive(p, marker) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def release_vm(cfg: Config, vm_id: str, rec: VMRecord) -> None:
+    """Remove what VM ``vm_id`` left on the host: its VMM, jail, cgroups, network.
+
+    The one VM-level cleanup, run by ``ember rm`` and by the shim's ``delete``;
+    idempotent. The jail is found from the id and the configuration, never
+    from the record (a compromised VMM must not steer what root removes); an
+    unjailed VMM is killed only if its command line still names the VM's
+    folder (no pid-reuse victim).
+    """
+    from ember.sandbox.podcgroup import remove
+    from ember.sandbox.vm import cleanup_jail, release_network
+
+    cleanup_jail(cfg, vm_id, rec.cgroup or None)
+    pid = rec.vmm_pid
+    if not rec.jail and pid and rec.vm_dir and rec.vm_dir in _cmdline(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while rec.vm_dir in _cmdline(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    remove(rec.cgroups_created)
+    release_network(rec.netns)

@@ -367,7 +367,7 @@ class SandboxEvents:
     """Events of one ``ember run`` sandbox (the container is the sandbox)."""
 
     def __init__(self, state_dir: Path, sandbox_id: str, name: str = "", image: str = "",
-                 hypervisor: str = "qemu") -> None:
+                 hypervisor: str = "") -> None:
         self.log = EventLog(state_dir)
         self.id = sandbox_id
         self.base = {"name": name, "image": image, "kind": "sandbox", "hypervisor": hypervisor}
@@ -413,7 +413,7 @@ class PodEvents:
     """Events of one containerd pod, from the shim: containerd's task events as
     container events, and the pod VM's boot and crash."""
 
-    def __init__(self, state_dir: Path, pod_id: str, hypervisor: str = "qemu") -> None:
+    def __init__(self, state_dir: Path, pod_id: str, hypervisor: str = "") -> None:
         self.log = EventLog(state_dir)
         self.pod = pod_id
         self.hypervisor = hypervisor

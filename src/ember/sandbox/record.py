@@ -3,22 +3,17 @@
 Whoever owns a VM (the sandbox monitor, or the shim serving a pod) writes
 these fields before it makes the thing they name, and clears them once it is
 gone, so that when the owner dies anything it left can be found and removed
-by :func:`release_vm` (``ember rm -f`` for a sandbox; ``containerd-shim-ember-v2
+by :func:`ember.sandbox.cleanup.release_vm` (``ember rm -f`` for a sandbox; ``containerd-shim-ember-v2
 delete`` for a pod). ``state.json`` (:class:`ember.sandbox.state.SandboxState`)
 and the shim's ``pod.json`` (:class:`PodRecord`) both extend it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ember.config import Config
 from ember.util import atomic_write_json
 
 
@@ -26,6 +21,7 @@ from ember.util import atomic_write_json
 class VMRecord:
     """What a VM's owner leaves behind if it dies."""
 
+    vmm_kind: str = ""  # the hypervisor (ember.vmm.base.VMM.kind) of the VM
     vmm_pid: int | None = None  # an unjailed VMM (a jailed one is found by its jail)
     jail: dict = field(default_factory=dict)  # the VMM's jail (ember.vmm.base.VMM.jail_record)
     netns: str = ""  # a network namespace whose eth0 was redirected to the VM
@@ -59,35 +55,3 @@ class PodRecord(VMRecord):
             return cls(**{k: v for k, v in data.items() if k in known and v is not None})
         except TypeError:
             return cls()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def release_vm(cfg: Config, vm_id: str, rec: VMRecord) -> None:
-    """Remove what VM ``vm_id`` left on the host: its VMM, jail, cgroups, network.
-
-    The one VM-level cleanup, run by ``ember rm`` and by the shim's ``delete``;
-    idempotent. The jail is found from the id and the configuration, never
-    from the record (a compromised VMM must not steer what root removes); an
-    unjailed VMM is killed only if its command line still names the VM's
-    folder (no pid-reuse victim).
-    """
-    from ember.sandbox.podcgroup import remove
-    from ember.sandbox.vm import cleanup_jail, release_network
-
-    cleanup_jail(cfg, vm_id, rec.cgroup or None)
-    pid = rec.vmm_pid
-    if not rec.jail and pid and rec.vm_dir and rec.vm_dir in _cmdline(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while rec.vm_dir in _cmdline(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    remove(rec.cgroups_created)
-    release_network(rec.netns)

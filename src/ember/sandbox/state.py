@@ -62,7 +62,6 @@ class SandboxState(VMRecord):
     finished: float | None = None
     error: str = ""
     monitor_pid: int | None = None
-    vmm_kind: str = "qemu"
     vcpus: int = 1
     cpus: float | None = None  # --cpus: the VMM's cgroup CPU limit too (None: none)
     memory_mib: int = 512

@@ -34,7 +34,8 @@ from google.protobuf.message import DecodeError
 
 from ember.config import load_config
 from ember.errors import EmberError
-from ember.sandbox.record import PodRecord, release_vm
+from ember.sandbox.cleanup import release_vm
+from ember.sandbox.record import PodRecord
 from ember.shim.events import timestamp
 from ember.shim.pod import pod_identity, read_record
 from ember.shim.proto import options_pb2

@@ -146,7 +146,9 @@ class Pod:
         return vmm is not None and vmm.jail is not None
 
     def record(self) -> None:
+        vmm = self.vm.vmm if self.vm is not None else None
         PodRecord(shim_pid=os.getpid(), group=self.group_id, vmm_pid=self.vmm_pid,
+                  vmm_kind=vmm.kind if vmm is not None else "",
                   vm_dir=str(self.dir / "vm"),
                   jail=self.vm.jail_record() if self.vm is not None else {},
                   cgroup=self.cgroup, cgroups_created=list(self.cgroups_created),

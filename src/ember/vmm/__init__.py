@@ -42,6 +42,16 @@ def make_vmm(cfg: Config, spec: VMSpec) -> VMM:
     return configured(cfg).make(cfg, spec)
 
 
+def process_kind(comm: str) -> str | None:
+    """The hypervisor a process named ``comm`` (its /proc comm) runs, None if it
+    is no VMM: readers that find a VMM by its pid (metrics) check it is one."""
+    if comm.startswith("qemu"):
+        return "qemu"
+    if "firecracker" in comm:
+        return "firecracker"
+    return None
+
+
 def vmm_binaries(cfg: Config) -> list[str]:
     """Every VMM binary a sandbox may run under, the configured hypervisor's first
     (a jail is named after its binary: cleanup tries each)."""

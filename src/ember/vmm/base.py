@@ -13,6 +13,7 @@ import abc
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -132,6 +133,12 @@ class VMM(abc.ABC):
         except OSError:
             return [found]
         return [f"{found}:{st.st_size}:{st.st_mtime_ns}"]
+
+    @classmethod
+    def host_ready(cls, status_of: Callable[[str], str]) -> bool:
+        """Whether this host can run this hypervisor, from ``ember check``'s
+        findings (``status_of(check name)`` is "ok", "warn", "missing"...)."""
+        return status_of(cls.kind) == "ok"
 
     @classmethod
     def make(cls, cfg: Config, spec: VMSpec) -> VMM:

@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,11 @@ class FirecrackerVMM(VMM):
     kind = "firecracker"
     label = "Firecracker"
     supports_snapshots = True  # PUT /snapshot/create, /snapshot/load
+
+    @classmethod
+    def host_ready(cls, status_of: Callable[[str], str]) -> bool:
+        """Firecracker has no emulator: it needs a KVM that boots."""
+        return status_of("firecracker") == "ok" and status_of("kvm") == "ok"
 
     @classmethod
     def configured_binary(cls, cfg: Config) -> str:

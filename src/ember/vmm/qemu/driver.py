@@ -35,6 +35,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ember import trace
@@ -131,6 +132,11 @@ class QemuVMM(VMM):
     kind = "qemu"
     label = "QEMU"
     supports_snapshots = True  # migration to a file descriptor, restored with -incoming
+
+    @classmethod
+    def host_ready(cls, status_of: Callable[[str], str]) -> bool:
+        """QEMU runs under TCG too: KVM only has to boot if the probe chose it."""
+        return status_of("qemu") == "ok" and status_of("accel probe") != "error"
 
     @classmethod
     def configured_binary(cls, cfg: Config) -> str:
@@ -271,7 +277,7 @@ class QemuVMM(VMM):
         if self.jail is not None:
             self.jail.exec_file = shutil.which(args[0]) or args[0]
             self.jail.args = args[1:]
-            self.jail.vmm_kind = "qemu"
+            self.jail.vmm_kind = self.kind
             self.jail.keep_fds = self._inherited_fds()
             from ember.jailer.api import build_argv
 
