@@ -127,3 +127,33 @@ def test_api_exec_defaults_and_stream(ember_env, image, monkeypatch):
         assert with_stdin.wait() == 0
     finally:
         sb.remove(force=True)
+
+
+def test_exec_output_ends_with_the_sandbox_death(ember_env, image, monkeypatch):
+    """QEMU killed under two running execs: the output readers end (the agent connection
+    closes), and neither passes that for the end of the command. `exec(stream=True)`
+    raises the sandbox's death after the output it had; `ember exec` prints what it got,
+    then a one-line error, exit 125."""
+    import signal
+    import subprocess
+
+    import ember
+
+    monkeypatch.setenv("EMBER_STATE_DIR", str(ember_env.state_dir))
+    sb = ember.Sandbox.create(image, ["sleep", "600"])
+    try:
+        cli = subprocess.Popen([ember_bin(), "exec", sb.id, "sh", "-c", "echo cli; sleep 600"],
+                               env=ember_env.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        stream = iter(sb.exec(["sh", "-c", "echo one; sleep 600"], stream=True))
+        assert next(stream) == ("stdout", b"one\n")
+        assert cli.stdout is not None and cli.stdout.readline() == b"cli\n"
+        os.kill(sb.inspect()["vmm_pid"], signal.SIGKILL)
+        with pytest.raises(ember.EmberError, match=f"sandbox {sb.name} is dead"):
+            for item in stream:
+                raise AssertionError(f"output after the VM died: {item}")
+        _, err = cli.communicate(timeout=60)
+        assert cli.returncode == 125, err
+        assert err.decode().count("\n") == 1 and "is dead" in err.decode(), err
+    finally:
+        sb.remove(force=True)

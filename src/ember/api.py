@@ -672,18 +672,20 @@ def _log_tail(path: Path, what: str, lines: int = 4) -> str:
 
 
 def _collect(agent, cid: str, exec_id: str):
-    """Read stdout and stderr to EOF in two threads; returns two getters."""
+    """Read stdout and stderr to their end in two threads; returns two getters.
+
+    A getter waits for both and raises the error a reader met, if any (a
+    process gone or a closed agent only ends the output: see ember.sandbox.output).
+    """
     results: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+    errors: list[Exception] = []
 
     def pump(stream: str) -> None:
-        offset = 0
-        read = agent.read_stdout if stream == "stdout" else agent.read_stderr
-        while True:
-            resp = read(cid, exec_id, offset, wait_ms=1000)
-            results[stream] += resp.data
-            offset = resp.offset + len(resp.data)
-            if resp.eof:
-                return
+        try:
+            for data in agent.iter_output(cid, exec_id, stream, wait_ms=1000):
+                results[stream] += data
+        except (EmberError, OSError) as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in results]
     for t in threads:
@@ -693,6 +695,8 @@ def _collect(agent, cid: str, exec_id: str):
         def get() -> bytes:
             for t in threads:
                 t.join()
+            if errors:
+                raise errors[0]
             return bytes(results[stream])
         return get
 

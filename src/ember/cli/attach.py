@@ -123,19 +123,14 @@ def attach_exec(sb: Sandbox, exec_id: str, stdin: bool, tty: bool) -> int:
 
 
 def _pump_out(agent, cid: str, exec_id: str, stream: str) -> None:
+    """Copy one stream to the terminal; an error only ends the copy (WaitProcess,
+    in attach_exec, is what reports a sandbox that went away)."""
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    read = agent.read_stdout if stream == "stdout" else agent.read_stderr
-    offset = 0
-    while True:
-        try:
-            resp = read(cid, exec_id, offset, wait_ms=1000)
-        except (OSError, EmberError):
-            return
-        if resp.data:
-            _write(out, resp.data)
-        offset = resp.offset + len(resp.data)
-        if resp.eof:
-            return
+    try:
+        for data in agent.iter_output(cid, exec_id, stream, wait_ms=1000):
+            _write(out, data)
+    except (OSError, EmberError):
+        return
 
 
 def _forward(sb: Sandbox, exec_id: str, sig: int) -> None:

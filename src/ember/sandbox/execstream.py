@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 
 from ember.errors import EmberError
+from ember.sandbox.output import End
 
 _END = object()
 
@@ -41,16 +42,12 @@ class ExecStream:
             t.start()
 
     def _read(self, name: str) -> None:
-        read = self._agent.read_stdout if name == "stdout" else self._agent.read_stderr
-        offset = 0
+        reader = self._agent.iter_output(self.sandbox.id, self.exec_id, name, wait_ms=1000)
         try:
-            while True:
-                resp = read(self.sandbox.id, self.exec_id, offset, wait_ms=1000)
-                if resp.data:
-                    self._queue.put((name, bytes(resp.data)))
-                offset = resp.offset + len(resp.data)
-                if resp.eof:
-                    break
+            for data in reader:
+                self._queue.put((name, data))
+            if reader.ended is not End.EOF:  # gone or closed before the end: say so
+                self._error = reader.cause
         except (EmberError, OSError) as exc:
             self._error = exc
         finally:

@@ -71,22 +71,25 @@ class _AgentWriter(io.RawIOBase):
 
 
 class _AgentReader(io.RawIOBase):
-    """A read-only file over a process's stdout, read from the agent by offset."""
+    """A read-only file over a process's stdout, read from the agent by offset.
+
+    A stream that ends before EOF (the helper gone, the agent closed) raises
+    what ended it: a cut-off tar must not pass for a whole one.
+    """
 
     def __init__(self, agent, cid: str, exec_id: str) -> None:
-        self.agent, self.cid, self.exec_id = agent, cid, exec_id
-        self.offset, self.pending, self.eof = 0, b"", False
+        self.output = agent.iter_output(cid, exec_id, "stdout", wait_ms=1000, max_bytes=CHUNK)
+        self.chunks = iter(self.output)
+        self.pending = b""
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:  # type: ignore[override]
-        while not self.pending and not self.eof:
-            resp = self.agent.read_stdout(self.cid, self.exec_id, self.offset, wait_ms=1000,
-                                          max_bytes=CHUNK)
-            self.pending = bytes(resp.data)
-            self.offset = resp.offset + len(resp.data)
-            self.eof = resp.eof
+        if not self.pending:
+            self.pending = next(self.chunks, b"")
+            if not self.pending and self.output.cause is not None:
+                raise self.output.cause
         n = min(len(b), len(self.pending))
         b[:n] = self.pending[:n]
         self.pending = self.pending[n:]
@@ -123,12 +126,9 @@ class Files:
         if code == 0:
             return
         err = b""
-        offset = 0
-        while True:
-            resp = agent.read_stderr(self.sandbox.id, exec_id, offset, wait_ms=1000)
-            err += resp.data
-            offset = resp.offset + len(resp.data)
-            if resp.eof or len(err) > 4096:
+        for data in agent.iter_output(self.sandbox.id, exec_id, "stderr", wait_ms=1000):
+            err += data
+            if len(err) > 4096:
                 break
         msg = err.decode(errors="replace").strip().splitlines()
         text = msg[-1] if msg else f"copy helper exited {code}"

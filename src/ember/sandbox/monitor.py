@@ -54,6 +54,7 @@ from ember.sandbox import events
 from ember.sandbox.health import HealthChecker
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
 from ember.sandbox.monitor_rpc import MonitorService
+from ember.sandbox.output import OutputReader, read_method
 from ember.sandbox.restart import Restarter
 from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.status import Status
@@ -213,27 +214,30 @@ class Monitor:
 
     # ---------------------------------------------------------- watching
     def _pump(self, cid: str, stream: str, log: RotatingLog) -> None:
-        method = "ReadStdout" if stream == "stdout" else "ReadStderr"
-        offset = 0
-        while not self.done.is_set() and self.vm.rpc is not None:
-            # A long poll: the agent answers as soon as there is output or EOF, so an
-            # idle container costs the guest one wake-up per PUMP_WAIT_MS, not per second.
-            req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset,
-                                              wait_ms=PUMP_WAIT_MS)
-            try:
-                resp = self.vm.rpc.call(AGENT_SERVICE, method, req, agent_pb2.ReadStreamResponse,
-                                        timeout=PUMP_WAIT_MS / 1000 + 30)
-            except (TTRPCError, OSError):
-                return
-            if resp.data:
+        """Copy one stream into the log until it ends (ember.sandbox.output's policy)."""
+        rpc = self.vm.rpc
+        if rpc is None:
+            return  # never booted: nothing to copy
+        method = read_method(stream)
+
+        def read(offset: int, wait_ms: int) -> agent_pb2.ReadStreamResponse:
+            req = agent_pb2.ReadStreamRequest(container_id=cid, offset=offset, wait_ms=wait_ms)
+            return rpc.call(AGENT_SERVICE, method, req, agent_pb2.ReadStreamResponse,
+                            timeout=wait_ms / 1000 + 30)
+
+        # A long poll: the agent answers as soon as there is output or EOF, so an
+        # idle container costs the guest one wake-up per PUMP_WAIT_MS, not per second.
+        reader = OutputReader(read, wait_ms=PUMP_WAIT_MS, closed=lambda: rpc.closed,
+                              stop=self.done.is_set)
+        try:
+            for data in reader:
                 try:
-                    log.write(stream, resp.data)
+                    log.write(stream, data)
                 except (OSError, EmberError) as exc:
                     # Keep draining, so the container never blocks on a full pipe.
                     self._complain("log", f"container output dropped: {exc}")
-                offset = resp.offset + len(resp.data)
-            if resp.eof:
-                return
+        except (TTRPCError, OSError, EmberError) as exc:
+            self._complain("output", f"container {stream} no longer copied: {exc}")
 
     def _complain(self, what: str, message: str) -> None:
         """One line in monitor.log per kind of trouble, not one per record."""

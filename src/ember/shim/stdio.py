@@ -19,7 +19,7 @@ import os
 import threading
 import time
 
-from ember.errors import EmberError, NotFoundError
+from ember.errors import EmberError
 
 log = logging.getLogger("ember.shim.stdio")
 
@@ -94,35 +94,25 @@ class StdioPumps:
         return None
 
     def _pump_out(self, stream: str) -> None:
-        read = self.agent.read_stdout if stream == "stdout" else self.agent.read_stderr
+        """Copy one stream to its FIFO until it ends (ember.sandbox.output's policy)."""
         fd = self._open_writer(self.paths[stream])
-        offset = 0
+        # A paused VM answers nothing until resumed: keep asking unless the process is
+        # being deleted (a lost connection or a process gone ends the stream anyway).
+        reader = self.agent.iter_output(self.cid, self.exec_id, stream, wait_ms=READ_WAIT_MS,
+                                        stop=lambda: fd is None and self.stop.is_set(),
+                                        retry=lambda exc: not self.stop.is_set())
         try:
-            while True:
-                try:
-                    r = read(self.cid, self.exec_id, offset, READ_WAIT_MS)
-                except NotFoundError:
-                    return  # the process is gone from the guest
-                except EmberError as exc:
-                    # A paused VM answers nothing until resumed: keep going unless the
-                    # connection itself is lost or the process is being deleted.
-                    if self.stop.is_set() or self.agent.ttrpc.closed:
-                        log.debug("%s of %s/%s ends: %s", stream, self.cid, self.exec_id, exc)
-                        return
-                    time.sleep(0.2)
+            for data in reader:
+                if fd is None:
                     continue
-                if r.data and fd is not None:
-                    try:
-                        _write_all(fd, r.data)
-                    except OSError as exc:  # the reader went away (EPIPE)
-                        log.debug("%s reader gone: %s", stream, exc)
-                        os.close(fd)
-                        fd = None
-                offset = r.offset + len(r.data)
-                if r.eof:
-                    return
-                if fd is None and self.stop.is_set():
-                    return
+                try:
+                    _write_all(fd, data)
+                except OSError as exc:  # the reader went away (EPIPE)
+                    log.debug("%s reader gone: %s", stream, exc)
+                    os.close(fd)
+                    fd = None
+        except (EmberError, OSError) as exc:
+            log.debug("%s of %s/%s ends: %s", stream, self.cid, self.exec_id, exc)
         finally:
             if fd is not None:
                 os.close(fd)
