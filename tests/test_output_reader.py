@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +22,7 @@ from ember import ttrpc
 from ember.agent.proto import agent_pb2 as pb
 from ember.errors import AgentError, NotFoundError
 from ember.sandbox.agent_client import SERVICE, AgentClient
+from ember.sandbox.monitor import PUMP_WAIT_MS, Monitor
 from ember.sandbox.output import End, OutputReader, read_method
 from ember.ttrpc import Code, ConnectionClosed, TTRPCError
 
@@ -252,4 +254,57 @@ def test_raw_ttrpc_reader_as_the_monitor_uses_it():
     with pytest.raises(TTRPCError) as caught:
         list(reader)
     assert caught.value.code == Code.DEADLINE_EXCEEDED and reader.ended is None
+    rpc.close()
+
+
+class ListLog:
+    """Stands for the monitor's RotatingLog: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes]] = []
+
+    def write(self, stream: str, data: bytes) -> None:
+        self.records.append((stream, data))
+
+
+def bare_monitor(rpc) -> Monitor:
+    """A Monitor with only what its output pump uses (no sandbox, no VM)."""
+    mon = Monitor.__new__(Monitor)
+    mon.vm = SimpleNamespace(rpc=rpc)  # type: ignore[assignment]
+    mon.done = threading.Event()
+    mon.id = "0123456789abcdef"
+    mon._complained = set()
+    return mon
+
+
+def test_monitor_pump_long_polls_into_the_log_until_the_process_is_gone(capsys):
+    """The monitor's pump: its 30 s long poll (timeout 30 s past it) on the raw client,
+    every chunk into the log; a process gone ends it without a word."""
+    agent = ScriptedAgentServer(chunk(b"one\n", 0), chunk(b"", 4),
+                                TTRPCError(Code.NOT_FOUND, "container c not found"))
+    rpc = ttrpc.Client(agent.host_end)
+    log = ListLog()
+    bare_monitor(rpc)._pump("c", "stderr", log)  # type: ignore[arg-type]
+    assert log.records == [("stderr", b"one\n")]
+    assert [(m, r.container_id, r.offset, r.wait_ms) for m, r in agent.requests] == [
+        ("ReadStderr", "c", 0, PUMP_WAIT_MS), ("ReadStderr", "c", 4, PUMP_WAIT_MS),
+        ("ReadStderr", "c", 4, PUMP_WAIT_MS)]
+    assert capsys.readouterr().err == ""
+    rpc.close()
+
+
+def test_monitor_pump_notes_a_failed_read_once_and_stops_with_the_monitor(capsys):
+    agent = ScriptedAgentServer(chunk(b"x", 0), TTRPCError(Code.INTERNAL, "buffer broke"))
+    rpc = ttrpc.Client(agent.host_end)
+    log = ListLog()
+    bare_monitor(rpc)._pump("c", "stdout", log)  # type: ignore[arg-type]
+    assert log.records == [("stdout", b"x")]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "container stdout no longer copied" in err
+    assert "buffer broke" in err
+
+    mon = bare_monitor(rpc)
+    mon.done.set()  # the monitor is stopping: no call at all
+    mon._pump("c", "stdout", log)  # type: ignore[arg-type]
+    assert len(agent.requests) == 2
     rpc.close()
