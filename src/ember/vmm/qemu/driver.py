@@ -30,8 +30,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
-import struct
 import subprocess
 import threading
 import time
@@ -42,7 +40,9 @@ from ember import trace
 from ember.config import Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
+from ember.vmm.qemu.drives import blockdev, qcow2_backing
 from ember.vmm.qemu.qmp import QMPClient, QMPError
+from ember.vmm.qemu.snapshot import save_snapshot
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 # TCG's translation cache per VM. An idle sandbox that ran a container fills
@@ -65,42 +65,6 @@ def _listen(path: Path) -> socket.socket:
         sock.close()
         raise VMError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
-
-
-def _blockdev(drive: Drive) -> dict:
-    # A block device (an LVM thin LV from ember-snapshotter) needs QEMU's
-    # host_device protocol driver; "file" is for regular files.
-    proto = "host_device" if _is_block_device(drive.path) else "file"
-    node: dict[str, object] = {
-        "driver": drive.format,
-        "node-name": f"n-{drive.drive_id}",
-        "file": {"driver": proto, "filename": str(drive.path)},
-    }
-    if drive.readonly:
-        node["read-only"] = True
-    return node
-
-
-def _is_block_device(path: Path) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _qcow2_backing(path: Path) -> Path | None:
-    """The backing file a qcow2 header names (offset 8: u64 offset, 16: u32 size)."""
-    with open(path, "rb") as f:
-        header = f.read(20)
-        if len(header) < 20 or header[:4] != b"QFI\xfb":
-            return None
-        offset, size = struct.unpack(">QI", header[8:20])
-        if not offset or not size:
-            return None
-        f.seek(offset)
-        name = f.read(size).decode()
-    base = Path(name)
-    return base if base.is_absolute() else Path(path).parent / base
 
 
 def _no_huge_pages() -> None:
@@ -261,7 +225,7 @@ class QemuVMM(VMM):
         args += self._nic_args()
         for drive in s.drives:
             target = self._alloc_target(drive.drive_id)
-            node = _blockdev(drive)
+            node = blockdev(drive)
             if self.jail is not None:
                 node["file"]["filename"] = self._path(drive.path, "bind", not drive.readonly)  # type: ignore[index]
             args += ["-blockdev", json.dumps(node)]
@@ -429,7 +393,7 @@ class QemuVMM(VMM):
     # --------------------------------------------------------------- drives
     def add_drive(self, drive: Drive) -> GuestDevice:
         target = self._alloc_target(drive.drive_id)
-        node = _blockdev(drive)
+        node = blockdev(drive)
         if self.jail is not None:
             node = self._jail_drive(drive, node)
         self.qmp("blockdev-add", **node)
@@ -449,7 +413,7 @@ class QemuVMM(VMM):
         """
         node["file"]["filename"] = self._pass_fd(drive.path, not drive.readonly)
         if drive.format == "qcow2":
-            base = _qcow2_backing(drive.path)
+            base = qcow2_backing(drive.path)
             if base is not None:
                 node["backing"] = {
                     "driver": "raw", "read-only": True,
@@ -522,25 +486,7 @@ class QemuVMM(VMM):
         self.qmp("cont")
 
     def save_snapshot(self, path: Path) -> None:
-        self.qmp("stop")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            self.qmp_fds("getfd", [fd], fdname="snapshot")
-        finally:
-            os.close(fd)
-        self.qmp("migrate", uri="fd:snapshot")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            info = self.qmp("query-migrate")
-            if not isinstance(info, dict):
-                info = {}
-            status = info.get("status")
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled"):
-                raise VMError(f"saving VM snapshot failed: {info.get('error-desc', status)}")
-            time.sleep(0.02)
-        raise VMError("saving VM snapshot timed out")
+        save_snapshot(self, path)
 
     # ----------------------------------------------------------------- stop
     def stop(self, timeout: float = 5.0) -> None:
