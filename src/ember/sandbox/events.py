@@ -38,9 +38,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
 from ember.sandbox.status import Status
+
+if TYPE_CHECKING:
+    from ember.sandbox.vm import SandboxVM
 
 DIR_NAME = "events"
 LOG_NAME = "events.log"
@@ -389,7 +393,7 @@ class SandboxEvents:
         self.container("die", **attrs)
 
 
-def vm_booted(events, vm, seconds: float) -> None:
+def vm_booted(events, vm: SandboxVM, seconds: float) -> None:
     """A VM is up: how long it took, and whether it came from a template.
 
     ``events`` has a ``vm(action, **attrs)`` method (:class:`SandboxEvents`, the
@@ -402,10 +406,9 @@ def vm_booted(events, vm, seconds: float) -> None:
               template=use or "off")
 
 
-def vm_boot_failed(events, vm, error: str) -> None:
+def vm_boot_failed(events, vm: SandboxVM, error: str) -> None:
     """Restoring a template failed, or a cold boot did."""
-    spec = getattr(getattr(vm, "vmm", None), "spec", None)
-    restoring = getattr(spec, "restore_from", None) is not None
+    restoring = vm.vmm is not None and vm.vmm.spec.restore_from is not None
     events.vm("restore_failed" if restoring else "boot_failed", error=error)
 
 
@@ -483,12 +486,12 @@ class PodEvents:
                                 hypervisor=self.hypervisor, **attrs)
 
 
-def watch_vmm(events: PodEvents, vm, wanted) -> None:
+def watch_vmm(events: PodEvents, vm: SandboxVM, wanted) -> None:
     """Publish a VM crash when ``vm``'s VMM exits while ``wanted()`` still says it
     should run (nobody stopped it). For pods, in a thread of its own; the sandbox
     monitor has its own watcher, which also records the death.
     """
-    vmm = getattr(vm, "vmm", None)
+    vmm = vm.vmm
     if vmm is None:
         return
     vmm.wait()
