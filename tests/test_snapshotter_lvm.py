@@ -283,7 +283,8 @@ def test_usage_and_restart(tmp_path):
         layer(stub, tmp_path, "base", "", write)
         u = stub.Usage(pb.UsageRequest(key="base"))
         # The data, and the journal and metadata blocks this snapshot rewrote.
-        assert 8 * MIB <= u.size <= 8 * MIB + 24 * MIB, u.size
+        # (lvs' data percent has 2 decimals: ~0.1 MiB of a 1 GiB LV, twice)
+        assert 20 * (400 << 10) - MIB // 4 <= u.size <= 8 * MIB + 24 * MIB, u.size
         assert 20 <= u.inodes <= 22, u.inodes
         prepare(stub, "child", "base")
         u = stub.Usage(pb.UsageRequest(key="child"))
@@ -412,6 +413,9 @@ def test_lvm_setup_for_real_and_a_nearly_full_pool_is_refused(tmp_path):
 GUEST_SCRIPT = r"""
 set -u
 exec 2>&1
+# Phase marks: the guest's uptime in seconds (boot is the first mark).
+t() { echo "PHASE $1 $(cut -d' ' -f1 /proc/uptime)"; }
+t start
 # Loop devices: opening /dev/loop-control (a static node the agent gives a
 # privileged container) loads the module; the loopN nodes appear in the
 # guest's devtmpfs, not in the container's /dev, so they are made here.
@@ -432,18 +436,23 @@ mkdir -p /pool && mount -t tmpfs -o size=2600m tmpfs /pool
 ember-snapshotter lvm-setup --file /pool/pool.img --size 2500m --volume-group embertest \
   --thin-pool pool || { echo SETUP-FAILED; exit 1; }
 echo SETUP-OK
+t pool
 export EMBER_LVM_VG=embertest EMBER_LVM_POOL=pool
 cd /opt/ember-test
-python3.11 -m pytest -p no:cacheprovider -q -rs -s test_snapshotter_lvm.py -k "not in_a_vm"
+python3.11 -m pytest -p no:cacheprovider -q -rs -s --durations=0 test_snapshotter_lvm.py -k "not in_a_vm"
 echo PYTEST-RC=$?
+t backend-tests
 mkdir -p /var/tmp/snaptest/tmp /var/tmp/snaptest/roots
 EMBER_BIN=/usr/local/bin/ember-snapshotter TMPDIR=/var/tmp/snaptest/tmp \
   EMBER_BASE=/var/tmp/snaptest/roots EMBER_POOL_SIZE=4g \
   EMBER_ARGS="--backend lvm --volume-group embertest --thin-pool pool --image-size 1g" \
-  snaptest.test -test.run '^TestEmber$' -test.v -test.timeout 8m > /var/tmp/snaptest/log 2>&1
+  snaptest.test -test.run '^TestEmber$' -test.v -test.timeout 25m > /var/tmp/snaptest/log 2>&1
 echo SNAPTEST-RC=$?
+t conformance
 grep -aE '^\s+--- (PASS|FAIL|SKIP): TestEmber/' /var/tmp/snaptest/log | sed 's/^ */SUITE /'
 grep -aE -B2 -A12 '^\s+--- FAIL' /var/tmp/snaptest/log | head -80
+# Where a run that did not finish was: the subtests started, the timeout's panic.
+grep -aE '^(=== RUN|panic: test timed out)' /var/tmp/snaptest/log | sed 's/^/SNAPTEST /'
 echo LVS-AFTER=$(lvm lvs --noheadings -o lv_name embertest 2>/dev/null | wc -l)
 echo GUEST-DONE
 """
@@ -451,11 +460,12 @@ echo GUEST-DONE
 
 @pytest.mark.vm
 @pytest.mark.root
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2500)
 @pytest.mark.skipif(IN_GUEST, reason="this is the host side")
 @pytest.mark.skipif(os.environ.get("EMBER_LVM_VM_TEST") != "1", reason=(
-    "opt-in (EMBER_LVM_VM_TEST=1): under TCG the in-VM run with containerd's suite does not "
-    "yet fit the CI budget (issue 16 stays open)"))
+    "opt-in (EMBER_LVM_VM_TEST=1): under TCG it does not fit the CI budget of 10 minutes "
+    "(measured: backend tests ~6 min, containerd's 128LayersMount alone ~5 s a layer, over 9 min; "
+    "see docs/snapshotter.md)"))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_lvm_backend_in_a_vm(ember_env):
     """Boot an Ember VM from the LVM test image and prove the backend there."""
@@ -466,11 +476,11 @@ def test_lvm_backend_in_a_vm(ember_env):
     started = time.monotonic()
     image = ensure_image(ember_env.cfg())
     built = time.monotonic() - started
-    proc = ember_env.run("run", "--rm", "--privileged", "-m", "3g", image, "sh", "-c",
-                         GUEST_SCRIPT, timeout=840)
+    proc = ember_env.run("run", "--rm", "--privileged", "--cpus", "2", "-m", "3g", image,
+                         "sh", "-c", GUEST_SCRIPT, timeout=2400)
     out = proc.stdout.decode(errors="replace")
     took = time.monotonic() - started
-    print(out[-6000:])
+    print(out)
     print(f"LVM-VM: image {built:.0f}s, total {took:.0f}s")
     assert "SETUP-OK" in out, out[-3000:] + proc.stderr.decode(errors="replace")
     assert "GUEST-DONE" in out, out[-3000:] + proc.stderr.decode(errors="replace")
@@ -479,10 +489,12 @@ def test_lvm_backend_in_a_vm(ember_env):
     assert summary and int(summary.group(1)) >= 12, out[-3000:]
     assert "LVM-O1: " in out
     suite = re.findall(r"^SUITE --- (PASS|FAIL|SKIP): TestEmber/(\S+)", out, re.M)
+    started = re.findall(r"^SNAPTEST === RUN\s+TestEmber/(\S+)", out, re.M)
     passed = [n for r, n in suite if r == "PASS"]
     failed = [n for r, n in suite if r == "FAIL"]
-    print(f"LVM-CONFORMANCE: {len(passed)} PASS, {len(failed)} FAIL")
+    print(f"LVM-CONFORMANCE: {len(passed)} PASS, {len(failed)} FAIL of {len(started)} started")
     assert not failed, failed
-    assert len(passed) >= 20, suite
+    # The whole suite (containerd 1.6.20: 21 subtests, 128LayersMount included), every one passed.
+    assert len(started) >= 21 and sorted(passed) == sorted(started), (started, suite)
     assert "SNAPTEST-RC=0" in out
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")

@@ -25,7 +25,7 @@ from ember.errors import ImageError
 from ember.guest import debs, rootfs
 from ember.image.store import ImageStore
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 PACKAGES = [
     "lvm2", "thin-provisioning-tools", "e2fsprogs", "mount", "util-linux",
     "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libstdc++6",
@@ -38,21 +38,35 @@ SNAPTEST = Path("/work/shared/conformance/snapshotter/snaptest.test")
 DISTS = ("grpcio", "protobuf", "click", "pytest", "pluggy", "iniconfig", "packaging", "pygments",
          "typing_extensions",
          "pytest_timeout")
-TESTS_DIR = Path(__file__).resolve().parents[3] / "tests"
-TEST_FILES = ("test_snapshotter_lvm.py",)
+TESTS_DIR = Path(__file__).resolve().parents[1]
+# The test file and the test support it imports (pytest puts the guest's test
+# folder on sys.path, so ember_testing is found beside it).
+TEST_FILES = ("test_snapshotter_lvm.py", "ember_testing/__init__.py", "ember_testing/mounts.py",
+              "ember_testing/snapshotter.py")
 GUEST_DIR = "/opt/ember-test"
+REPO = "ember-lvm-test"
 
 # udev does not run in a container: LVM and libdevmapper make the /dev nodes
-# themselves, and nothing waits for udev or dmeventd.
+# themselves, and nothing waits for udev or dmeventd. Every lvm command under
+# TCG costs what it reads and writes: only loop devices are scanned for PVs
+# (the tests' pools are loop files; the VM's own disks are not looked at), and
+# no metadata archive or backup copy is written on each change (the VG lives
+# as long as the VM).
 LVM_CONF = """\
 devices {
     obtain_device_list_from_udev = 0
     use_devicesfile = 0
+    global_filter = [ "a|^/dev/loop[0-9]+$|", "r|.*|" ]
 }
 activation {
     udev_sync = 0
     udev_rules = 0
     monitoring = 0
+    verify_udev_operations = 0
+}
+backup {
+    backup = 0
+    archive = 0
 }
 """
 
@@ -87,7 +101,7 @@ def ensure_image(cfg: Config, snaptest: Path = SNAPTEST) -> str:
     _kernel, packages = debs.resolve(PACKAGES, cfg.guest.kernel_package,
                                      cache / "lvm-resolve.json")
     packages = {n: p for n, p in packages.items() if not n.startswith("linux-image-")}
-    name = f"ember-lvm-test:{_inputs_digest(packages, snaptest)}"
+    name = f"{REPO}:{_inputs_digest(packages, snaptest)}"
     store = ImageStore(cfg)
     try:
         store.resolve(name)
@@ -101,10 +115,25 @@ def ensure_image(cfg: Config, snaptest: Path = SNAPTEST) -> str:
             debs.extract(deb_paths[pkg], tree)
         rootfs.finish_tree(tree)
         _add_project(tree, snaptest)
+        rootfs.compile_python(tree)  # the project and libraries too: no compiling in the guest
         store.import_rootfs(tree, name, cmd=["sh"],
                             env=[f"PYTHONPATH={rootfs.PYTHONPATH}",
                                  "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"])
+    _drop_older(store, name)
     return name
+
+
+def _drop_older(store: ImageStore, current: str) -> None:
+    """Remove the test images of earlier inputs: every source change makes a new
+    one (~130 MB), and the shared cache would keep them all."""
+    ours = store.resolve(current).id
+    for image in store.list():
+        if image.id != ours and any(n.split("/")[-1].startswith(f"{REPO}:")
+                                    for n in image.names):
+            try:
+                store.remove(image.id)
+            except ImageError:
+                pass  # another session removed it first
 
 
 def _add_project(tree: Path, snaptest: Path) -> None:
@@ -131,6 +160,7 @@ def _add_project(tree: Path, snaptest: Path) -> None:
     tests = tree / GUEST_DIR.lstrip("/")
     tests.mkdir(parents=True, exist_ok=True)
     for name in TEST_FILES:
+        (tests / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(TESTS_DIR / name, tests / name)
     _copy_exec(snaptest, tree / "usr/local/bin")
     launcher = tree / "usr/local/bin/ember-snapshotter"
