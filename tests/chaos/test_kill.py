@@ -115,10 +115,27 @@ def test_monitor_killed_during_boot(chaos, image, cli_alive):
     chaos.finish("victim", sid)
 
 
+def _memory_without_template() -> int:
+    """A guest memory size (MiB) no cached VM template has, so the start must
+    build one: a random pick alone collided with templates earlier runs left."""
+    from ember.api import GUEST_OVERHEAD_MIB
+    from ember.config import load_config
+
+    taken = set()
+    for meta in load_config().templates_dir.glob("*/meta.json"):
+        try:
+            taken.add(int(json.loads(meta.read_text())["spec"]["memory_mib"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    free = [m for m in range(100, 500) if m + GUEST_OVERHEAD_MIB not in taken]
+    assert free, "every memory size from 100 to 499 MiB has a cached template"
+    return free[secrets.randbelow(len(free))]
+
+
 def test_monitor_killed_during_template_build(chaos, image):
     """A memory size no template exists for: the monitor first boots a template VM
     (cold, seconds long) and is killed, with its CLI, while that VM runs."""
-    memory = f"{secrets.randbelow(400) + 100}m"
+    memory = f"{_memory_without_template()}m"
     cli = chaos.start("run", "-d", "--name", "victim", "--memory", memory, image, "sleep", "600",
                       pause="template-started")
     sid = chaos.one_sandbox()
