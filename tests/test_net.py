@@ -145,3 +145,24 @@ def test_qemu_nic_arguments_and_template_key(tmp_path) -> None:
     qemu = ["qemu-system-x86_64"]
     assert template_key(spec(nic=True), qemu) != template_key(spec(), qemu)
     assert template_key(spec(nic=True, net_fd=7), qemu) == template_key(spec(nic=True, net_fd=9), qemu)
+
+
+def test_a_failed_vm_boot_undoes_the_redirect(netns, tmp_path, guest_assets) -> None:
+    """SandboxVM.boot(netns=) sets up the redirect, then the VMM cannot start:
+    the error comes out and the netns is as CNI left it (no tap, no qdisc)."""
+    from ember.config import load_config
+    from ember.errors import EmberError
+    from ember.sandbox.vm import SandboxVM
+
+    name, path = netns
+    cfg = load_config()
+    cfg.vm.qemu_binary = str(tmp_path / "no-such-qemu")
+    cfg.vm.accel = "tcg"
+    cfg.jailer.enabled = False
+    vm = SandboxVM(cfg, uuid.uuid4().hex * 2, tmp_path / "vm", 1, 256, use_template=False,
+                   nic=True)
+    with pytest.raises(EmberError):
+        vm.boot(netns=path)
+    assert "ingress" not in in_ns(name, "tc", "qdisc", "show")
+    assert podnet.TAP_NAME not in in_ns(name, "ip", "-o", "link")
+    assert "10.201.7.2/24" in in_ns(name, "ip", "-o", "addr", "show", "eth0")

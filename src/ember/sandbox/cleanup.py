@@ -118,7 +118,8 @@ def wait_gone(pids: set[int], marker: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ("" once it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
             errors="replace")
@@ -140,11 +141,11 @@ def release_vm(cfg: Config, vm_id: str, rec: VMRecord) -> None:
 
     cleanup_jail(cfg, vm_id, rec.cgroup or None)
     pid = rec.vmm_pid
-    if not rec.jail and pid and rec.vm_dir and rec.vm_dir in _cmdline(pid):
+    if not rec.jail and pid and rec.vm_dir and rec.vm_dir in cmdline(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while rec.vm_dir in _cmdline(pid) and time.monotonic() < deadline:
+        while rec.vm_dir in cmdline(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
     remove(rec.cgroups_created)
     release_network(rec.netns)

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 
 from ember.config import load_config
 from ember.errors import EmberError
-from ember.sandbox.cleanup import release_vm
+from ember.sandbox.cleanup import cmdline, release_vm
 from ember.sandbox.record import PodRecord
 from ember.shim.events import timestamp
 from ember.shim.pod import pod_identity, read_record
@@ -146,13 +146,6 @@ def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Pat
 
 
 # -------------------------------------------------------------------- delete
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _mounts_below(base: Path) -> list[str]:
     prefix = str(base).rstrip("/") + "/"
     found = []
@@ -182,7 +175,7 @@ def shim_alive(rec: PodRecord) -> bool:
     pid = rec.shim_pid
     if not pid:
         return False
-    return "ember.shim" in _cmdline(pid)
+    return "ember.shim" in cmdline(pid)
 
 
 def delete(args: ShimArgs) -> bytes:
