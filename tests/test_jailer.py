@@ -596,3 +596,14 @@ def test_seccomp_argument_rules(env, probe, kind, call, expected):
         assert (res.returncode, res.stdout) == (128 + signal.SIGSYS, ""), res.stderr
     else:
         assert (res.returncode, res.stdout) == (0, expected + "\n"), res.stderr
+
+
+def test_an_unknown_vmm_kind_is_one_line_and_makes_nothing(env) -> None:
+    """A kind with no VmmProfile is refused before any jail folder exists."""
+    from ember.jailer.jail import validate
+
+    spec = make_spec(env, vmm_kind="bochs")
+    with pytest.raises(EmberError, match=r"--vmm-kind 'bochs': one of qemu, firecracker, generic"):
+        validate(spec, allow_root=False)
+    assert not jail_dir(spec).exists()
+    assert set(profiles.PROFILES) == {"qemu", "firecracker", "generic"}
