@@ -89,6 +89,9 @@ class Backend(ABC):
     def reconcile(self, committed: set[int], active: set[int]) -> None:  # noqa: B027
         """At start-up: bring devices in line with the metadata after a crash."""
 
+    def close(self) -> None:  # noqa: B027
+        """At a clean stop: end helper processes (the LVM backend's lvm shell)."""
+
 
 class ReflinkBackend(Backend):
     """Each snapshot is ``DATA/images/<id>.ext4``, a reflink clone of its parent.

@@ -19,10 +19,15 @@ client reaches an lvm argument. The token (random, in ``ROOT/lvm.json``) keeps
 two snapshotter roots sharing one pool from taking each other's LVs for
 orphans. The volume group and pool names are checked against LVM's own name
 rules before any command runs.
+
+Every command goes through one long-lived ``lvm`` shell
+(:mod:`ember.snapshotter.lvmshell`): an lvm process's start-up costs more
+than most of the commands it runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.snapshotter.backend import DEFAULT_IMAGE_SIZE, Backend, MountSpec
+from ember.snapshotter.lvmshell import LvmError, OneShot, Runner, lv_rows, open_runner
 from ember.snapshotter.usage import used_inodes
 from ember.util import atomic_write_json
 
@@ -48,12 +54,8 @@ _NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 _RESERVED = re.compile(r"^(\.|\.\.|snapshot|pvmove)$|_(cdata|cmeta|corig|mlog|mimage|pmspare|"
                        r"rimage|rmeta|tdata|tmeta|vorigin|vdata)")
 _TEMPLATE, _TEMPLATE_NEW = "empty", "empty.new"
-# Each lvm run re-reads every device; quiet and without fd warnings.
-_ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
-
-
-class LvmError(EmberError):
-    """An lvm command failed; the message carries lvm's own line."""
+# lvs columns the backend reads, in this order (a row is a list of them).
+_COLUMNS = ("lv_name", "lv_size", "data_percent", "lv_attr", "lv_tags")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -62,32 +64,6 @@ def check_name(kind: str, name: str) -> str:
         raise EmberError(f"{kind} {name!r} is not a valid LVM name "
                          "(letters, digits, '+', '_', '.', '-'; not starting with '-')")
     return name
-
-
-def _lvm_line(stderr: str, returncode: int) -> str:
-    """lvm's own words for what went wrong, as one line."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines
-              if not ln.startswith(("WARNING", "Run `", "File descriptor"))]
-    # lvm often says what and then that it gave up ('Volume group "x" not
-    # found', 'Cannot process volume group x'): keep both, on one line.
-    return "; ".join((errors or lines or [f"exit status {returncode}"])[-2:])
-
-
-def lvm(*args: str, what: str) -> str:
-    """Run ``lvm ARGS``; a failure is one line: what we did, then lvm's message."""
-    try:
-        proc = subprocess.run(["lvm", *args], capture_output=True, text=True, check=False,
-                              env={**os.environ, **_ENV}, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise LvmError(f"{what}: lvm is not installed (apt install lvm2)") from None
-    if proc.returncode != 0:
-        raise LvmError(f"{what}: {_lvm_line(proc.stderr, proc.returncode)}")
-    return proc.stdout
-
-
-def _fields(out: str) -> list[list[str]]:
-    return [ln.strip().split("|") for ln in out.splitlines() if ln.strip()]
 
 
 @dataclass
@@ -101,18 +77,19 @@ class PoolStatus:
         return int(self.size * (100.0 - self.data_percent) / 100.0)
 
 
-def pool_status(vg: str, pool: str) -> PoolStatus:
+def pool_status(vg: str, pool: str, runner: Runner | None = None) -> PoolStatus:
     """Size and fill of a thin pool, or a one-line error if it is not one."""
-    out = lvm("lvs", "--noheadings", "--separator", "|", "--units", "b", "--nosuffix",
-              "-o", "lv_attr,lv_size,data_percent,metadata_percent", f"{vg}/{pool}",
-              what=f"reading thin pool {vg}/{pool}")
-    rows = _fields(out)
-    if not rows or len(rows[0]) < 4:
+    rows = lv_rows((runner or OneShot()).run(
+        "lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+        "-o", "lv_attr,lv_size,data_percent,metadata_percent", f"{vg}/{pool}",
+        what=f"reading thin pool {vg}/{pool}"))
+    if not rows:
         raise LvmError(f"reading thin pool {vg}/{pool}: lvs printed nothing")
-    attr, size, data, meta = rows[0][:4]
-    if not attr.startswith("t"):
-        raise LvmError(f"{vg}/{pool} is not a thin pool (lv_attr {attr})")
-    return PoolStatus(int(size), float(data or 0), float(meta or 0))
+    row = rows[0]
+    if not row.get("lv_attr", "").startswith("t"):
+        raise LvmError(f"{vg}/{pool} is not a thin pool (lv_attr {row.get('lv_attr')})")
+    return PoolStatus(int(row["lv_size"]), float(row.get("data_percent") or 0),
+                      float(row.get("metadata_percent") or 0))
 
 
 def _dm_name(vg: str, lv: str) -> str:
@@ -120,7 +97,7 @@ def _dm_name(vg: str, lv: str) -> str:
     return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
-def pool_fill(vg: str, pool: str) -> PoolStatus:
+def pool_fill(vg: str, pool: str, runner: Runner | None = None) -> PoolStatus:
     """The pool's fill from the kernel (``dmsetup status``: no VG metadata scan,
     a few ms against lvs' hundreds under TCG); lvs when the pool is inactive.
 
@@ -139,7 +116,37 @@ def pool_fill(vg: str, pool: str) -> PoolStatus:
                               100.0 * meta_used / meta_total)
         except (ValueError, ZeroDivisionError):
             pass
-    return pool_status(vg, pool)
+    return pool_status(vg, pool, runner)
+
+
+def release_root(root: Path) -> tuple[int, str]:
+    """Remove every thin LV of ``root`` (uninstall, before the root is deleted).
+
+    The LVs hold the root's snapshots outside of it, so deleting the folder
+    alone would leave them in the pool with nothing to find them by. Only the
+    names with this root's token are touched; an LV still open (a mounted
+    snapshot, a running VM's disk) fails the call with lvm's message.
+    Returns how many were removed and the pool's name.
+    """
+    path = root / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return 0, ""
+    except (OSError, ValueError) as exc:
+        raise EmberError(f"snapshotter state {path} is unreadable: {exc}") from None
+    vg = check_name("volume group", str(state.get("volume_group", "")))
+    token = str(state.get("token", ""))
+    if not re.fullmatch(r"[0-9a-f]{8}", token):
+        raise EmberError(f"snapshotter state {path}: bad token {token!r}")
+    runner = OneShot()
+    rows = lv_rows(runner.run("lvs", "--reportformat", "json", "-o", "lv_name", vg,
+                              what=f"listing LVs of {vg}"))
+    names = [r["lv_name"] for r in rows if r.get("lv_name", "").startswith(f"ember-{token}-")]
+    if names:
+        runner.run("lvremove", "-q", "-f", *(f"{vg}/{n}" for n in names),
+                   what=f"removing the {len(names)} LVs of {root}")
+    return len(names), f"{vg}/{state.get('thin_pool', '')}"
 
 
 class LvmBackend(Backend):
@@ -152,7 +159,9 @@ class LvmBackend(Backend):
         self.vg = check_name("volume group", vg)
         self.pool = check_name("thin pool", pool)
         self.image_size = image_size
-        self._fresh: PoolStatus | None = pool_status(vg, pool)  # fails at start, not later
+        self.lvm = open_runner()
+        # Fails at start, not later.
+        self._fresh: PoolStatus | None = pool_status(vg, pool, self.lvm)
         self.token = self._token(root)
         self.prefix = f"ember-{self.token}-"
         self._measured: dict[int, int] = {}
@@ -165,8 +174,6 @@ class LvmBackend(Backend):
         """
         path = root / STATE_FILE
         try:
-            import json
-
             state = json.loads(path.read_text())
         except FileNotFoundError:
             state = {"token": secrets.token_hex(4), "volume_group": self.vg,
@@ -202,9 +209,9 @@ class LvmBackend(Backend):
             return name
         new = self.prefix + _TEMPLATE_NEW
         self._remove_lv(new)
-        lvm("lvcreate", "-q", "--type", "thin", "--thinpool", self.pool, "-V",
-            f"{self.image_size}b", "-n", new, "--addtag", TAG, self.vg,
-            what="creating the empty template LV")
+        self.lvm.run("lvcreate", "-q", "--type", "thin", "--thinpool", self.pool, "-V",
+                     f"{self.image_size}b", "-n", new, "--addtag", TAG, self.vg,
+                     what="creating the empty template LV")
         dev = f"/dev/{self.vg}/{new}"
         # Options as the reflink backend's template: no reserved blocks, no
         # lost+found (a container rootfs has none); discard tells the pool
@@ -212,10 +219,11 @@ class LvmBackend(Backend):
         _tool(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-m", "0", "-J", "size=16",
                "-E", "root_owner=0:0,discard", "-L", "ember-rootfs", dev], "mkfs.ext4 for the template")
         _tool(["debugfs", "-w", "-R", "rmdir lost+found", dev], "debugfs on the template")
-        lvm("lvchange", "-q", "-pr", "-an", "--addtag", f"ember.inodes={used_inodes(Path(dev))}",
-            "--addtag", f"ember.mapped={self._mapped(self._lvs(new).get(new))}",
-            self._ref(new), what="sealing the template LV")
-        lvm("lvrename", "-q", self.vg, new, name, what="naming the template LV")
+        self.lvm.run("lvchange", "-q", "-pr", "-an",
+                     "--addtag", f"ember.inodes={used_inodes(Path(dev))}",
+                     "--addtag", f"ember.mapped={self._mapped(self._lvs(new).get(new))}",
+                     self._ref(new), what="sealing the template LV")
+        self.lvm.run("lvrename", "-q", self.vg, new, name, what="naming the template LV")
         return name
 
     # -- Backend -------------------------------------------------------------
@@ -229,15 +237,15 @@ class LvmBackend(Backend):
     def _snapshot(self, origin: str, sid: int) -> None:
         # -kn -ay: thin snapshots skip activation by default; this one is used.
         # -prw: writable whatever the (read-only, committed) origin is.
-        lvm("lvcreate", "-q", "--snapshot", "-kn", "-ay", "-prw", "-n", self.lv(sid),
-            "--addtag", TAG, self._ref(origin), what=f"creating LV {self.lv(sid)}")
+        self.lvm.run("lvcreate", "-q", "--snapshot", "-kn", "-ay", "-prw", "-n", self.lv(sid),
+                     "--addtag", TAG, self._ref(origin), what=f"creating LV {self.lv(sid)}")
 
     def remove(self, sid: int) -> None:
         self._remove_lv(self.lv(sid))
 
     def _remove_lv(self, name: str) -> None:
         try:
-            lvm("lvremove", "-q", "-f", self._ref(name), what=f"removing LV {name}")
+            self.lvm.run("lvremove", "-q", "-f", self._ref(name), what=f"removing LV {name}")
         except LvmError as exc:
             if "Failed to find logical volume" not in exc.message:
                 raise
@@ -262,14 +270,21 @@ class LvmBackend(Backend):
         tags = ["--addtag", f"ember.inodes={used_inodes(Path(self.device(sid)))}",
                 "--addtag", f"ember.mapped={mapped}"]
         try:
-            lvm("lvchange", "-q", "-pr", "-an", *tags, self._ref(name),
-                what=f"making LV {name} read-only")
+            self.lvm.run("lvchange", "-q", "-pr", "-an", *tags, self._ref(name),
+                         what=f"making LV {name} read-only")
         except LvmError as exc:
-            # Still open (mounted somewhere): read-only is what matters; it is
-            # deactivated at the next start.
+            # Still open (mounted somewhere): read-only and the tags are what
+            # matter; it is deactivated at the next start. lvchange may have
+            # made some of those changes before it refused the deactivation,
+            # and asking again for one it made is an error: do what is left.
             log.warning("%s; keeping it active, read-only", exc.message)
-            lvm("lvchange", "-q", "-pr", self._ref(self.lv(sid)),
-                what=f"making LV {self.lv(sid)} read-only")
+            row = self._lvs(name).get(name)
+            have = set(row[4].split(",")) if row and row[4] else set()
+            todo = [] if row and row[3][1:2] == "r" else ["-pr"]
+            todo += [arg for tag in tags[1::2] if tag not in have for arg in ("--addtag", tag)]
+            if todo:
+                self.lvm.run("lvchange", "-q", *todo, self._ref(name),
+                             what=f"making LV {name} read-only")
 
     def mounts(self, sid: int, readonly: bool) -> list[MountSpec]:
         # A block device node: containerd mounts it on the host as it is, and
@@ -277,11 +292,11 @@ class LvmBackend(Backend):
         return [MountSpec("ext4", self.device(sid), ["ro" if readonly else "rw"])]
 
     def _lvs(self, *names: str) -> dict[str, list[str]]:
-        out = lvm("lvs", "--noheadings", "--separator", "|", "--units", "b", "--nosuffix",
-                  "-o", "lv_name,lv_size,data_percent,lv_attr,lv_tags",
-                  *(self._ref(n) for n in names) if names else (self.vg,),
-                  what=f"listing LVs of {self.vg}")
-        return {row[0]: row for row in _fields(out) if row}
+        doc = self.lvm.run("lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                           "-o", ",".join(_COLUMNS),
+                           *(self._ref(n) for n in names) if names else (self.vg,),
+                           what=f"listing LVs of {self.vg}")
+        return {row["lv_name"]: [row.get(c, "") for c in _COLUMNS] for row in lv_rows(doc)}
 
     def _names(self) -> set[str]:
         return {n for n in self._lvs() if n.startswith(self.prefix)}
@@ -331,16 +346,19 @@ class LvmBackend(Backend):
 
     def free_bytes(self) -> tuple[int, str]:
         # capacity_error has just read the pool before each Prepare: one lvs, not two.
-        st, self._fresh = self._fresh or pool_fill(self.vg, self.pool), None
+        st, self._fresh = self._fresh or pool_fill(self.vg, self.pool, self.lvm), None
         return st.free, f"thin pool {self.vg}/{self.pool}"
 
     def capacity_error(self) -> str | None:
-        st = self._fresh = pool_fill(self.vg, self.pool)
+        st = self._fresh = pool_fill(self.vg, self.pool, self.lvm)
         for what, pct in (("data", st.data_percent), ("metadata", st.metadata_percent)):
             if pct > FULL_PERCENT:
                 return (f"thin pool {self.vg}/{self.pool} {what} is {pct:.1f}% full "
                         f"(over {FULL_PERCENT:.0f}%); extend it (lvextend) or remove snapshots")
         return None
+
+    def close(self) -> None:
+        self.lvm.close()
 
     def reconcile(self, committed: set[int], active: set[int]) -> None:
         """After a crash: committed LVs read-only and inactive, the others writable."""
@@ -352,8 +370,8 @@ class LvmBackend(Backend):
         for sid in active:
             row = rows.get(self.lv(sid))
             if row and (row[3][1:2] != "w" or row[3][4:5] != "a"):
-                lvm("lvchange", "-q", "-prw", "-ay", "-kn", self._ref(self.lv(sid)),
-                    what=f"activating LV {self.lv(sid)}")
+                self.lvm.run("lvchange", "-q", "-prw", "-ay", "-kn", self._ref(self.lv(sid)),
+                             what=f"activating LV {self.lv(sid)}")
 
 
 def _tool(cmd: list[str], what: str) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 import click
 
 from ember.errors import EmberError
-from ember.snapshotter.lvm import check_name, lvm
+from ember.snapshotter.lvm import check_name
+from ember.snapshotter.lvmshell import lvm
 from ember.util import parse_size
 
 MIB = 1 << 20
