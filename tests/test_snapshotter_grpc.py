@@ -7,6 +7,7 @@ with its own XFS pool on a loop device (this host's /tmp is ext4).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -392,3 +393,35 @@ def test_cli_errors_leave_nothing_behind(tmp_path):
         assert run("--root", str(proc.root), "--release").stdout == "nothing mounted\n"
     finally:
         proc.close()
+
+
+def test_used_inodes_reads_the_superblock_as_dumpe2fs_does(tmp_path):
+    import re
+
+    from ember.snapshotter.usage import used_inodes
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(7):
+        (tree / f"f{i}").write_text(str(i))
+    img = tmp_path / "fs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "16m"], check=True)
+    out = subprocess.run(["dumpe2fs", "-h", str(img)], capture_output=True, text=True,
+                         check=True).stdout
+    count = int(re.search(r"^Inode count:\s+(\d+)", out, re.M).group(1))
+    free = int(re.search(r"^Free inodes:\s+(\d+)", out, re.M).group(1))
+    assert used_inodes(img) == count - free >= 7 + 11  # the files and ext4's reserved inodes
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(4096))
+    assert used_inodes(junk) == 0 and used_inodes(tmp_path / "missing") == 0
+
+
+def test_sigterm_as_soon_as_it_accepts_is_a_clean_stop(tmp_path):
+    """containerd's suite stops a snapshotter right after a quick subtest: the
+    signal handlers are in place before the socket accepts, so that SIGTERM
+    is a clean stop (exit 0, "stopping" logged), never the default death."""
+    for i in range(3):
+        with running_snapshotter(tmp_path / f"s{i}") as proc:
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(30) == 0, proc.log_tail()
+            assert "stopping" in proc.log_path.read_text()

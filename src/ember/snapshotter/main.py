@@ -97,7 +97,9 @@ def _config(ctx: click.Context, param, value):
 @click.option("--min-free", default=f"{DEFAULT_MIN_FREE >> 20}m", callback=_size,
               show_default=True,
               help="Refuse new snapshots when less than this is free.")
-@click.option("--release", is_flag=True, help="Unmount the pool under --root and exit.")
+@click.option("--release", is_flag=True,
+              help="Uninstall: unmount the pool under --root (file backend) or remove "
+                   "its thin LVs (lvm backend), then exit.")
 @click.option("--log-level", default="info",
               type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | None,
@@ -112,22 +114,23 @@ def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | Non
                                "(ember-snapshotter lvm-setup makes them)")
     if backend != "lvm" and (volume_group or thin_pool):
         raise click.UsageError("--volume-group and --thin-pool need --backend lvm")
-    if release and backend == "lvm":
-        click.echo("nothing mounted")  # thin LVs stay in their pool
-        return
     if release:
         root.mkdir(parents=True, exist_ok=True)
         fd = _lock(root)
         try:
-            done = poolmod.release(root)
+            _release(root)
         finally:
             os.close(fd)
-        click.echo(f"released {root / poolmod.POOL_DIR}" if done else "nothing mounted")
         return
     if address is None:
         raise click.UsageError("--address is required to serve")
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock(root.resolve())
+    # Before anything serves: a SIGTERM that comes as soon as the socket
+    # accepts (a quick client) is a clean stop, not death by the default action.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     storage: Backend
     if backend == "lvm":
         from ember.snapshotter.lvm import LvmBackend
@@ -145,15 +148,27 @@ def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | Non
     sn = open_snapshotter(data_dir, storage, min_free)
     server = serve(sn, address.absolute())
     log.info("serving %s (%s)", address, where)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1):
         pass
     log.info("stopping")
     server.stop(grace=5).wait()
+    storage.close()
     sn.store.close()
     os.close(lock)
+
+
+def _release(root: Path) -> None:
+    """What this root holds outside of its folder: the file backend's mounted
+    pool, or the LVM backend's thin LVs (a root that has ``lvm.json``)."""
+    from ember.snapshotter.lvm import STATE_FILE, release_root
+
+    if (root / STATE_FILE).exists():
+        count, pool = release_root(root)
+        click.echo(f"removed {count} thin LV(s) of {root} from {pool}")
+    elif poolmod.release(root):
+        click.echo(f"released {root / poolmod.POOL_DIR}")
+    else:
+        click.echo("nothing mounted")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import struct
-import subprocess
 from pathlib import Path
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -58,19 +56,28 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-_INODES = re.compile(r"^Inode count:\s+(\d+)$", re.M)
-_FREE = re.compile(r"^Free inodes:\s+(\d+)$", re.M)
+# The ext4 superblock: 1024 bytes in; s_inodes_count (le32) at 0,
+# s_free_inodes_count (le32) at 16, s_magic (le16, 0xEF53) at 56.
+_SUPERBLOCK = 1024
+_EXT4_MAGIC = 0xEF53
 
 
 def used_inodes(image: Path) -> int:
     """Inodes in use in the ext4 filesystem of ``image``, per its superblock.
 
-    The superblock counts are exact once the filesystem is unmounted (as it is
-    when containerd commits a layer); for a mounted one they lag a little.
+    Read here rather than through ``dumpe2fs -h`` (which prints the same two
+    fields): a Commit asked it twice, and a process start cost more than the
+    rest of the Commit on a slow machine. The superblock counts are exact once
+    the filesystem is unmounted (as it is when containerd commits a layer);
+    for a mounted one they lag a little. 0 if it is not ext4.
     """
-    proc = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True,
-                          check=False)
-    total, free = _INODES.search(proc.stdout), _FREE.search(proc.stdout)
-    if proc.returncode != 0 or not total or not free:
+    try:
+        with open(image, "rb") as f:
+            f.seek(_SUPERBLOCK)
+            sb = f.read(64)
+    except OSError:
         return 0
-    return int(total.group(1)) - int(free.group(1))
+    if len(sb) < 58 or struct.unpack_from("<H", sb, 56)[0] != _EXT4_MAGIC:
+        return 0
+    total, free = struct.unpack_from("<I", sb, 0)[0], struct.unpack_from("<I", sb, 16)[0]
+    return max(0, total - free)
