@@ -42,6 +42,12 @@ from ember.util import parse_size
 DEFAULT_CONFIG_PATH = "/etc/ember/config.toml"
 
 
+# TCG's translation cache per VM. An idle sandbox that ran a container fills
+# ~40 MiB of a 64 MiB cache and keeps it resident; 32 MiB holds the guest's hot
+# code (agent, crun, busybox) and caps that cost (issue 14: density).
+DEFAULT_TCG_TB_MIB = 32
+
+
 @dataclass
 class VMConfig:
     accel: str = "auto"
@@ -54,6 +60,7 @@ class VMConfig:
     hypervisor: str = "qemu"
     firecracker_binary: str = "firecracker"
     fc_placeholder_drives: int = 8  # container disks a Firecracker VM can take (docs/firecracker.md)
+    tcg_tb_size_mib: int = DEFAULT_TCG_TB_MIB
 
 
 @dataclass
@@ -226,6 +233,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         cfg.vm.accel = os.environ["EMBER_ACCEL"]
     if cfg.vm.accel not in ("auto", "tcg", "kvm"):
         raise EmberError(f"config vm.accel: must be auto, tcg or kvm, not {cfg.vm.accel!r}")
+    tb = cfg.vm.tcg_tb_size_mib
+    if isinstance(tb, bool) or not isinstance(tb, int) or not 1 <= tb <= 4096:
+        raise EmberError(f"config vm.tcg_tb_size_mib: must be a whole number of MiB from 1 to "
+                         f"4096, not {tb!r}")
     cfg.logs.check()
     return cfg
 
@@ -248,6 +259,8 @@ KEY_HELP = {
     "vm.hypervisor": '"qemu" | "firecracker" (docs/firecracker.md).',
     "vm.firecracker_binary": "Firecracker to run (a name on PATH or a path).",
     "vm.fc_placeholder_drives": "Container disks a Firecracker VM can take.",
+    "vm.tcg_tb_size_mib": ("Without KVM: QEMU's translated-code cache per VM, in MiB (small "
+                           "keeps idle VMs cheap; a busy VM running much code wants more)."),
     "guest.kernel": "Your own bzImage instead of the built one (empty: built).",
     "guest.initrd": "Your own initrd instead of the built one (empty: built).",
     "guest.rootfs": "Your own guest rootfs image instead of the built one (empty: built).",

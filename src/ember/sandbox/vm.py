@@ -109,6 +109,7 @@ class SandboxVM:
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
             memory_mib=self.memory_mib, accel=accel, jailer=self.jail_spec(accel), nic=self.nic,
+            tcg_tb_mib=self.cfg.vm.tcg_tb_size_mib,
         )
 
     def jail_spec(self, accel: str):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ember.config import DEFAULT_TCG_TB_MIB
+
 if TYPE_CHECKING:
     from ember.config import Config
     from ember.jailer.api import JailSpec
@@ -54,6 +56,7 @@ class VMSpec:
     vcpus: int = 1
     memory_mib: int = 512
     accel: str = "tcg"
+    tcg_tb_mib: int = DEFAULT_TCG_TB_MIB  # TCG's translation cache (config vm.tcg_tb_size_mib)
     drives: list[Drive] = field(default_factory=list)  # attached at boot
     restore_from: Path | None = None  # a snapshot (template) to restore
     jailer: JailSpec | None = None  # ember.jailer settings when jailed

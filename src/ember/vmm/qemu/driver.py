@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ember import trace
-from ember.config import Config
+from ember.config import DEFAULT_TCG_TB_MIB, Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qemu.drives import blockdev, qcow2_backing
@@ -45,10 +45,8 @@ from ember.vmm.qemu.qmp import QMPClient, QMPError
 from ember.vmm.qemu.snapshot import save_snapshot
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
-# TCG's translation cache per VM. An idle sandbox that ran a container fills
-# ~40 MiB of a 64 MiB cache and keeps it resident; 32 MiB holds the guest's hot
-# code (agent, crun, busybox) and caps that cost (issue 14: density).
-TB_SIZE_MIB = 32
+# TCG's translation cache per VM by default (config vm.tcg_tb_size_mib).
+TB_SIZE_MIB = DEFAULT_TCG_TB_MIB
 PR_SET_THP_DISABLE = 41
 MAX_UNIX_PATH = 107
 CONSOLE_FDSET = 1  # -add-fd set of the console descriptor (QMP add-fd picks other ids)
@@ -136,7 +134,7 @@ class QemuVMM(VMM):
     def _accel_args(self) -> list[str]:
         if self.spec.accel == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
-        return ["-accel", f"tcg,tb-size={TB_SIZE_MIB}", "-cpu", "max"]
+        return ["-accel", f"tcg,tb-size={self.spec.tcg_tb_mib}", "-cpu", "max"]
 
     def _scsi_device(self, drive: Drive, target: int) -> dict:
         return {
