@@ -366,6 +366,31 @@ def test_row_without_lv_is_marked_broken(tmp_path):
 
 
 @in_guest
+def test_release_removes_this_roots_lvs_and_no_others(tmp_path):
+    """Uninstall (``--release``, then delete the root) leaves no LV of the root
+    in the pool; an LV of another root (another token) is not touched."""
+    other = "ember-0badc0de-1"
+    subprocess.run(["lvm", "lvcreate", "-q", "--type", "thin", "--thinpool", POOL, "-V", "64m",
+                    "-n", other, VG], check=True, capture_output=True)
+    try:
+        with Sn(tmp_path) as mine:
+            layer(mine.stub, tmp_path, "base", "", lambda r: (r / "a").write_text("x"))
+            prepare(mine.stub, "top", "base")
+            assert len(mine.ours()) == 3  # template, base, top
+            root = str(mine.proc.root)
+            p = run_sn("--root", root, "--release")
+            assert p.returncode == 125, p.stdout + p.stderr  # refused while it serves
+            assert len(mine.ours()) == 3
+            mine.proc.stop()
+            p = run_sn("--root", root, "--release")
+            assert p.returncode == 0, p.stderr
+            assert p.stdout == f"removed 3 thin LV(s) of {root} from {VG}/{POOL}\n", p.stdout
+            assert mine.ours() == [] and other in lvs()
+    finally:
+        subprocess.run(["lvm", "lvremove", "-q", "-f", f"{VG}/{other}"], capture_output=True)
+
+
+@in_guest
 def test_lvm_setup_for_real_and_a_nearly_full_pool_is_refused(tmp_path):
     img = tmp_path / "small.img"
     p = run_sn("lvm-setup", "--file", str(img), "--size", "160m", "--volume-group", "embersmall",
@@ -380,12 +405,14 @@ def test_lvm_setup_for_real_and_a_nearly_full_pool_is_refused(tmp_path):
         p = run_sn("lvm-setup", "--device", dev, "--volume-group", "other")
         assert p.returncode == 125 and "holds LVM2_member" in p.stderr, p.stderr
         with Sn(tmp_path, "embersmall", "tp", image_size="256m") as sn:
-            from ember.snapshotter.lvm import pool_status
+            from ember.snapshotter.lvm import pool_fill, pool_status
 
             with mounted(prepare(sn.stub, "filler"), tmp_path / "f") as root:
                 # Past 90%, never to 100% (a full thin pool stalls writes).
+                # The kernel's count (dmsetup) after each 2 MiB: an lvs each
+                # time cost two minutes under TCG.
                 with open(root / "fill", "wb") as f:
-                    while pool_status("embersmall", "tp").data_percent <= 90.5:
+                    while pool_fill("embersmall", "tp").data_percent <= 90.5:
                         f.write(os.urandom(2 * MIB))
                         f.flush()
                         os.fsync(f.fileno())
@@ -434,7 +461,7 @@ for t in thin-pool snapshot; do
 done
 mkdir -p /pool && mount -t tmpfs -o size=2600m tmpfs /pool
 ember-snapshotter lvm-setup --file /pool/pool.img --size 2500m --volume-group embertest \
-  --thin-pool pool || { echo SETUP-FAILED; exit 1; }
+  --thin-pool pool > /dev/null || { echo SETUP-FAILED; exit 1; }
 echo SETUP-OK
 t pool
 export EMBER_LVM_VG=embertest EMBER_LVM_POOL=pool
@@ -450,24 +477,43 @@ EMBER_BIN=/usr/local/bin/ember-snapshotter TMPDIR=/var/tmp/snaptest/tmp \
 echo SNAPTEST-RC=$?
 t conformance
 grep -aE '^\s+--- (PASS|FAIL|SKIP): TestEmber/' /var/tmp/snaptest/log | sed 's/^ */SUITE /'
-grep -aE -B2 -A12 '^\s+--- FAIL' /var/tmp/snaptest/log | head -80
+# Why a subtest failed: the suite's own error lines, and the snapshotter's.
+grep -aE '^\s+[a-z_]+\.go:[0-9]+: ' /var/tmp/snaptest/log | grep -avE 'helpers|log_hook' | head -40
+grep -ahE 'ERROR|Error:' /var/tmp/snaptest/roots/*/snapshotter.log | head -20
 # Where a run that did not finish was: the subtests started, the timeout's panic.
 grep -aE '^(=== RUN|panic: test timed out)' /var/tmp/snaptest/log | sed 's/^/SNAPTEST /'
+# Every subtest's --release removed its root's LVs, and every backend test its
+# own: only the pool is left.
 echo LVS-AFTER=$(lvm lvs --noheadings -o lv_name embertest 2>/dev/null | wc -l)
 echo GUEST-DONE
 """
 
 
+TB_MIB = 512
+
+
+def _config_with(tmp: Path, **vm: object) -> Path:
+    """The config file in use, with these ``[vm]`` keys set (a copy in tmp)."""
+    import tomllib
+
+    src = Path(os.environ.get("EMBER_CONFIG", "/etc/ember/config.toml"))
+    data = tomllib.loads(src.read_text()) if src.exists() else {}
+    data.setdefault("vm", {}).update(vm)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table, values in data.items():
+        if isinstance(values, dict):
+            lines += [f"[{table}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
+    out = tmp / "config.toml"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 @pytest.mark.vm
 @pytest.mark.root
-@pytest.mark.timeout(2500)
+@pytest.mark.timeout(900)  # measured ~6 min on this 2-core machine; CI's budget is 10
 @pytest.mark.skipif(IN_GUEST, reason="this is the host side")
-@pytest.mark.skipif(os.environ.get("EMBER_LVM_VM_TEST") != "1", reason=(
-    "opt-in (EMBER_LVM_VM_TEST=1): under TCG it does not fit the CI budget of 10 minutes "
-    "(measured: backend tests ~6 min, containerd's 128LayersMount alone ~5 s a layer, over 9 min; "
-    "see docs/snapshotter.md)"))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_lvm_backend_in_a_vm(ember_env):
+def test_lvm_backend_in_a_vm(ember_env, tmp_path):
     """Boot an Ember VM from the LVM test image and prove the backend there."""
     from ember_testing.lvmimage import SNAPTEST, ensure_image
 
@@ -476,8 +522,11 @@ def test_lvm_backend_in_a_vm(ember_env):
     started = time.monotonic()
     image = ensure_image(ember_env.cfg())
     built = time.monotonic() - started
+    # Python, Go, lvm and the kernel take turns in this VM: a translation
+    # cache that holds them all rather than the idle default.
+    ember_env.env["EMBER_CONFIG"] = str(_config_with(tmp_path, tcg_tb_size_mib=TB_MIB))
     proc = ember_env.run("run", "--rm", "--privileged", "--cpus", "2", "-m", "3g", image,
-                         "sh", "-c", GUEST_SCRIPT, timeout=2400)
+                         "sh", "-c", GUEST_SCRIPT, timeout=840)
     out = proc.stdout.decode(errors="replace")
     took = time.monotonic() - started
     print(out)
@@ -486,7 +535,7 @@ def test_lvm_backend_in_a_vm(ember_env):
     assert "GUEST-DONE" in out, out[-3000:] + proc.stderr.decode(errors="replace")
     assert "PYTEST-RC=0" in out, out[-6000:]
     summary = re.search(r"(\d+) passed", out)
-    assert summary and int(summary.group(1)) >= 12, out[-3000:]
+    assert summary and int(summary.group(1)) >= 13, out[-3000:]
     assert "LVM-O1: " in out
     suite = re.findall(r"^SUITE --- (PASS|FAIL|SKIP): TestEmber/(\S+)", out, re.M)
     started = re.findall(r"^SNAPTEST === RUN\s+TestEmber/(\S+)", out, re.M)
@@ -494,7 +543,12 @@ def test_lvm_backend_in_a_vm(ember_env):
     failed = [n for r, n in suite if r == "FAIL"]
     print(f"LVM-CONFORMANCE: {len(passed)} PASS, {len(failed)} FAIL of {len(started)} started")
     assert not failed, failed
-    # The whole suite (containerd 1.6.20: 21 subtests, 128LayersMount included), every one passed.
-    assert len(started) >= 21 and sorted(passed) == sorted(started), (started, suite)
+    # The whole suite (containerd 1.6.20: 21 subtests, 128LayersMount included):
+    # every one passed but Rename, which the suite skips for every snapshotter
+    # (overlayfs and the file backend on the host too: 20 PASS, 1 SKIP).
+    skipped = [n for r, n in suite if r == "SKIP"]
+    assert len(started) >= 21 and skipped == ["Rename"], (started, suite)
+    assert sorted(passed + skipped) == sorted(started), (started, suite)
     assert "SNAPTEST-RC=0" in out
+    assert "LVS-AFTER=1\n" in out, "LVs were left in the pool"
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
