@@ -20,7 +20,7 @@ two snapshotter roots sharing one pool from taking each other's LVs for
 orphans. The volume group and pool names are checked against LVM's own name
 rules before any command runs.
 
-Every command goes through one long-lived ``lvm`` shell
+Every command of a serving snapshotter goes through one long-lived ``lvm`` shell
 (:mod:`ember.snapshotter.lvmshell`): an lvm process's start-up costs more
 than most of the commands it runs.
 """
