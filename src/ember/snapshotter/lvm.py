@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,34 +258,47 @@ class LvmBackend(Backend):
         finally:
             os.close(fd)
 
-    def committed(self, sid: int) -> None:
+    def committed(self, sid: int, row: list[str] | None = None) -> None:
         """After the commit is recorded: the LV becomes read-only and inactive.
 
         Its inode count goes into a tag, since its children's usage is counted
-        against it and an inactive LV's filesystem cannot be read.
+        against it and an inactive LV's filesystem cannot be read. Fresh from
+        Commit (no ``row``) that is one lvchange. Otherwise (that lvchange
+        failed, or start-up's reconcile found the LV half done) it goes step by
+        step from the LV's state: lvchange refuses a change already made (it
+        may have made the LV read-only before refusing to deactivate one still
+        mounted), and a tag already there keeps its value.
         """
         name = self.lv(sid)
+        ref, what = self._ref(name), f"making LV {name} read-only"
+        if row is None:
+            try:
+                self.lvm.run("lvchange", "-q", "-pr", "-an", *_addtags(self._tags(sid, None)),
+                             ref, what=what)
+                return
+            except LvmError as exc:
+                log.warning("%s; finishing it step by step", exc.message)
+            row = self._lvs(name).get(name)
+            if row is None:
+                raise LvmError(f"{what}: the LV is gone")
+        have = {tag.split("=", 1)[0] for tag in row[4].split(",") if tag}
+        todo = [] if row[3][1:2] == "r" else ["-pr"]
+        todo += _addtags(t for t in self._tags(sid, row) if t.split("=", 1)[0] not in have)
+        if todo:
+            self.lvm.run("lvchange", "-q", *todo, ref, what=what)
+        if row[3][4:5] == "a":
+            try:
+                self.lvm.run("lvchange", "-q", "-an", ref, what=f"deactivating LV {name}")
+            except LvmError as exc:
+                # Still open (mounted somewhere): read-only is what matters;
+                # the next start deactivates it.
+                log.warning("%s; keeping it active, read-only", exc.message)
+
+    def _tags(self, sid: int, row: list[str] | None) -> list[str]:
         mapped = self._measured.pop(sid, None)  # Commit has just asked usage()
         if mapped is None:
-            mapped = self._mapped(self._lvs(name).get(name))
-        tags = ["--addtag", f"ember.inodes={used_inodes(Path(self.device(sid)))}",
-                "--addtag", f"ember.mapped={mapped}"]
-        try:
-            self.lvm.run("lvchange", "-q", "-pr", "-an", *tags, self._ref(name),
-                         what=f"making LV {name} read-only")
-        except LvmError as exc:
-            # Still open (mounted somewhere): read-only and the tags are what
-            # matter; it is deactivated at the next start. lvchange may have
-            # made some of those changes before it refused the deactivation,
-            # and asking again for one it made is an error: do what is left.
-            log.warning("%s; keeping it active, read-only", exc.message)
-            row = self._lvs(name).get(name)
-            have = set(row[4].split(",")) if row and row[4] else set()
-            todo = [] if row and row[3][1:2] == "r" else ["-pr"]
-            todo += [arg for tag in tags[1::2] if tag not in have for arg in ("--addtag", tag)]
-            if todo:
-                self.lvm.run("lvchange", "-q", *todo, self._ref(name),
-                             what=f"making LV {name} read-only")
+            mapped = self._mapped(row or self._lvs(self.lv(sid)).get(self.lv(sid)))
+        return [f"ember.inodes={used_inodes(Path(self.device(sid)))}", f"ember.mapped={mapped}"]
 
     def mounts(self, sid: int, readonly: bool) -> list[MountSpec]:
         # A block device node: containerd mounts it on the host as it is, and
@@ -366,12 +380,16 @@ class LvmBackend(Backend):
         for sid in committed:
             row = rows.get(self.lv(sid))
             if row and (row[3][1:2] == "w" or row[3][4:5] == "a"):
-                self.committed(sid)
+                self.committed(sid, row)
         for sid in active:
             row = rows.get(self.lv(sid))
             if row and (row[3][1:2] != "w" or row[3][4:5] != "a"):
                 self.lvm.run("lvchange", "-q", "-prw", "-ay", "-kn", self._ref(self.lv(sid)),
                              what=f"activating LV {self.lv(sid)}")
+
+
+def _addtags(tags: Iterable[str]) -> list[str]:
+    return [arg for tag in tags for arg in ("--addtag", tag)]
 
 
 def _tool(cmd: list[str], what: str) -> None:
