@@ -44,7 +44,7 @@ class LvmError(EmberError):
     """An lvm command failed; the message carries lvm's own line."""
 
 
-def lvm_line(stderr: str, returncode: int) -> str:
+def _lvm_line(stderr: str, returncode: int) -> str:
     """lvm's own words for what went wrong, as one line."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines
@@ -63,7 +63,7 @@ def lvm(*args: str, what: str) -> str:
     except FileNotFoundError:
         raise LvmError(f"{what}: lvm is not installed (apt install lvm2)") from None
     if proc.returncode != 0:
-        raise LvmError(f"{what}: {lvm_line(proc.stderr, proc.returncode)}")
+        raise LvmError(f"{what}: {_lvm_line(proc.stderr, proc.returncode)}")
     return proc.stdout
 
 

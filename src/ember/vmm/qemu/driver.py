@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ember import trace
-from ember.config import DEFAULT_TCG_TB_MIB, Config
+from ember.config import Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qemu.drives import blockdev, qcow2_backing
@@ -45,8 +45,6 @@ from ember.vmm.qemu.qmp import QMPClient, QMPError
 from ember.vmm.qemu.snapshot import save_snapshot
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
-# TCG's translation cache per VM by default (config vm.tcg_tb_size_mib).
-TB_SIZE_MIB = DEFAULT_TCG_TB_MIB
 PR_SET_THP_DISABLE = 41
 MAX_UNIX_PATH = 107
 CONSOLE_FDSET = 1  # -add-fd set of the console descriptor (QMP add-fd picks other ids)
