@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 
 import click
 
 from ember.errors import EmberError
+from ember.stopsignal import StopSignals
 
 
 @click.command(name="events")
@@ -36,8 +36,7 @@ def events_cmd(since: str | None, until: str | None, filters: tuple[str, ...], f
     except EmberError as exc:
         click.echo(f"ember: error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopSignals([signal.SIGTERM])
     try:
         for rec in stream(EventLog(cfg.state_dir), since_ns, until_ns, wanted, stop):
             line = json.dumps(rec, separators=(",", ":")) if fmt == "json" else format_line(rec)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 import click
 
 from ember.errors import EmberError
 from ember.metrics import DEFAULT_LISTEN, DEFAULT_TIMEOUT
+from ember.stopsignal import StopSignals
 
 
 @click.group(name="metrics")
@@ -39,9 +38,5 @@ def serve_cmd(listen: str, timeout: float) -> None:
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"ember metrics: serving http://{shown}:{port}/metrics", err=True)
 
-    def stop(*_args) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    StopSignals().on_signal(lambda _sig: server.shutdown())
     server.serve_forever()

@@ -40,6 +40,7 @@ from ember.errors import EmberError
 from ember.k8s.admission import BadRequest, parse_review, respond, review_pod
 from ember.k8s.nslabels import NamespaceLookupError, NoNamespaces
 from ember.k8s.policy import Policy
+from ember.stopsignal import StopSignals
 
 MAX_BODY = 3 * 1024 * 1024  # the API server's own request limit is about 3 MiB
 DRAIN_LIMIT = 4 * MAX_BODY
@@ -345,8 +346,7 @@ def serve(host: str, port: int, ctx: ssl.SSLContext, policy: Policy, labels_sour
         log.warning("no namespace label source: namespace labels and rules will not match")
     # SIGTERM (what the kubelet sends) stops accepting, then drains; shutdown()
     # must run off the serving thread or it waits for itself.
-    signal.signal(signal.SIGTERM,
-                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    StopSignals([signal.SIGTERM]).on_signal(lambda _sig: server.shutdown())
     try:
         server.serve_forever()
     except KeyboardInterrupt:

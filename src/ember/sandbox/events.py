@@ -45,6 +45,7 @@ from ember.sandbox.status import Status
 
 if TYPE_CHECKING:
     from ember.sandbox.vm import SandboxVM
+    from ember.stopsignal import StopSignals
 
 DIR_NAME = "events"
 LOG_NAME = "events.log"
@@ -330,9 +331,9 @@ class Filters:
 
 
 def stream(log: EventLog, since_ns: int | None, until_ns: int | None, filters: Filters,
-           stop: threading.Event | None = None) -> Iterator[dict]:
+           stop: threading.Event | StopSignals | None = None) -> Iterator[dict]:
     """Stored events from ``since_ns`` (none without it), then new ones as they come,
-    until ``until_ns`` (for ever without it, or until ``stop`` is set)."""
+    until ``until_ns`` (for ever without it, or until ``stop`` is set or signalled)."""
     stop = stop or threading.Event()
     tail = Tail(log, from_start=since_ns is not None)
     try:

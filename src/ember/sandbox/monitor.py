@@ -59,6 +59,7 @@ from ember.sandbox.restart import Restarter
 from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.status import Status
 from ember.sandbox.vm import SandboxVM
+from ember.stopsignal import StopSignals
 from ember.ttrpc import Server, TTRPCError
 
 START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
@@ -478,8 +479,7 @@ class Monitor:
         self.booted.set()
         self.register()
         threading.Thread(target=self._watch_vmm, daemon=True).start()
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
-            target=self.stop, args=(Status.EXITED,), daemon=True).start())
+        StopSignals([signal.SIGTERM]).on_signal(lambda _sig: self.stop(Status.EXITED))
         ready = threading.Event()
         t = threading.Thread(target=self.server.serve_unix, args=(str(self.dir / "api.sock"), ready),
                              daemon=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from ember import __version__
 from ember.errors import EmberError
 from ember.shim.manager import ShimArgs, delete, start
+from ember.stopsignal import StopSignals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,8 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     server = Server()
     svc = TaskService(cfg, pod_dir, args.group, args.namespace, publisher, on_exit=done.set)
     svc.register(server)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=svc.teardown,
-                                                              daemon=True).start())
+    StopSignals([signal.SIGTERM]).on_signal(lambda _sig: svc.teardown())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=server.serve_listener, args=(listener,), daemon=True,
                      name="ttrpc-accept").start()

@@ -1,0 +1,74 @@
+"""Waiting for a stop signal without running anything inside the signal handler.
+
+Python runs a signal handler in the main thread between two bytecodes,
+wherever that thread happens to be. A handler that takes a lock can deadlock
+if the main thread held that lock at that moment: ``threading.Event.set()``
+takes the event's condition lock, ``threading.Thread.start()`` takes
+threading's registry lock, and both are held briefly by ordinary main-thread
+code (an ``Event.wait`` before it blocks, a ``Thread.start`` of its own). The
+window is narrow, but a daemon that does not stop on SIGTERM is the failure a
+supervisor sees, so Ember's daemons take no lock in a handler at all.
+
+Here Python's C-level handler writes the signal's number to a pipe
+(:func:`signal.set_wakeup_fd`) and the Python-level handler does nothing. A
+wait is a ``select`` on that pipe: a signal that came before the wait is still
+in the pipe, and nothing runs inside the handler that could block. There is
+one wake-up fd per process, so there is one :class:`StopSignals` per process,
+made in the main thread.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+
+def _nothing(signum, frame) -> None:
+    """Caught, so that the default action (death) does not happen; the wake-up
+    pipe carries the news."""
+
+
+class StopSignals:
+    """Catch ``signals`` (SIGTERM and SIGINT by default) and wait for one."""
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = frozenset(int(s) for s in signals)
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self.received: int | None = None
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for sig in self.signals:
+            signal.signal(sig, _nothing)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The first stop signal received (its number), or None after ``timeout``
+        seconds without one. Safe to call from any thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:  # one reader of the pipe at a time; never taken by a handler
+            while self.received is None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([self._r], [], [], left)
+                if not ready:
+                    return None
+                try:
+                    data = os.read(self._r, 256)
+                except BlockingIOError:
+                    continue
+                stops = [b for b in data if b in self.signals]
+                if stops:
+                    self.received = stops[0]
+            return self.received
+
+    def is_set(self) -> bool:
+        """Whether a stop signal has come (without waiting)."""
+        return self.wait(0) is not None
+
+    def on_signal(self, action: Callable[[int], object], name: str = "stop-signal") -> None:
+        """Run ``action(signum)`` in a daemon thread, started now (not in a
+        handler), once a stop signal comes."""
+        threading.Thread(target=lambda: action(self.wait() or 0), name=name,
+                         daemon=True).start()
