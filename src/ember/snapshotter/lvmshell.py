@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # Quiet about inherited descriptors; the C locale for stable messages.
 _ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
 PROFILE = "lvmdbusd"
+# An idle shell ends at end-of-file in well under a second, even under TCG; one
+# that does not is killed rather than holding up the snapshotter's stop.
+CLOSE_WAIT_S = 5
 # What the shell splits on or treats specially; our arguments never hold it
 # (names are checked against LVM's rules, tags are ember.key=number).
 _UNSAFE = re.compile(r"[\s\"'\\#]")
@@ -134,7 +137,7 @@ class LvmShell:
         try:
             if proc.stdin:
                 proc.stdin.close()
-            proc.wait(timeout=30)
+            proc.wait(timeout=CLOSE_WAIT_S)
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()

@@ -15,12 +15,11 @@ file (``volume_group = "ember"``); the command line wins.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import logging
 import os
-import signal
 import sys
-import threading
 import tomllib
 from pathlib import Path
 
@@ -31,9 +30,13 @@ from ember.snapshotter import pool as poolmod
 from ember.snapshotter.backend import DEFAULT_IMAGE_SIZE, Backend, ReflinkBackend
 from ember.snapshotter.core import DEFAULT_MIN_FREE, open_snapshotter
 from ember.snapshotter.service import serve
+from ember.stopsignal import StopSignals
 from ember.util import parse_size
 
 log = logging.getLogger("ember.snapshotter")
+
+STOP_GRACE_S = 5  # in-flight calls finish within this after SIGTERM, or are cancelled
+STOP_DUMP_S = 15  # a stop slower than this dumps every thread's stack to the log
 
 
 def _size(ctx, param, value):
@@ -128,9 +131,7 @@ def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | Non
     lock = _lock(root.resolve())
     # Before anything serves: a SIGTERM that comes as soon as the socket
     # accepts (a quick client) is a clean stop, not death by the default action.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     storage: Backend
     if backend == "lvm":
         from ember.snapshotter.lvm import LvmBackend
@@ -148,13 +149,18 @@ def cli(root: Path, backend: str, volume_group: str | None, thin_pool: str | Non
     sn = open_snapshotter(data_dir, storage, min_free)
     server = serve(sn, address.absolute())
     log.info("serving %s (%s)", address, where)
-    while not stop.wait(1):
-        pass
+    stop.wait()
     log.info("stopping")
-    server.stop(grace=5).wait()
+    # A supervisor waits a bounded time after SIGTERM (containerd's suite: 30
+    # s). Should a step hang, every thread's stack goes to the log first, so
+    # the next look shows where.
+    faulthandler.dump_traceback_later(STOP_DUMP_S, exit=False)
+    if not server.stop(grace=STOP_GRACE_S).wait(STOP_GRACE_S * 2):
+        log.warning("the gRPC server did not stop within %ss", STOP_GRACE_S * 2)
     storage.close()
     sn.store.close()
     os.close(lock)
+    log.info("stopped")
 
 
 def _release(root: Path) -> None:
