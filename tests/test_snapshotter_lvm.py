@@ -517,6 +517,13 @@ grep -aE '^\s+--- (PASS|FAIL|SKIP): TestEmber/' /var/tmp/snaptest/log | sed 's/^
 # Why a subtest failed: the suite's own error lines, and the snapshotter's.
 grep -aE '^\s+[a-z_]+\.go:[0-9]+: ' /var/tmp/snaptest/log | grep -avE 'helpers|log_hook' | head -40
 grep -ahE 'ERROR|Error:' /var/tmp/snaptest/roots/*/snapshotter.log | head -20
+# A failed subtest's snapshotter log ends with what it was doing (a stop that
+# hung has every thread's stack there); its root is named after the subtest.
+for f in $(grep -aoE -- '--- FAIL: TestEmber/[A-Za-z0-9_]+' /var/tmp/snaptest/log | sed 's|.*/||'); do
+  for l in /var/tmp/snaptest/roots/*-"$f"-*/snapshotter.log; do
+    [ -f "$l" ] && { echo "LOG-TAIL $l"; tail -n 60 "$l"; }
+  done
+done
 # Where a run that did not finish was: the subtests started, the timeout's panic.
 grep -aE '^(=== RUN|panic: test timed out)' /var/tmp/snaptest/log | sed 's/^/SNAPTEST /'
 # Every subtest's --release removed its root's LVs, and every backend test its
