@@ -150,6 +150,27 @@ def test_echo_output_and_exit_code(client, agent, rootfs, base_spec):
     assert loop_devices(rootfs["address"]) == ""
 
 
+def test_create_with_start_is_one_call(client, agent, rootfs, base_spec):
+    """CreateContainer(start=True) runs the process at once (crun run --detach):
+    a process that exits before the call returns keeps its status and output,
+    a second start is refused, and removal leaves nothing mounted."""
+    spec = make_spec(base_spec, ["sh", "-c", "echo quick; echo err >&2; exit 5"])
+    client.create_container("qs", spec, rootfs, start=True)
+    assert client.wait_process("qs").exit_status == 5
+    assert b"".join(client.iter_output("qs")) == b"quick\n"
+    assert b"".join(client.iter_output("qs", stream="stderr")) == b"err\n"
+    with pytest.raises(Exception, match="already started"):
+        client.start_container("qs")
+    client.remove_container("qs")
+    assert agent.mounts() == []
+    # A bad command fails the one call with the usual mapping, and cleans up.
+    with pytest.raises(Exception, match="no-such-binary"):
+        client.create_container("qb", make_spec(base_spec, ["/no-such-binary"]), rootfs,
+                                start=True)
+    assert agent.mounts() == []
+    assert not (agent.base / "containers" / "qb").exists()
+
+
 def test_environment_is_honoured(client, rootfs, base_spec):
     spec = make_spec(base_spec, ["sh", "-c", 'echo "$FOO"; pwd; id -u; id -g; hostname; ulimit -n'],
                      env=["PATH=/bin", "FOO=bar baz"], cwd="/home/user",

@@ -17,7 +17,7 @@ from ember import trace
 LINE = re.compile(r"^ember-trace: +(-?[\d.]+) -> +(-?[\d.]+) ms \( *([\d.]+) ms\) (.+)$")
 PHASES = ["cli", "image resolve", "monitor spawn", "disk prepare", "monitor start",
           "template lookup", "jail", "restore", "agent ready", "wait for monitor ready",
-          "disk attach", "container create", "container start", "watch", "exit",
+          "disk attach", "container create+start", "watch", "exit",
           "teardown: vm stop", "teardown: remove", "teardown (creator waits)"]
 
 
@@ -44,7 +44,7 @@ def test_debug_trace_lists_every_phase_in_order(ember_env, image):
     assert set(PHASES) <= set(ph), sorted(set(PHASES) - set(ph))  # others may add phases
     # One clock across processes: each step begins after the one it waits for.
     order = ["cli", "image resolve", "monitor spawn", "template lookup", "jail", "restore",
-             "agent ready", "disk attach", "container create", "container start", "watch",
+             "agent ready", "disk attach", "container create+start", "watch",
              "teardown: vm stop", "exit", "teardown: remove"]
     for before, after in zip(order, order[1:], strict=False):
         assert ph[before][1] <= ph[after][0] + 1.0, (before, ph[before], after, ph[after])

@@ -260,13 +260,17 @@ class Sandbox:
             extra_disks = mounts.attach(self, wanted, spec, disk_dir)
         agent = self.agent()
         prepare_guest(agent, self.dir, self.state, spec)  # /etc files; spec.json for restarts
-        with trace.span("container create"):
+        # -v SRC:DEST:copy goes in between create and start; without it the
+        # agent starts the container in the same call.
+        copies = mounts.has_copies(wanted)
+        with trace.span("container create" if copies else "container create+start"):
             agent.create_container(self.id, spec,
                                    {"kind": dev.kind, "address": dev.address}, stdin=stdin,
-                                   extra_disks=extra_disks)
-        mounts.copy_in(self, wanted)  # -v SRC:DEST:copy, before the container starts
-        with trace.span("container start"):
-            agent.start_container(self.id)
+                                   extra_disks=extra_disks, start=not copies)
+        if copies:
+            mounts.copy_in(self, wanted)
+            with trace.span("container start"):
+                agent.start_container(self.id)
         with trace.span("watch"):
             # The monitor records "running" (and from here on outlives us).
             self.monitor().watch(self.id, auto_stop=True)

@@ -8,6 +8,7 @@ import os
 import platform
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,6 +100,7 @@ class AgentService:
             self._reserved.add(cid)
         bundle = os.path.join(self.base, "containers", cid)
         mounts: list[str] = []
+        t0 = time.monotonic()
         try:
             # Fail fast on a bad spec, before anything is mounted.
             spec.prepare(req.oci_spec, cid, "/", False, ["/"] * len(req.extra_disks),
@@ -114,17 +116,22 @@ class AgentService:
                 storage.mount_disk(dev.kind, dev.address, target, dev.fstype, dev.readonly,
                                    list(dev.options), self.reaper.run_command, self.disk_timeout)
                 mounts.append(target)
+            t_disks = time.monotonic()
             config = spec.prepare(req.oci_spec, cid, mounts[0], req.rootfs.readonly,
                                   mounts[1:], self._init_pid)
             _write_json(os.path.join(bundle, "config.json"), config)
             proc = Process(cid, "", terminal=bool(config["process"].get("terminal")))
-            launch(self.crun, proc, ["create", "--bundle", bundle, cid],
+            op = ["run", "--detach"] if req.start else ["create"]
+            launch(self.crun, proc, [*op, "--bundle", bundle, cid],
                    os.path.join(bundle, "init.pid"), bundle, req.stdin,
                    config["process"]["args"][0])
-            c = Container(cid, bundle, config["linux"]["cgroupsPath"], proc, mounts)
+            c = Container(cid, bundle, config["linux"]["cgroupsPath"], proc, mounts,
+                          started=req.start)
             with self._lock:
                 self._containers[cid] = c
-            log.info("created container %s (pid %d)", cid, proc.pid)
+            log.info("%s container %s (pid %d) in %.0f ms, disks %.0f ms",
+                     "created and started" if req.start else "created", cid, proc.pid,
+                     (time.monotonic() - t0) * 1e3, (t_disks - t0) * 1e3)
         except BaseException:
             self._cleanup(cid, bundle, mounts)
             raise
@@ -146,8 +153,10 @@ class AgentService:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"container {c.id!r} was already started")
             argv0 = _argv0(os.path.join(c.bundle, "config.json"))
+            t0 = time.monotonic()
             self.crun.run(["start", c.id], argv0=argv0)
             c.started = True
+            log.info("started container %s in %.0f ms", c.id, (time.monotonic() - t0) * 1e3)
         return EMPTY
 
     def ExecProcess(self, req: pb.ExecProcessRequest, ctx: Context) -> pb.Empty:

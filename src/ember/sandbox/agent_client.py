@@ -95,10 +95,13 @@ class AgentClient:
     # -- containers -----------------------------------------------------------
 
     def create_container(self, container_id: str, spec: dict | bytes, rootfs: Any,
-                         stdin: bool = False, extra_disks: list | None = None) -> None:
+                         stdin: bool = False, extra_disks: list | None = None,
+                         start: bool = False) -> None:
+        """Create a container; with ``start``, start it in the same call."""
         self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, oci_spec=_json(spec), rootfs=_blockdev(rootfs),
-            stdin=stdin, extra_disks=[_device(d) for d in extra_disks or []]), pb.Empty)
+            stdin=stdin, extra_disks=[_device(d) for d in extra_disks or []], start=start),
+            pb.Empty)
 
     def start_container(self, container_id: str) -> None:
         self._call("StartContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)

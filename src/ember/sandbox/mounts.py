@@ -283,6 +283,11 @@ def saved_disks(sandbox_dir: Path) -> list[dict]:
         return []
 
 
+def has_copies(wanted: list[Mount]) -> bool:
+    """Whether a ``:copy`` mount must go in between create and start."""
+    return any(m.kind == "copy" for m in wanted)
+
+
 def copy_in(sandbox, wanted: list[Mount]) -> None:
     """The ``:copy`` mounts, into the created (not yet started) container."""
     from ember.sandbox.files import Files

@@ -94,9 +94,8 @@ class Restarter:
         folder = self.store.dir(self.id)
         spec = json.loads((folder / SPEC_NAME).read_text())
         agent.remove_container(self.id)
-        agent.create_container(self.id, spec, rootfs, stdin=False,
+        agent.create_container(self.id, spec, rootfs, stdin=False, start=True,
                                extra_disks=saved_disks(folder))  # volumes, read-only copies
-        agent.start_container(self.id)
         self.started_at = time.monotonic()
         self.store.modify(self.id, lambda st: {"restart_count": st.restart_count + 1})
         return True
