@@ -121,3 +121,22 @@ def test_a_storm_of_signals_never_hangs_the_waiter():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.strip() == "stopped"
+
+
+def test_a_forked_childs_signal_is_not_the_parents():
+    """A helper forked without exec (pyroute2's NetNS is one) shares the pipe;
+    its SIGTERM must kill it, not stop the parent."""
+    proc = _child("""
+        import os, signal
+        from ember.stopsignal import StopSignals
+        stop = StopSignals([signal.SIGTERM])
+        pid = os.fork()
+        if pid == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)  # not reached: SIGTERM is fatal again in the child
+        _, status = os.waitpid(pid, 0)
+        print(os.WIFSIGNALED(status) and os.WTERMSIG(status), stop.wait(0.5), flush=True)
+    """)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.split() == [str(int(signal.SIGTERM)), "None"]

@@ -14,7 +14,9 @@ Here Python's C-level handler writes the signal's number to a pipe
 wait is a ``select`` on that pipe: a signal that came before the wait is still
 in the pipe, and nothing runs inside the handler that could block. There is
 one wake-up fd per process, so there is one :class:`StopSignals` per process,
-made in the main thread.
+made in the main thread. A child forked without exec drops both (see
+``_forget``): the pipe is shared across fork, and a child's signal must not
+read as the parent's.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ class StopSignals:
         signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         for sig in self.signals:
             signal.signal(sig, _nothing)
+        # A child forked without exec (pyroute2's NetNS helper, for one) would
+        # share the pipe: its SIGTERM would read here as ours. In the child the
+        # pipe and the handlers go, so a stop signal there does what it would
+        # have done without us.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The first stop signal received (its number), or None after ``timeout``
