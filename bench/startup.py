@@ -59,9 +59,23 @@ def floor_once(cfg) -> float:
         return elapsed
 
 
-def restore_once(cfg, jailed: bool) -> float:
+def restore_once(jailed: bool) -> float:
+    """One restore in a fresh process, as a sandbox monitor boots: each its own
+    (a VM leaves threads behind, and a monitor starts the jailer before it has
+    any: ember.jailer.launch)."""
+    out = subprocess.run([sys.executable, __file__, "--restore-once",
+                          "jailed" if jailed else "unjailed"], check=True, timeout=300,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+    return float(out.split()[-1])
+
+
+def _restore_in_this_process(cfg, jailed: bool) -> float:
     """Restore the template to an agent that answers (SandboxVM.boot), then kill."""
     cfg = copy.deepcopy(cfg)
+    if jailed:
+        from ember.jailer import launch
+
+        launch.prefork()  # what the monitor does first thing (a fork, ~1 ms: untimed)
     cfg.jailer.enabled = jailed
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
         vm = SandboxVM(cfg, f"bench-restore-{os.getpid()}", Path(tmp), cfg.vm.vcpus,
@@ -136,14 +150,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image", default="ember-demo:latest")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--restore-once", choices=("jailed", "unjailed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = load_config()
+    if args.restore_once:
+        print(_restore_in_this_process(cfg, args.restore_once == "jailed"))
+        return
     ember_once(args.image)  # warm-up: flattens the image, builds the template if needed
     runs: dict[str, list[float]] = {"floor": [], "restore": [], "jailed": [], "ember": []}
     for _ in range(args.runs):
         runs["floor"].append(floor_once(cfg))
-        runs["restore"].append(restore_once(cfg, jailed=False))
-        runs["jailed"].append(restore_once(cfg, jailed=True))
+        runs["restore"].append(restore_once(jailed=False))
+        runs["jailed"].append(restore_once(jailed=True))
         runs["ember"].append(ember_once(args.image))
     m = {k: statistics.median(v) for k, v in runs.items()}
     n = args.runs

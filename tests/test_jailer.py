@@ -7,6 +7,7 @@ second or two; tests/test_jailer_qemu.py does the same with a real QEMU boot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,6 +46,13 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def env(tmp_path):
     """A chroot base, a unique parent cgroup and a config; all removed afterwards."""
+    with jail_env(tmp_path) as holder:
+        yield holder
+
+
+@contextlib.contextmanager
+def jail_env(tmp_path: Path):
+    """What the env fixture gives, for other modules' fixtures too."""
     base = Path(tempfile.mkdtemp(prefix="jl-", dir="/tmp"))
     parent = f"ember-test-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "config.toml"

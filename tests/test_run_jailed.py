@@ -43,6 +43,8 @@ def test_vmm_is_confined_and_cleaned_up(ember_env, image):
     pid = info["vmm_pid"]
     jail = info["jail"]
     assert jail, "the sandbox must record its jail"
+    # The monitor forked the jailer's helper before its first thread: no exec.
+    assert jail["launch"] == "helper", jail
 
     st = _status(pid)
     assert st["Uid"].split()[0] != "0" and st["Gid"].split()[0] != "0"

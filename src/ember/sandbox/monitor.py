@@ -442,6 +442,10 @@ class Monitor:
                 except OSError:
                     pass
         trace.mark("monitor start", trace.process_start())  # interpreter, imports, config
+        if self.cfg.jailer.enabled:
+            from ember.jailer import launch
+
+            launch.prefork()  # while we have one thread: the jailer then needs no exec
         self._watch_creator()
         try:
             from ember.sandbox.state import process_started
@@ -451,7 +455,11 @@ class Monitor:
                               monitor_started=process_started(os.getpid()))
             self.events.container("create")
             began = time.monotonic()
-            self._boot()
+            try:
+                self._boot()
+            finally:
+                if self.cfg.jailer.enabled:
+                    launch.discard()  # unused if the boot failed early
             events.vm_booted(self.events, self.vm, time.monotonic() - began)
             assert self.vm.vmm is not None
             self.store.update(self.id, vmm_pid=self.vm.vmm.pid,

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember import trace
 from ember.config import Config
@@ -43,6 +44,9 @@ from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qemu.drives import blockdev, qcow2_backing
 from ember.vmm.qemu.qmp import QMPClient, QMPError
 from ember.vmm.qemu.snapshot import save_snapshot
+
+if TYPE_CHECKING:
+    from ember.jailer.launch import Forked
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 PR_SET_THP_DISABLE = 41
@@ -113,7 +117,8 @@ class QemuVMM(VMM):
     def __init__(self, spec: VMSpec, binary: str = "qemu-system-x86_64") -> None:
         super().__init__(spec)
         self.binary = binary
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen | Forked | None = None
+        self._jail_launch = ""  # how ember-jailer started: helper, fork or exec
         self._pid: int | None = None
         self._qmp: QMPClient | None = None
         self._qmp_lock = threading.Lock()
@@ -283,11 +288,17 @@ class QemuVMM(VMM):
                           os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600)
             try:
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, close_fds=True,
-                    pass_fds=tuple(self._inherited_fds()),
-                )
+                if self.jail is not None:  # ember-jailer, forked from us where it can be
+                    from ember.jailer.launch import popen as start_jailer
+
+                    self._proc = start_jailer(argv, stdout=log, stderr=log,
+                                              pass_fds=self._inherited_fds())
+                else:
+                    self._proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        start_new_session=True, close_fds=True,
+                        pass_fds=tuple(self._inherited_fds()),
+                    )
             except FileNotFoundError:
                 raise VMError(f"cannot run {argv[0]}") from None
             finally:
@@ -299,11 +310,18 @@ class QemuVMM(VMM):
                 self._restore_fd = None
         self._pid = self._proc.pid
         if self.jail is not None:
+            self._jail_launch = getattr(self._proc, "how", "exec")
             self._pid = self._wait_jailed_pid()
         trace.mark("jail" if self.jail is not None else "vmm spawn", spawned)
         if s.restore_from is not None:
             with trace.span("restore"):
                 self._wait_running(timeout=60)
+
+    def jail_record(self) -> dict:
+        record = super().jail_record()
+        if record and self._jail_launch:
+            record["launch"] = self._jail_launch  # for `ember inspect`: was an exec saved
+        return record
 
     def _wait_jailed_pid(self) -> int:
         """The jailer stays as QEMU's parent; the pid users see is QEMU's own."""
@@ -346,8 +364,9 @@ class QemuVMM(VMM):
 
     def _check_alive(self) -> None:
         """Raise, saying how QEMU ended (and its last words), once it has exited."""
-        if self._proc is not None and self._proc.poll() is not None:
-            how = describe_exit(self._proc.returncode, self.supervised)
+        code = self._proc.poll() if self._proc is not None else None
+        if code is not None:
+            how = describe_exit(code, self.supervised)
             tail = self.vmm_log_tail()
             raise VMError(f"QEMU {how}" + (f": {tail}" if tail else ""))
 

@@ -1,0 +1,159 @@
+"""ember.jailer.launch: ember-jailer run by a pre-forked helper, or forked by a
+one-thread caller, or exec'd; the same confined run and exit status each way.
+
+Each case runs the launcher in a fresh Python process (HELPER below), so the
+thread count is the one the case sets up, not pytest's. The jailed "VMM" is
+busybox, as in tests/test_jailer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_jailer import UID, jail_env, make_spec
+
+from ember.jailer.api import build_argv, jail_dir, jailer_command
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def env(tmp_path):
+    with jail_env(tmp_path) as holder:
+        yield holder
+
+HELPER = r"""
+import json, os, subprocess, sys, threading, time
+from ember.jailer import launch
+argv, opts, out_path = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+before = os.open("/dev/null", os.O_RDONLY)  # inheritable, as a monitor's lock or socket
+os.set_inheritable(before, True)
+report = {"preforked": launch.prefork() if opts.get("prefork") else None}
+for _ in range(opts.get("threads", 0)):
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+after = os.open("/dev/null", os.O_RDONLY)
+os.set_inheritable(after, True)
+if opts.get("discard"):
+    launch.discard()
+    report["children"] = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+    print(json.dumps(report))
+    sys.exit(0)
+r, w = os.pipe()
+cut = argv.index("--")
+argv[cut:cut] = ["--keep-fd", str(w)]
+argv = [a.replace("{FD}", str(w)) for a in argv]
+out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+p = launch.popen(argv, stdout=out, stderr=out, pass_fds=[w])
+os.close(out)
+os.close(w)
+report.update(kind=type(p).__name__, own_session=None, timed_out=False, kept=w)
+try:
+    p.wait(0.3)
+except subprocess.TimeoutExpired:
+    report["timed_out"] = True
+    report["own_session"] = os.getsid(p.pid) == p.pid
+report["code"] = p.wait(30)
+report["poll"] = p.poll()
+report["pipe"] = os.read(r, 100).decode()
+print(json.dumps(report))
+"""
+
+# Writes to the kept descriptor, then lists which of 1 and 3..12 are open in the
+# jailed program (busybox sh, no /proc needed; it keeps its own fds at 10 and up):
+# stdout and the kept one only.
+PROBE = ("echo kept >&{FD}; "
+         "for f in 1 3 4 5 6 7 8 9; do { true <&$f; } 2>/dev/null && echo fd$f; done; "
+         "id -u; /busybox sleep 1; exit 7")
+
+
+def _launch(env, argv: list[str], **opts) -> tuple[dict, str]:
+    out = env["tmp"] / f"out-{len(list(env['tmp'].iterdir()))}"
+    res = subprocess.run([sys.executable, "-c", HELPER, json.dumps(argv), json.dumps(opts),
+                          str(out)], capture_output=True, text=True, timeout=60,
+                         env={**env["env"], "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout), out.read_text() if out.exists() else ""
+
+
+def _check_runs_jailed(env, kind: str, **opts) -> dict:
+    spec = make_spec(env, args=["sh", "-c", PROBE], seccomp="off")
+    report, out = _launch(env, build_argv(spec), **opts)
+    assert report["kind"] == kind, report
+    assert report["timed_out"] and report["own_session"]  # wait(timeout) gives up; setsid
+    assert (report["code"], report["poll"]) == (7, 7)
+    assert report["pipe"] == "kept\n"  # --keep-fd arrived at its number
+    # Only stdout and the kept one are open: nothing else the caller held
+    # (before or after the helper was forked) reached the VMM.
+    assert 3 < report["kept"] <= 9
+    assert out.split() == ["fd1", f"fd{report['kept']}", str(UID)], out
+    assert not jail_dir(spec).exists()
+    return report
+
+
+def test_a_preforked_helper_runs_the_jailer_in_a_threaded_caller(env):
+    report = _check_runs_jailed(env, "Forked", prefork=True, threads=2)
+    assert report["preforked"] is True
+
+
+def test_a_one_thread_caller_forks_on_the_spot(env):
+    _check_runs_jailed(env, "Forked")
+
+
+def test_a_threaded_caller_without_a_helper_execs(env):
+    _check_runs_jailed(env, "Popen", threads=2)
+
+
+def test_prefork_refuses_a_threaded_process_and_discard_reaps(env):
+    report, _ = _launch(env, [], prefork=True, discard=True)
+    assert report == {"preforked": True, "children": []}
+    report, _ = _launch(env, [], threads=1, discard=True)
+    assert report == {"preforked": None, "children": []}
+
+
+def test_another_program_is_execd_and_the_helper_let_go(env):
+    report, _ = _launch(env, ["/bin/sh", "-c", "exit 3", "--"], prefork=True)
+    assert (report["kind"], report["code"]) == ("Popen", 3)
+
+
+def test_a_bad_argument_is_one_line_and_status_125(env):
+    for opts in ({"prefork": True}, {}):
+        report, out = _launch(env, [jailer_command(), "--id", "x", "--uid", "nope", "--"], **opts)
+        assert (report["kind"], report["code"]) == ("Forked", 125)
+        assert len(out.splitlines()) == 1 and out.startswith("ember-jailer: "), out
+        assert "--uid" in out
+
+
+def test_forked_gives_one_status_to_every_thread():
+    """A monitor waits for its VMM in one thread and polls it in others: all of
+    them must see the child's own status, never a stand-in."""
+    import os
+    import threading
+    import time
+
+    from ember.jailer.launch import Forked
+
+    for i in range(20):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.01 * (i % 3))
+            os._exit(7)
+        child = Forked(pid, ["x"], "fork")
+        seen: list[int | None] = []
+
+        def poller(child=child, seen=seen) -> None:
+            while child.poll() is None:
+                pass
+            seen.append(child.poll())
+
+        threads = [threading.Thread(target=poller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        seen.append(child.wait())
+        seen.append(child.wait(1))
+        for t in threads:
+            t.join(5)
+        assert seen == [7, 7, 7, 7], seen
