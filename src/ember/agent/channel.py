@@ -2,8 +2,8 @@
 
 A virtio-serial port has no connections: reads return EOF whenever the host
 end is closed (the port is also readable before the host ever connects), and
-the host may come back at any time. So the agent serves the port, and on EOF
-or a read error closes it, waits a moment and opens it again, forever.
+the host may come back at any time. So the agent keeps the port open and
+serves it again after EOF or a read error, a moment later, forever.
 """
 
 from __future__ import annotations
@@ -62,23 +62,42 @@ def find_virtio_port(name: str = PORT_NAME, timeout: float = 10.0) -> str | None
 
 
 def serve_port(server: Server, path: str) -> None:
-    """Serve a character device (virtio-serial port) across host reconnects."""
+    """Serve a character device (virtio-serial port) across host reconnects.
+
+    The port is opened once and kept open; each host session gets a duplicate
+    of the descriptor. Opening the port again would discard what is waiting in
+    it (the kernel's virtio console drops a port's buffered input on open): a
+    host that connects while the agent reopens, as right after a snapshot
+    restore, would lose its first request and wait out its deadline.
+    """
+    fd = -1
     idle = False
     while not server.stopped:
+        if fd < 0:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                log.warning("cannot open %s: %s", path, e)
+                time.sleep(1)
+                continue
+        started = time.monotonic()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            session = os.dup(fd)
         except OSError as e:
-            log.warning("cannot open %s: %s", path, e)
+            log.warning("cannot use %s: %s", path, e)
+            os.close(fd)
+            fd = -1
             time.sleep(1)
             continue
-        started = time.monotonic()
-        server.serve_transport(Transport(fd=fd))  # closes fd when it returns
+        server.serve_transport(Transport(fd=session))  # closes the duplicate when it returns
         # EOF right away means no host on the other end yet: poll quietly.
         quick = time.monotonic() - started < RETRY_S * 2
         if not quick or not idle:
             log.info("host side of %s %s", path, "not connected" if quick else "disconnected")
         idle = quick
         time.sleep(RETRY_S)
+    if fd >= 0:
+        os.close(fd)
 
 
 def listen_vsock(port: int = VSOCK_PORT) -> socket.socket:

@@ -59,6 +59,10 @@ def _json(obj: Any) -> bytes:
     return obj if isinstance(obj, bytes) else json.dumps(obj).encode()
 
 
+READY_FIRST_TRY_S = 0.25  # wait_ready: the first try's deadline, doubled on each retry
+READY_MAX_TRY_S = 5.0
+
+
 class AgentClient:
     """One method per Agent RPC; thread-safe (calls may run concurrently)."""
 
@@ -271,18 +275,27 @@ class AgentClient:
         self._call("DestroySandbox", pb.Empty(), pb.Empty)
 
     def wait_ready(self, timeout: float = 30.0) -> pb.GuestDetailsResponse:
-        """Retry GetGuestDetails until the agent answers (the guest may be booting)."""
+        """Retry GetGuestDetails until the agent answers (the guest may be booting).
+
+        Each try waits longer than the last (0.25 s, doubling up to 5 s): right
+        after a restore the first request is sometimes never answered (the
+        guest side of the channel is still reopening and drops what came in
+        before), and waiting out one long deadline cost every such start 2 s.
+        GetGuestDetails is harmless to repeat; a late answer is dropped.
+        """
         deadline = time.monotonic() + timeout
         last: Exception | None = None
+        attempt = READY_FIRST_TRY_S
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AgentError(f"the guest agent did not answer within {timeout:g}s"
                                  + (f": {last}" if last else ""))
             try:
-                return self.guest_details(timeout=min(left, 5.0))
+                return self.guest_details(timeout=min(left, attempt))
             except AgentError as e:
                 last = e
                 if self.ttrpc.closed:
                     raise
+                attempt = min(attempt * 2, READY_MAX_TRY_S)
                 time.sleep(0.05)
