@@ -37,6 +37,10 @@ for _ in range(opts.get("threads", 0)):
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
 after = os.open("/dev/null", os.O_RDONLY)
 os.set_inheritable(after, True)
+if opts.get("kill_helper"):
+    pid = launch._helper[0]
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
 if opts.get("discard"):
     launch.discard()
     report["children"] = open(f"/proc/self/task/{os.getpid()}/children").read().split()
@@ -99,8 +103,14 @@ def test_a_preforked_helper_runs_the_jailer_in_a_threaded_caller(env):
     assert report["preforked"] is True
 
 
-def test_a_one_thread_caller_forks_on_the_spot(env):
+def test_a_one_thread_caller_without_a_helper_makes_one(env):
     _check_runs_jailed(env, "Forked")
+
+
+def test_a_helper_that_died_means_an_exec(env):
+    """Killed before it was used: the send fails and the jailer is exec'd,
+    confined the same."""
+    _check_runs_jailed(env, "Popen", prefork=True, kill_helper=True, threads=1)
 
 
 def test_a_threaded_caller_without_a_helper_execs(env):
@@ -141,7 +151,7 @@ def test_forked_gives_one_status_to_every_thread():
         if pid == 0:
             time.sleep(0.01 * (i % 3))
             os._exit(7)
-        child = Forked(pid, ["x"], "fork")
+        child = Forked(pid, ["x"])
         seen: list[int | None] = []
 
         def poller(child=child, seen=seen) -> None:

@@ -41,7 +41,7 @@ class StopSignals:
         self.signals = frozenset(int(s) for s in signals)
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
-        self.received: int | None = None
+        self._received: int | None = None
         signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         for sig in self.signals:
             signal.signal(sig, _nothing)
@@ -63,26 +63,26 @@ class StopSignals:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The first stop signal received (its number), or None after ``timeout``
-        seconds without one. Safe to call from any thread."""
+        seconds without one. Safe to call from any thread, any number at once:
+        the select runs without a lock, and once a stop is seen the pipe is
+        kept readable, so every other waiter wakes too."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:  # one reader of the pipe at a time; never taken by a handler
-            while self.received is None:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready, _, _ = select.select([self._r], [], [], left)
-                if not ready:
-                    return None
+        while self._received is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._r], [], [], left)
+            if not ready:
+                break
+            with self._lock:  # one reader of the pipe at a time; never taken by a handler
                 try:
                     data = os.read(self._r, 256)
                 except BlockingIOError:
-                    continue
+                    continue  # another waiter read it
                 stops = [b for b in data if b in self.signals]
-                if stops:
-                    self.received = stops[0]
-            return self.received
-
-    def is_set(self) -> bool:
-        """Whether a stop signal has come (without waiting)."""
-        return self.wait(0) is not None
+                if stops and self._received is None:
+                    self._received = stops[0]
+                if self._received is not None:
+                    os.write(self._w, b"\0")  # not a signal number: a latch for the others
+        return self._received
 
     def on_signal(self, action: Callable[[int], object], name: str = "stop-signal") -> None:
         """Run ``action(signum)`` in a daemon thread, started now (not in a

@@ -12,9 +12,9 @@ The monitor has a thread from its first moments (it follows its creator), so
 it calls :func:`prefork` before that: a helper child is forked then, closes
 every descriptor it inherited, and waits on a socket. :func:`popen` sends it
 the jailer's arguments with stdio and ``pass_fds`` (SCM_RIGHTS, placed at the
-same numbers), and the helper becomes ``ember-jailer ARGS``. Without a helper,
-a caller with one thread forks on the spot, and any other caller, or a
-``jailer_binary`` other than this package's, gets the exec as before.
+same numbers), and the helper becomes ``ember-jailer ARGS``. A caller with one
+thread and no helper yet makes one on the spot; any other caller, a helper that
+died, or a ``jailer_binary`` other than this package's gets the exec as before.
 
 However it starts, the child is what ``ember-jailer ARGS`` would be: a new
 session, stdio as given, Python's default signal handling, no descriptor but
@@ -46,10 +46,9 @@ class Forked:
     this process forked. As in Popen, one thread at a time reaps it (a monitor
     waits for its VMM in one thread and asks whether it exited in others)."""
 
-    def __init__(self, pid: int, args: Sequence[str], how: str) -> None:
+    def __init__(self, pid: int, args: Sequence[str]) -> None:
         self.pid = pid
         self.args = list(args)
-        self.how = how  # "helper" (pre-forked) or "fork" (forked on the spot)
         self.returncode: int | None = None
         self._reaping = threading.Lock()
 
@@ -197,7 +196,7 @@ def _send(argv: Sequence[str], stdio: list[int], pass_fds: Sequence[int]) -> For
             pass
         return None
     sock.close()
-    return Forked(pid, argv, "helper")
+    return Forked(pid, argv)
 
 
 # --------------------------------------------------------------- the launcher
@@ -212,7 +211,7 @@ def _fd(stream: Stdio, default: int) -> int:
 def popen(argv: Sequence[str], *, stdin: Stdio = subprocess.DEVNULL, stdout: Stdio = None,
           stderr: Stdio = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen | Forked:
     """Start ``ember-jailer`` (``argv[0]``) with ``argv[1:]``: by the pre-forked
-    helper, else forked here if this process has one thread, else exec'd."""
+    helper (made now if this process has one thread), else exec'd."""
     from ember.jailer.api import jailer_command
 
     def execd() -> subprocess.Popen:
@@ -220,39 +219,24 @@ def popen(argv: Sequence[str], *, stdin: Stdio = subprocess.DEVNULL, stdout: Std
                                 start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds))
 
     ours = bool(argv) and argv[0] == jailer_command()
-    if not ours or (_helper is None and not _single_threaded()):
+    if not ours:
         discard()
         return execd()
+    if _helper is None:
+        prefork()  # a caller with one thread makes its helper now; others cannot
     stdio = [_fd(stdin, 0), _fd(stdout, 1), _fd(stderr, 2)]
     opened = [fd for fd, given in zip(stdio, (stdin, stdout, stderr), strict=True)
               if given == subprocess.DEVNULL]
     try:
         child = _send(argv, stdio, pass_fds)
-        if child is not None:
-            return child
-        if not _single_threaded():  # the helper was gone
-            return execd()
-        _flush_stdio()
-        pid = os.fork()
-        if pid == 0:
-            code = 125
-            try:
-                for target, fd in enumerate(stdio):
-                    if fd != target:
-                        os.dup2(fd, target)
-                code = _run_jailer(list(argv))
-            except BaseException as exc:  # noqa: BLE001 - the child must never return
-                _last_words(exc)
-            finally:
-                os._exit(code)
-        return Forked(pid, argv, "fork")
     finally:
         for fd in opened:
             os.close(fd)
+    return child if child is not None else execd()  # no helper, or it was gone
 
 
 def _run_jailer(argv: list[str]) -> int:
-    """Become ``ember-jailer argv[1:]`` in this (forked) process; its exit status."""
+    """Become ``ember-jailer argv[1:]`` in the helper; its exit status."""
     os.setsid()
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,

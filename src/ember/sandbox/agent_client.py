@@ -277,11 +277,12 @@ class AgentClient:
     def wait_ready(self, timeout: float = 30.0) -> pb.GuestDetailsResponse:
         """Retry GetGuestDetails until the agent answers (the guest may be booting).
 
-        Each try waits longer than the last (0.25 s, doubling up to 5 s): right
-        after a restore the first request is sometimes never answered (the
-        guest side of the channel is still reopening and drops what came in
-        before), and waiting out one long deadline cost every such start 2 s.
-        GetGuestDetails is harmless to repeat; a late answer is dropped.
+        Each try waits longer than the last (0.25 s, doubling up to 5 s), so a
+        request that is never answered costs a short try, not one long
+        deadline: an agent that reopened its virtio-serial port right after a
+        restore dropped the first request (the agent now keeps the port open,
+        ember.agent.channel) and that cost such starts 2 s. GetGuestDetails is
+        harmless to repeat; a late answer is dropped.
         """
         deadline = time.monotonic() + timeout
         last: Exception | None = None

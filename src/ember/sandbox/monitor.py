@@ -50,6 +50,7 @@ from ember import trace
 from ember.agent.proto import AGENT_SERVICE, agent_pb2
 from ember.config import load_config
 from ember.errors import EmberError, NotFoundError
+from ember.jailer import launch
 from ember.sandbox import events
 from ember.sandbox.health import HealthChecker
 from ember.sandbox.logfile import LOG_NAME, RotatingLog
@@ -443,8 +444,6 @@ class Monitor:
                     pass
         trace.mark("monitor start", trace.process_start())  # interpreter, imports, config
         if self.cfg.jailer.enabled:
-            from ember.jailer import launch
-
             launch.prefork()  # while we have one thread: the jailer then needs no exec
         self._watch_creator()
         try:

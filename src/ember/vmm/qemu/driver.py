@@ -118,7 +118,7 @@ class QemuVMM(VMM):
         super().__init__(spec)
         self.binary = binary
         self._proc: subprocess.Popen | Forked | None = None
-        self._jail_launch = ""  # how ember-jailer started: helper, fork or exec
+        self._jail_launch = ""  # how ember-jailer started: helper or exec
         self._pid: int | None = None
         self._qmp: QMPClient | None = None
         self._qmp_lock = threading.Lock()
@@ -288,7 +288,7 @@ class QemuVMM(VMM):
                           os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600)
             try:
-                if self.jail is not None:  # ember-jailer, forked from us where it can be
+                if self.jail is not None:  # ember-jailer: from our pre-forked helper if it can be
                     from ember.jailer.launch import popen as start_jailer
 
                     self._proc = start_jailer(argv, stdout=log, stderr=log,
@@ -310,7 +310,7 @@ class QemuVMM(VMM):
                 self._restore_fd = None
         self._pid = self._proc.pid
         if self.jail is not None:
-            self._jail_launch = getattr(self._proc, "how", "exec")
+            self._jail_launch = "exec" if isinstance(self._proc, subprocess.Popen) else "helper"
             self._pid = self._wait_jailed_pid()
         trace.mark("jail" if self.jail is not None else "vmm spawn", spawned)
         if s.restore_from is not None:
