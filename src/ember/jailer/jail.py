@@ -369,14 +369,10 @@ def run(spec: JailSpec, allow_root: bool = False) -> int:
 
 def _start_and_supervise(plan: Plan, report: int | None) -> int:
     spec = plan.spec
-    pid = 0
-    pending: list[int] = []
+    pending: list[int] = []  # caught before the waiter runs; it delivers them
 
     def forward(signum: int, _frame: object) -> None:
-        if pid:
-            waiter.deliver(pid, signum)
-        else:
-            pending.append(signum)
+        pending.append(signum)
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
@@ -416,25 +412,39 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
     if report is not None:
         os.write(report, b"ok")
         os.close(report)
-    for signum in pending:
-        forward(signum, None)
-    _become_waiter(plan, pid)
-    _, status = os.waitpid(pid, 0)  # only if the lean waiter could not be exec'd
+    _become_waiter(plan, pid, pending)
+    # Only if the lean waiter could not be exec'd: supervise here, as it would.
+    escalated: list[int] = []
+
+    def deliver(signum: int, _frame: object) -> None:
+        if waiter.deliver(pid, signum):
+            escalated.append(signum)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, deliver)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    _, status = os.waitpid(pid, 0)
     unbuild(plan, rollback=False)
-    return waiter.status_code(status)
+    return waiter.exit_code(status, escalated)
 
 
-def _become_waiter(plan: Plan, pid: int) -> None:
+def _become_waiter(plan: Plan, pid: int, pending: list[int]) -> None:
     """Exec the small stdlib-only waiter in place of this process (same pid).
 
     The full jailer holds ~11 MiB for the whole life of the VMM; the waiter
     ~4 MiB. Forwarded signals are blocked across the exec and stay pending
-    until the waiter has its handlers, so none is lost.
+    until the waiter has its handlers, so none is lost; those this process
+    caught itself are raised again while blocked, so the waiter both
+    delivers them and knows when one had to become SIGKILL (its exit code
+    then says 128+SIGTERM, not 128+SIGKILL). Returns only if exec failed,
+    with the signals still blocked.
     """
     leaves = [str(p) for p in cgroups.jail_cgroup_dirs(plan.cgroups.parent, plan.spec.id)]
     signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    while pending:  # a handler may still run for one caught just before the block
+        os.kill(os.getpid(), pending.pop())
     try:
         os.execv(sys.executable, [sys.executable, "-I", "-S", waiter.__file__, str(pid),
                                   str(jail_dir(plan.spec)), *leaves])
     except OSError:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+        pass

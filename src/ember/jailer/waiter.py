@@ -100,8 +100,13 @@ def main(argv: list[str]) -> int:
             rmdir_cgroup(leaf)
         except OSError:
             pass
+    return exit_code(status, escalated)
+
+
+def exit_code(status: int, escalated: list[int]) -> int:
+    """The VMM's status; a SIGKILL we escalated to reads as the signal we were sent."""
     if escalated and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return 128 + escalated[0]  # what the signal we were sent would have given
+        return 128 + escalated[0]
     return status_code(status)
 
 
