@@ -27,6 +27,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# QEMU 8.2 or later: sandboxes restored from one VM template share its memory
+# only where QEMU maps a read-only file as private RAM (memory-backend-file
+# `rom`, 8.2). Debian 12 ships 7.2; its backports have a current QEMU. Ember
+# still works with 7.2 (every restore then copies the template's RAM).
+QEMU_MIN="1:8.2"
+qemu_version() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true; }
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" = bookworm ] && [ "${EMBER_QEMU_BACKPORTS:-1}" = 1 ] &&
+   ! dpkg --compare-versions "$(qemu_version)" ge "$QEMU_MIN"; then
+  echo "==> installing QEMU from bookworm-backports"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" \
+    > /etc/apt/sources.list.d/ember-backports.list
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 qemu-utils >/dev/null
+fi
 # Debian starts these services on install; Ember's tests start their own.
 for svc in containerd docker-registry; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true

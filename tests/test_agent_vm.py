@@ -18,6 +18,7 @@ from test_agent import base_image, base_spec, make_spec  # noqa: F401 - fixtures
 
 from ember.errors import CommandNotFound
 from ember.sandbox.agent_client import AgentClient
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(400),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -32,7 +33,7 @@ def vm(guest_assets, base_image, tmp_path):  # noqa: F811
     sock = tmp_path / "agent.sock"
     cmd = [
         "qemu-system-x86_64", "-name", f"ember-agenttest-{os.getpid()}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "tcg", "-cpu", "max",
+        "-M", MACHINE, "-bios", FIRMWARE, "-accel", "tcg", "-cpu", "max",
         "-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(guest_assets.kernel), "-initrd", str(guest_assets.initrd),
         "-append", guest_assets.cmdline,

@@ -20,6 +20,7 @@ from ember.agent import fcdevices
 from ember.errors import VMError
 from ember.vmm.firecracker import drives as fc_drives
 from ember.vmm.firecracker import kernel as fc_kernel
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 
 def make_sysfs(root: Path, name: str, serial: bytes, sectors: int) -> None:
@@ -135,7 +136,7 @@ def test_debian_bzimage_becomes_a_bootable_elf(tmp_path):
     # The extracted ELF really is the kernel: QEMU boots it (PVH entry) to its banner.
     log = tmp_path / "console.log"
     proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        ["qemu-system-x86_64", "-M", MACHINE, "-bios", FIRMWARE,
          "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults", "-no-user-config",
          "-nographic", "-no-reboot", "-serial", f"file:{log}", "-kernel", str(elf),
          "-append", "console=ttyS0 panic=-1 rdinit=/none root=/dev/none"],

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
+
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
-MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 
 
 class Guest:
@@ -34,7 +35,7 @@ class Guest:
         self.qmp_sock = self.dir / "qmp.sock"
         cmdline = f"{assets.cmdline} {append}".strip()
         self.argv = [
-            "qemu-system-x86_64", "-M", MACHINE, "-accel", "tcg", "-cpu", "max", "-m", "512",
+            "qemu-system-x86_64", "-M", MACHINE, "-bios", FIRMWARE, "-accel", "tcg", "-cpu", "max", "-m", "512",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(assets.kernel), "-initrd", str(assets.initrd), "-append", cmdline,
             "-drive", f"id=root,file={rootfs or assets.rootfs},format=raw,if=none,readonly=on",

@@ -24,7 +24,7 @@ from test_jailer import UID, env, jailer, make_spec  # noqa: F401 - env is a fix
 from test_jailer_support import wait_for
 
 from ember.errors import VMError
-from ember.jailer.api import build_argv, jail_dir, vmm_pid
+from ember.jailer.api import Placement, build_argv, jail_dir, vmm_pid
 from ember.vmm.peer import check_peer
 
 pytestmark = pytest.mark.root
@@ -40,6 +40,7 @@ ATTACK_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -77,6 +78,8 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(c, "create")) return say(open(arg, O_CREAT | O_WRONLY, 0644) >= 0);
+    if (!strcmp(c, "rdwr")) return say(open(arg, O_RDWR) >= 0);
+    if (!strcmp(c, "chmod")) return say(chmod(arg, 0666) == 0);
     return 2;
 }
 """
@@ -146,6 +149,22 @@ def test_host_abstract_socket_is_unreachable_under_the_qemu_profile(env, attack)
 
 def test_vmm_is_pid_1_with_its_own_hostname_namespace(env, attack):  # noqa: F811
     assert _run(env, attack, "ids", "-").startswith("pid 1 host ")
+
+
+@pytest.mark.parametrize("how", ["rdwr", "chmod"])
+def test_a_template_ram_file_cannot_be_changed_from_the_jail(env, attack, tmp_path, how):  # noqa: F811
+    """Shared template memory (issue 14): every restore maps the template's RAM
+    file; the VMM gets it as a read-only bind of a root-owned 0444 file, so a
+    VMM the guest took over cannot change what other sandboxes restore."""
+    ram = tmp_path / "vm.state.ram"
+    ram.write_bytes(b"template")
+    ram.chmod(0o444)
+    spec = make_spec(env, exec_file=attack, vmm_kind="qemu", args=[how, "/ram"], seccomp="off",
+                     kvm=False, files=[Placement(str(ram), "/ram", "bind")])
+    res = jailer(env, spec)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() in ("EROFS", "EACCES")  # mount and mode refuse it both
+    assert ram.read_bytes() == b"template" and ram.stat().st_mode & 0o777 == 0o444
 
 
 def test_an_uncaught_forwarded_signal_still_ends_the_vmm(env):  # noqa: F811

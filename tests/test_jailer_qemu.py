@@ -24,6 +24,7 @@ from test_jailer_support import (
 
 from ember.jailer import cgroups
 from ember.jailer.api import JailSpec, Placement, build_argv, cleanup, jail_dir, jail_root, vmm_pid
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
@@ -149,7 +150,7 @@ def test_ember_guest_agent_answers_from_a_jailed_qemu(guest_assets, tmp_path):
                     chroot_base_dir=str(base), vmm_kind="qemu", new_pid_ns=True)
     spec.place(str(run), "bind", writable=True, jail_path="/run")
     spec.args = [
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "tcg", "-cpu", "max",
+        "-M", MACHINE, "-bios", FIRMWARE, "-accel", "tcg", "-cpu", "max",
         "-m", "512", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", spec.place(guest_assets.kernel), "-initrd", spec.place(guest_assets.initrd),
         "-append", guest_assets.cmdline,

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from ember.guest.build import host_tsc_khz
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 BUSYBOX = "/bin/busybox"
-MICROVM = ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "tcg",
+MICROVM = ["-M", MACHINE, "-bios", FIRMWARE, "-accel", "tcg",
            "-cpu", "max", "-m", "256", "-nodefaults", "-no-user-config", "-nographic",
            "-serial", "stdio", "-no-reboot"]
 

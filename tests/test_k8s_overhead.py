@@ -19,6 +19,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from ember.k8s import overhead
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 MIB = 1 << 20
 K8S = latest_version()
@@ -78,7 +79,7 @@ def test_busy_process_shows_cpu():
 def test_qemu_guest_ram_mapping_is_found():
     """-mem-prealloc touches every guest page: all of it must be recognised as guest RAM."""
     qemu = subprocess.Popen(
-        ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        ["qemu-system-x86_64", "-M", MACHINE, "-bios", FIRMWARE,
          "-accel", "tcg", "-cpu", "max", "-m", "64", "-mem-prealloc", "-S", "-nodefaults",
          "-no-user-config", "-display", "none"], stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)

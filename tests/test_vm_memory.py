@@ -6,14 +6,21 @@
   template snapshot as zero pages and a restore never makes them resident.
 * The TCG translation cache is capped (tb-size) at the configured size
   (``[vm] tcg_tb_size_mib``, default 32 MiB).
+* Sandboxes restored from one template share its RAM (a file mapped
+  copy-on-write) until they write it, and none of them can change it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 from test_jailer_support import status
+
+from ember.vmm.qemu.snapshot import can_share_ram
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -43,3 +50,71 @@ def test_idle_vmm_has_no_huge_pages_and_a_capped_translation_cache(ember_env, im
     proc = ember_env.run("exec", sid, "cat", "/proc/cmdline", check=True)
     assert "init_on_free=1" in proc.stdout.decode().split()
     ember_env.run("rm", "-f", sid, check=True)
+
+
+def _mapping_of(pid: int, inode: int) -> dict[str, object]:
+    """The smaps entry of pid's mapping of the file with this inode."""
+    entry: dict[str, object] = {}
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                if entry:
+                    return entry
+                if int(head[4]) == inode:
+                    entry = {"perms": head[1]}
+            elif entry and line.endswith(" kB\n"):
+                entry[head[0].rstrip(":")] = int(head[1])
+    return entry
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_restored_sandboxes_share_the_template_memory_and_cannot_change_it(ember_env, image):
+    cfg = ember_env.cfg()
+    if not can_share_ram(cfg.vm.qemu_binary):
+        pytest.skip(f"{cfg.vm.qemu_binary} cannot map a read-only file as private RAM (QEMU < 8.2)")
+    sids = [ember_env.run("run", "-d", image, "sleep", "300", check=True).stdout.decode().strip()
+            for _ in range(2)]
+    try:
+        pids = [json.loads(ember_env.run("inspect", sid, check=True).stdout)[0]["vmm_pid"]
+                for sid in sids]
+        rams = {os.stat(p).st_ino: p for p in cfg.templates_dir.glob("*/vm.state.ram")}
+        maps = {}
+        for pid in pids:
+            found = {ino: _mapping_of(pid, ino) for ino in rams}
+            [(ino, entry)] = [(i, e) for i, e in found.items() if e]
+            maps[pid] = entry
+        ram = rams[ino]
+        before = _sha256(ram)
+        st = ram.stat()
+        assert st.st_uid == 0 and st.st_mode & 0o777 == 0o444
+        for pid, entry in maps.items():
+            assert entry["perms"] == "rw-p", entry  # private: writes never reach the file
+            # Most of what the guest touched is still the template's page-cache pages.
+            assert entry["Shared_Clean"] >= 16 * 1024, entry
+            assert entry["Pss"] < entry["Rss"] * 0.75, entry
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == ino:
+                        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                            flags = int(f.read().split("flags:")[1].split()[0], 8)
+                        assert flags & os.O_ACCMODE == os.O_RDONLY, fds
+                except FileNotFoundError:
+                    continue
+        # A guest that writes lots of memory changes its own copy only.
+        ember_env.run("exec", sids[0], "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=2",
+                      check=True)
+        assert _sha256(ram) == before and ram.stat().st_mtime_ns == st.st_mtime_ns
+        out = ember_env.run("exec", sids[1], "echo", "still-fine", check=True).stdout.decode()
+        assert out.strip() == "still-fine"
+    finally:
+        for sid in sids:
+            ember_env.run("rm", "-f", sid)

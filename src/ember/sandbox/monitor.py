@@ -62,6 +62,7 @@ from ember.sandbox.status import Status
 from ember.sandbox.vm import SandboxVM
 from ember.stopsignal import StopSignals
 from ember.ttrpc import Server, TTRPCError
+from ember.vmm import configured
 
 START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
 WAIT_MAX_S = 60.0  # the longest a Wait call blocks before answering "not yet"
@@ -444,6 +445,7 @@ class Monitor:
                     pass
         trace.mark("monitor start", trace.process_start())  # interpreter, imports, config
         if self.cfg.jailer.enabled:
+            configured(self.cfg).prepare_launcher()  # the helper passes it on to the VMM
             launch.prefork()  # while we have one thread: the jailer then needs no exec
         self._watch_creator()
         try:

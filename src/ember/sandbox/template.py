@@ -8,8 +8,9 @@ says a snapshot depends on (its binary: VMM.template_inputs) and this
 module's device-layout version, and whether the VM has a NIC (a VM with a
 virtio-net device cannot restore a snapshot saved without one; such a
 template is built on a placeholder backend and restored onto the pod's tap).
-Templates are built under an exclusive lock, written to a temp file and renamed into place, so a crash mid-build leaves
-nothing a later restore could pick up.
+Templates are built under an exclusive lock in a hidden staging folder that is
+renamed into place, so a crash mid-build leaves nothing a later restore could
+pick up (the next build of that key removes the staging folder).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class TemplateCache:
             if path.exists():
                 _last_use[use] = "hit"
                 return path
+            self._remove_stale_builds(key)
             try:
                 self._build(spec, key, path, build, owner)
             except EmberError:
@@ -113,27 +115,37 @@ class TemplateCache:
 
     def _build(self, spec: VMSpec, key: str, path: Path, build: Builder,
                owner: str | None = None) -> None:
+        """Build into a hidden folder and rename it into place: a snapshot may be
+        several files (QEMU's RAM file, Firecracker's memory and metadata), all
+        written beside the state file, and a crash leaves no half of them."""
         from ember.sandbox.state import template_vm_id
 
         # A short work dir: Unix socket paths are limited to 107 bytes.
         work = Path(tempfile.mkdtemp(prefix=build_prefix(owner), dir=self._tmp_base()))
-        tmp_state = path.parent / f".vm.state.{os.getpid()}.tmp"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
         vm_id = template_vm_id(owner) if owner else f"template-{key}"
         started = time.monotonic()
         try:
-            kernel_release = build(spec, vm_id, work, tmp_state)
-            os.replace(tmp_state, path)
-            atomic_write_json(path.parent / "meta.json", {
+            staging.mkdir(mode=0o700)
+            kernel_release = build(spec, vm_id, work, staging / path.name)
+            atomic_write_json(staging / "meta.json", {
                 "key": key, "created": time.time(), "build_seconds": time.monotonic() - started,
                 "spec": {k: str(v) for k, v in dataclasses.asdict(spec).items()
                          if k in ("kernel", "initrd", "rootfs", "cmdline", "vcpus",
                                   "memory_mib", "accel", "nic")},
                 "kernel_release": kernel_release,
             })
+            shutil.rmtree(path.parent, ignore_errors=True)  # a folder without a state is nothing
+            os.rename(staging, path.parent)
         finally:
-            tmp_state.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
+
+    def _remove_stale_builds(self, key: str) -> None:
+        """Staging folders of builds of ``key`` that died (we hold its lock)."""
+        for entry in self.root.glob(f".{key}.*.tmp"):
+            shutil.rmtree(entry, ignore_errors=True)
 
     def _tmp_base(self) -> Path:
         base = self.cfg.state_dir

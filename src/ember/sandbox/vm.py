@@ -74,8 +74,9 @@ def release_network(netns: str | None) -> None:
 class SandboxVM:
     def __init__(self, cfg: Config, vm_id: str, work_dir: Path, vcpus: int, memory_mib: int,
                  use_template: bool | None = None, nic: bool = False,
-                 cpus: float | None = None) -> None:
+                 cpus: float | None = None, snapshot_to: Path | None = None) -> None:
         self.cfg = cfg
+        self.snapshot_to = snapshot_to  # a template build: where its snapshot will be saved
         self.nic = nic  # one virtio-net device (pod networking); part of the template key
         self.vm_id = vm_id
         self.work_dir = work_dir
@@ -109,7 +110,7 @@ class SandboxVM:
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
             memory_mib=self.memory_mib, accel=accel, jailer=self.jail_spec(accel), nic=self.nic,
-            tcg_tb_mib=self.cfg.vm.tcg_tb_size_mib,
+            tcg_tb_mib=self.cfg.vm.tcg_tb_size_mib, snapshot_to=self.snapshot_to,
         )
 
     def jail_spec(self, accel: str):
@@ -331,7 +332,7 @@ def _snapshot_new_vm(cfg: Config, spec: VMSpec, vm_id: str, work_dir: Path, dest
     agent, save its snapshot to ``dest`` and kill it: a VM template's build
     (ember.sandbox.template.Builder). Returns the guest's kernel release."""
     vm = SandboxVM(cfg, vm_id, work_dir, spec.vcpus, spec.memory_mib,
-                   use_template=False, nic=spec.nic)
+                   use_template=False, nic=spec.nic, snapshot_to=dest)
     try:
         agent = vm.boot()
         details = agent.guest_details()

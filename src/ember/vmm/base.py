@@ -59,6 +59,10 @@ class VMSpec:
     tcg_tb_mib: int = DEFAULT_TCG_TB_MIB  # TCG's translation cache (config vm.tcg_tb_size_mib)
     drives: list[Drive] = field(default_factory=list)  # attached at boot
     restore_from: Path | None = None  # a snapshot (template) to restore
+    # This VM will be saved with save_snapshot(snapshot_to) as a template; a
+    # driver may keep its guest memory in a file beside that path from the
+    # start, so restores can map it copy-on-write instead of each copying it.
+    snapshot_to: Path | None = None
     jailer: JailSpec | None = None  # ember.jailer settings when jailed
     # One virtio-net NIC (pod networking). net_fd: an open tap the VMM inherits;
     # None with nic=True means a placeholder backend (building a VM template).
@@ -136,6 +140,13 @@ class VMM(abc.ABC):
         except OSError:
             return [found]
         return [f"{found}:{st.st_size}:{st.st_mtime_ns}"]
+
+    @classmethod
+    def prepare_launcher(cls) -> None:
+        """Set what this process must pass on to the VMMs it will start, before it
+        forks anything that starts them (the monitor's pre-forked jailer helper):
+        such settings are inherited at fork, not asked for later. None by default."""
+        return None
 
     @classmethod
     def host_ready(cls, status_of: Callable[[str], str]) -> bool:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ember.util import atomic_write_json
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
 PROBE_TIMEOUT = 20.0
 
@@ -25,7 +26,7 @@ PROBE_TIMEOUT = 20.0
 def _probe(binary: str, kernel: Path, accel: str, timeout: float, cmdline: str) -> float | None:
     cpu = "host" if accel == "kvm" else "max"
     argv = [
-        binary, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        binary, "-M", MACHINE, "-bios", FIRMWARE,
         "-accel", accel, "-cpu", cpu, "-m", "128", "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-serial", "null", "-kernel", str(kernel),
         "-append", f"{cmdline} panic=-1 rdinit=/ember-none root=/dev/ember-none",

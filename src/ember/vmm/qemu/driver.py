@@ -41,14 +41,14 @@ from ember import trace
 from ember.config import Config
 from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
+from ember.vmm.qemu import snapshot
 from ember.vmm.qemu.drives import blockdev, qcow2_backing
+from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 from ember.vmm.qemu.qmp import QMPClient, QMPError
-from ember.vmm.qemu.snapshot import save_snapshot
 
 if TYPE_CHECKING:
     from ember.jailer.launch import Forked
 
-MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
 PR_SET_THP_DISABLE = 41
 MAX_UNIX_PATH = 107
 CONSOLE_FDSET = 1  # -add-fd set of the console descriptor (QMP add-fd picks other ids)
@@ -103,6 +103,10 @@ class QemuVMM(VMM):
         return status_of("qemu") == "ok" and status_of("accel probe") != "error"
 
     @classmethod
+    def prepare_launcher(cls) -> None:
+        _no_huge_pages()
+
+    @classmethod
     def configured_binary(cls, cfg: Config) -> str:
         return cfg.vm.qemu_binary
 
@@ -125,6 +129,8 @@ class QemuVMM(VMM):
         self._next_target = 1
         self._targets: dict[str, int] = {}
         self._restore_fd: int | None = None
+        self._incoming = ""  # the -incoming URI of a restore
+        self._ram_file: Path | None = None  # guest RAM in a file (shared template memory)
         self._channels: dict[str, int] = {}  # qmp, agent, console: descriptors QEMU inherits
         self._listeners: list[socket.socket] = []
         self.jail = None  # ember.jailer.api.JailSpec when the VMM runs jailed
@@ -205,7 +211,7 @@ class QemuVMM(VMM):
         rootfs = self._path(s.rootfs, "bind")
         args = [
             self.binary, "-name", f"ember-{s.vm_id[:12]}",
-            "-M", MACHINE, *self._accel_args(),
+            "-M", MACHINE, "-bios", FIRMWARE, *self._accel_args(),
             "-m", str(s.memory_mib), "-smp", str(s.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", kernel, "-initrd", initrd, "-append", s.cmdline,
@@ -231,6 +237,7 @@ class QemuVMM(VMM):
                 node["file"]["filename"] = self._path(drive.path, "bind", not drive.readonly)  # type: ignore[index]
             args += ["-blockdev", json.dumps(node)]
             args += ["-device", json.dumps(self._scsi_device(drive, target))]
+        args += self._memory_args()
         if s.restore_from is not None:
             # An inherited descriptor works the same jailed or not (no shell, no host path).
             if self._restore_fd is None:
@@ -238,7 +245,9 @@ class QemuVMM(VMM):
                     self._restore_fd = os.open(s.restore_from, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as exc:
                     raise VMError(f"cannot open VM snapshot {s.restore_from}: {exc}") from None
-            args += ["-incoming", f"fd:{self._restore_fd}"]
+            self._incoming = f"fd:{self._restore_fd}"
+            # Shared RAM needs a capability set first (start(): snapshot.start_incoming).
+            args += ["-incoming", "defer" if self._ram_file else self._incoming]
         if self.jail is not None:
             self.jail.exec_file = shutil.which(args[0]) or args[0]
             self.jail.args = args[1:]
@@ -248,6 +257,22 @@ class QemuVMM(VMM):
 
             return build_argv(self.jail)
         return args
+
+    def _memory_args(self) -> list[str]:
+        """Guest RAM in a file when the snapshot has one, or a template build can make one."""
+        s = self.spec
+        if s.restore_from is not None and snapshot.ram_file(s.restore_from).is_file():
+            self._ram_file = snapshot.ram_file(s.restore_from)
+            path = self._path(self._ram_file, "bind")  # a read-only mount in the jail
+            return snapshot.memory_backend(path, s.memory_mib, build=False)
+        if s.restore_from is None and s.snapshot_to is not None \
+                and snapshot.can_share_ram(self.binary):
+            self._ram_file = snapshot.ram_file(s.snapshot_to)
+            snapshot.create_ram_file(self._ram_file, s.memory_mib)
+            path = self._path(self._ram_file, "bind", True)
+            return snapshot.memory_backend(path, s.memory_mib, build=True)
+        self._ram_file = None
+        return []
 
     def _inherited_fds(self) -> list[int]:
         fds = [self._restore_fd, self.spec.net_fd, *self._channels.values()]
@@ -315,6 +340,8 @@ class QemuVMM(VMM):
         trace.mark("jail" if self.jail is not None else "vmm spawn", spawned)
         if s.restore_from is not None:
             with trace.span("restore"):
+                if self._ram_file is not None:
+                    snapshot.start_incoming(self, self._incoming)
                 self._wait_running(timeout=60)
 
     def jail_record(self) -> dict:
@@ -501,7 +528,8 @@ class QemuVMM(VMM):
         self.qmp("cont")
 
     def save_snapshot(self, path: Path) -> None:
-        save_snapshot(self, path)
+        building = self.spec.restore_from is None and self._ram_file is not None
+        snapshot.save_snapshot(self, path, self._ram_file if building else None)
 
     # ----------------------------------------------------------------- stop
     def stop(self, timeout: float = 5.0) -> None:

@@ -1,0 +1,144 @@
+"""Shared template memory, the parts that need no VM (issue 14, point 4).
+
+How QEMU is told to keep a template build's RAM in a file and to map it
+copy-on-write on restore, that a QEMU without read-only private RAM (7.2)
+keeps the old full-copy snapshot, and that a template's files (the state and
+what the hypervisor writes beside it) appear together or not at all. The VM
+side is tests/test_vm_memory.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ember.config import Config
+from ember.errors import VMError
+from ember.sandbox.template import TemplateCache
+from ember.vmm.base import VMSpec
+from ember.vmm.qemu import QemuVMM, snapshot
+
+
+def spec(tmp_path: Path, **kw) -> VMSpec:
+    return VMSpec(vm_id="t-ram", kernel=tmp_path / "k", initrd=tmp_path / "i",
+                  rootfs=tmp_path / "r", cmdline="console=ttyS0", work_dir=tmp_path, **kw)
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+@pytest.fixture
+def sharing(monkeypatch):
+    monkeypatch.setattr(snapshot, "can_share_ram", lambda binary: True)
+
+
+def test_a_template_build_keeps_its_ram_in_a_file_beside_the_snapshot(tmp_path, sharing):
+    dest = tmp_path / "tpl" / "vm.state"
+    dest.parent.mkdir()
+    argv = QemuVMM(spec(tmp_path, memory_mib=256, snapshot_to=dest)).argv()
+    ram = dest.parent / "vm.state.ram"
+    assert option(argv, "-object")[-1] == (
+        f"memory-backend-file,id=ram0,size=256M,mem-path={ram},share=on")
+    assert option(argv, "-machine") == ["memory-backend=ram0"]
+    assert ram.stat().st_size == 256 << 20 and ram.stat().st_blocks == 0  # sparse
+    assert "-incoming" not in argv
+
+
+def test_a_restore_maps_the_template_ram_read_only_and_private(tmp_path, sharing):
+    state = tmp_path / "vm.state"
+    state.write_bytes(b"stream")
+    snapshot.ram_file(state).write_bytes(b"\0" * 4096)
+    vmm = QemuVMM(spec(tmp_path, restore_from=state))
+    argv = vmm.argv()
+    assert option(argv, "-object")[-1].endswith(
+        f"mem-path={snapshot.ram_file(state)},share=off,readonly=on,rom=off")
+    assert option(argv, "-incoming") == ["defer"]  # x-ignore-shared is set over QMP first
+    assert vmm._incoming == f"fd:{vmm._restore_fd}"
+    os.close(vmm._restore_fd)
+
+
+def test_a_snapshot_without_a_ram_file_restores_as_before(tmp_path, sharing):
+    state = tmp_path / "vm.state"
+    state.write_bytes(b"stream")
+    vmm = QemuVMM(spec(tmp_path, restore_from=state))
+    argv = vmm.argv()
+    assert "-machine" not in argv and not any("memory-backend" in a for a in argv)
+    assert option(argv, "-incoming") == [f"fd:{vmm._restore_fd}"]
+    os.close(vmm._restore_fd)
+
+
+def test_a_qemu_that_cannot_share_builds_full_snapshots(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "can_share_ram", lambda binary: False)
+    dest = tmp_path / "vm.state"
+    argv = QemuVMM(spec(tmp_path, snapshot_to=dest)).argv()
+    assert "-machine" not in argv and not snapshot.ram_file(dest).exists()
+
+
+def test_can_share_ram_asks_the_binary(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho '  readonly=<bool>'\necho '  rom=<OnOffAuto>'\n")
+    fake.chmod(0o755)
+    old = tmp_path / "qemu-7.2"
+    old.write_text("#!/bin/sh\necho '  readonly=<bool>'\necho '  share=<bool>'\n")
+    old.chmod(0o755)
+    assert snapshot.can_share_ram(str(fake))
+    assert not snapshot.can_share_ram(str(old))
+    assert not snapshot.can_share_ram(str(tmp_path / "missing"))
+
+
+def test_a_comma_in_the_ram_path_is_escaped():
+    [_, obj, _, _] = snapshot.memory_backend("/a,b/vm.state.ram", 64, build=False)
+    assert "mem-path=/a,,b/vm.state.ram,share=off" in obj
+
+
+def test_a_ram_file_that_cannot_be_made_is_a_one_line_error(tmp_path, sharing):
+    dest = tmp_path / "missing-dir" / "vm.state"
+    with pytest.raises(VMError, match=r"cannot create guest RAM file .*vm.state.ram"):
+        QemuVMM(spec(tmp_path, snapshot_to=dest)).argv()
+
+
+# ------------------------------------------------------------ template cache
+@pytest.fixture
+def cache(tmp_path) -> TemplateCache:
+    cfg = Config()
+    cfg.data_dir = tmp_path / "data"
+    cfg.state_dir = tmp_path / "state"
+    return TemplateCache(cfg)
+
+
+def test_a_template_moves_into_place_with_the_files_beside_its_state(cache, tmp_path):
+    def build(_spec, _vm_id, _work, dest: Path) -> str:
+        dest.write_bytes(b"stream")
+        snapshot.ram_file(dest).write_bytes(b"ram")
+        return "6.1"
+
+    path = cache.get_or_build(spec(tmp_path), ["qemu"], build)
+    assert path is not None and path.read_bytes() == b"stream"
+    assert snapshot.ram_file(path).read_bytes() == b"ram"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["meta.json", "vm.state",
+                                                            "vm.state.ram"]
+    assert [p.name for p in cache.root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_failed_or_crashed_build_leaves_nothing_a_restore_could_use(cache, tmp_path):
+    def failing(_spec, _vm_id, _work, dest: Path) -> str:
+        dest.write_bytes(b"half")
+        snapshot.ram_file(dest).write_bytes(b"ram")
+        raise VMError("boot failed")
+
+    assert cache.get_or_build(spec(tmp_path), ["qemu"], failing) is None
+    assert [p.name for p in cache.root.iterdir() if not p.name.endswith(".lock")] == []
+    # A build killed half-way (no finally ran) leaves its staging folder: the next
+    # build of that key removes it.
+    from ember.sandbox.template import template_key
+
+    key = template_key(spec(tmp_path), ["qemu"])
+    stale = cache.root / f".{key}.99999999.tmp"
+    stale.mkdir()
+    (stale / "vm.state.ram").write_bytes(b"ram")
+    path = cache.get_or_build(spec(tmp_path), ["qemu"],
+                              lambda _s, _v, _w, dest: dest.write_bytes(b"ok") and "6.1")
+    assert path is not None and path.read_bytes() == b"ok" and not stale.exists()
