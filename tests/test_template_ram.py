@@ -94,6 +94,24 @@ def test_a_comma_in_the_ram_path_is_escaped():
     assert "mem-path=/a,,b/vm.state.ram,share=off" in obj
 
 
+def test_sealing_makes_the_ram_file_root_only_read_only_and_sparse(tmp_path):
+    ram = tmp_path / "vm.state.ram"
+    with open(ram, "wb") as f:
+        f.write(b"\x01" * 4096 + b"\0" * (4 << 20) + b"\x02" * 4096)
+    os.chmod(ram, 0o600)
+    snapshot.seal_ram_file(ram)
+    st = ram.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o444)
+    assert st.st_blocks * 512 < 1 << 20  # the zero MiBs became a hole
+    data = ram.read_bytes()
+    assert data[:4096] == b"\x01" * 4096 and data[-4096:] == b"\x02" * 4096
+
+
+def test_a_ram_file_that_cannot_be_sealed_is_a_one_line_error(tmp_path):
+    with pytest.raises(VMError, match=r"cannot seal guest RAM file .*vm.state.ram"):
+        snapshot.seal_ram_file(tmp_path / "vm.state.ram")
+
+
 def test_a_ram_file_that_cannot_be_made_is_a_one_line_error(tmp_path, sharing):
     dest = tmp_path / "missing-dir" / "vm.state"
     with pytest.raises(VMError, match=r"cannot create guest RAM file .*vm.state.ram"):

@@ -77,15 +77,19 @@ def seal_ram_file(path: Path) -> None:
     booted guest's RAM is zeros that still take disk blocks; ``fallocate
     --dig-holes`` gives them back (a hole reads as zeros all the same).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o444)  # restoring VMMs run as their own uids; reached only via their jail
-        subprocess.run(["fallocate", "--dig-holes", f"/proc/self/fd/{fd}"], pass_fds=(fd,),
-                       capture_output=True, timeout=120, check=False)  # only saves disk
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o444)  # restoring VMMs run as their own uids; reached only via their jail
+            subprocess.run(["fallocate", "--dig-holes", f"/proc/self/fd/{fd}"], pass_fds=(fd,),
+                           capture_output=True, timeout=120, check=False)  # only saves disk
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        # A VMError: the template build fails cleanly and the sandbox cold-boots.
+        raise VMError(f"cannot seal guest RAM file {path}: {exc}") from None
 
 
 def save_snapshot(vmm: QemuVMM, path: Path, shared_ram: Path | None = None) -> None:
