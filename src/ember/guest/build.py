@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 from ember.config import Config
 from ember.errors import GuestError
 from ember.guest import debs, initrd, kernel, modules, rootfs
@@ -278,6 +276,16 @@ class _Steps:
     def __init__(self, enabled: bool) -> None:
         self._progress = None
         if enabled:
+            # Here, not at the top: sandbox monitors import this module to find
+            # the guest assets, and rich would add ~3 MiB to each of them.
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn("guest build: {task.description:<9}"),
