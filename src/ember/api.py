@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from ember import trace
 from ember.config import Config, load_config
 from ember.errors import EmberError, NotFoundError
+from ember.sandbox import forkserver
 from ember.sandbox.options import (
     RunOptions,
     apply_to_spec,
@@ -250,7 +251,11 @@ class Sandbox:
             disk = prepare_writable(base, disk_dir / "rootfs")
             self.store.update(self.id, disk=str(disk.path))
         with trace.span("wait for monitor ready"):
-            self._wait_ready(proc, ready_r)
+            try:
+                self._wait_ready(proc, ready_r)
+            finally:
+                if isinstance(proc, forkserver.Spawned):
+                    proc.close()  # the server reaps it; we no longer want its status
         with trace.span("disk attach"):
             dev = self.monitor().attach_disk(str(disk.path), disk.format, drive_id="rootfs")
         from ember.sandbox import mounts
@@ -275,7 +280,7 @@ class Sandbox:
             # The monitor records "running" (and from here on outlives us).
             self.monitor().watch(self.id, auto_stop=True)
 
-    def _spawn_monitor(self) -> tuple[subprocess.Popen, int]:
+    def _spawn_monitor(self) -> tuple[subprocess.Popen | forkserver.Spawned, int]:
         ready_r, ready_w = os.pipe()
         env = dict(os.environ)
         env["EMBER_DATA_DIR"] = str(self.cfg.data_dir)
@@ -287,15 +292,16 @@ class Sandbox:
         trace_fd = trace.child_fd()  # EMBER_TRACE: the monitor's phases go to our stderr
         if trace_fd is not None:
             env[trace.FD_ENV] = str(trace_fd)
+        argv = [sys.executable, "-m", "ember.sandbox.monitor", "--id", self.id,
+                "--ready-fd", str(ready_w), "--creator-pid", str(os.getpid())]
+        fds = (ready_w,) if trace_fd is None else (ready_w, trace_fd)
         try:
             with open(self.dir / "monitor.log", "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "ember.sandbox.monitor", "--id", self.id,
-                     "--ready-fd", str(ready_w), "--creator-pid", str(os.getpid())],
-                    pass_fds=(ready_w,) if trace_fd is None else (ready_w, trace_fd),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, env=env, close_fds=True,
-                )
+                # Forked by the fork server where it can (shared memory), else exec'd.
+                proc = forkserver.spawn(self.cfg.state_dir, argv, env, log.fileno(), fds) or \
+                    subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, start_new_session=True, env=env,
+                                     close_fds=True)
         finally:
             os.close(ready_w)
             if trace_fd is not None:
@@ -306,7 +312,7 @@ class Sandbox:
             "monitor_pid": proc.pid, "monitor_started": process_started(proc.pid)})
         return proc, ready_r
 
-    def _wait_ready(self, proc: subprocess.Popen, ready_r: int) -> None:
+    def _wait_ready(self, proc: subprocess.Popen | forkserver.Spawned, ready_r: int) -> None:
         import select
 
         deadline = time.monotonic() + self.cfg.vm.boot_timeout + 120

@@ -59,10 +59,9 @@ from ember.sandbox.output import OutputReader, read_method
 from ember.sandbox.restart import Restarter
 from ember.sandbox.state import StateStore, kill_pid
 from ember.sandbox.status import Status
-from ember.sandbox.vm import SandboxVM
+from ember.sandbox.vm import SandboxVM, prepare_launch
 from ember.stopsignal import StopSignals
 from ember.ttrpc import Server, TTRPCError
-from ember.vmm import configured
 
 START_TIMEOUT_S = 300.0  # without a creator pid: ready VM, no container started → abandoned
 WAIT_MAX_S = 60.0  # the longest a Wait call blocks before answering "not yet"
@@ -81,6 +80,7 @@ class Monitor:
         self.keeps_data = any(m.get("kind") == "volume" and not m.get("readonly")
                               for m in st.mounts)
         self.creator_pid = creator_pid
+        self.creator_started = st.creator_started if st.creator_pid == creator_pid else None
         self.network = st.network
         self.publish = list(st.publish)
         self.proxies: list = []  # ember.net.proxy.TCPProxy, one per published port
@@ -316,9 +316,9 @@ class Monitor:
             fd = os.pidfd_open(pid)
         except OSError:
             fd = None
-        # The creator spawned us: if it is no longer our parent, it has ended
-        # (and the pid may already be someone else's).
-        if fd is None or os.getppid() != pid:
+        # The pid may already be someone else's: the creator's start time (in
+        # the record) tells. (Our parent is not a sign: the fork server forks us.)
+        if fd is None or not self._is_creator(pid):
             if fd is not None:
                 os.close(fd)
             threading.Thread(target=self._creator_gone, daemon=True).start()
@@ -332,6 +332,14 @@ class Monitor:
             self._creator_gone()
 
         threading.Thread(target=follow, daemon=True, name="creator").start()
+
+    def _is_creator(self, pid: int) -> bool:
+        from ember.sandbox.state import process_started
+
+        if self.creator_started is None:  # a record without it: alive is all we can tell
+            return os.getppid() == pid or process_started(pid) is not None
+        started = process_started(pid)
+        return started is not None and abs(started - self.creator_started) <= 0.5
 
     def _start_deadline(self) -> None:
         if not self.booted.wait(self.cfg.vm.boot_timeout + 600):
@@ -444,9 +452,7 @@ class Monitor:
                 except OSError:
                     pass
         trace.mark("monitor start", trace.process_start())  # interpreter, imports, config
-        if self.cfg.jailer.enabled:
-            configured(self.cfg).prepare_launcher()  # the helper passes it on to the VMM
-            launch.prefork()  # while we have one thread: the jailer then needs no exec
+        prepare_launch(self.cfg)  # while we have one thread: the jailer then needs no exec
         self._watch_creator()
         try:
             from ember.sandbox.state import process_started
