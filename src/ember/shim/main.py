@@ -78,6 +78,9 @@ def serve(args: argparse.Namespace) -> int:
     except EmberError as exc:
         log.error("config: %s", exc.message)
         return 1
+    from ember.sandbox.vm import prepare_launch
+
+    prepare_launch(cfg)  # while we have one thread, as a monitor does
     publisher = Publisher(args.namespace, os.environ.get("TTRPC_ADDRESS", ""), args.address,
                           args.publish_binary)
     server = Server()
