@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -46,6 +47,23 @@ def private_dir(path: str | os.PathLike) -> Path:
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def place_fds(pairs: list[tuple[int, int]]) -> None:
+    """Put each descriptor ``fd`` of ``(fd, number)`` at ``number``, inheritable,
+    and close the originals: what a child does before it runs a new program.
+
+    Every one is first copied above all the numbers, so that placing one cannot
+    close another; not above a fixed number, which the resource limit on open
+    files may forbid.
+    """
+    above = max([2, *(n for _, n in pairs)]) + 1
+    high = [(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above), n) for fd, n in pairs]
+    for fd in {fd for fd, _ in pairs}:
+        os.close(fd)
+    for fd, number in high:
+        os.dup2(fd, number, inheritable=True)
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:

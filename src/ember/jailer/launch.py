@@ -24,7 +24,6 @@ and the jailer's exit status, read with ``waitpid`` by its parent.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -35,6 +34,8 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import IO
+
+from ember.util import place_fds
 
 Stdio = int | IO | None
 _MAX_MESSAGE = 1 << 20  # the jailer's whole command line, QEMU's included
@@ -163,13 +164,7 @@ def _helper_main(sock: socket.socket) -> None:
             return
         request = json.loads(msg)
         argv, numbers = request["argv"], request["fds"]
-        # Out of the way first, so that placing one cannot close another.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
-        for fd in fds:
-            os.close(fd)
-        for fd, number in zip(high, numbers, strict=True):
-            os.dup2(fd, number, inheritable=True)
-            os.close(fd)
+        place_fds(list(zip(fds, numbers, strict=True)))
         code = _run_jailer(argv)
     except BaseException as exc:  # noqa: BLE001 - the helper must never return
         _last_words(exc)

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         # otherwise would add its imports to every sandbox start.
         allow_root = (spec.uid == 0 or spec.gid == 0) and _allow_root()
         os.environ.clear()
+        # The jail's folders and files get the modes its design gives them, whatever
+        # umask the caller had (with 027 the jail uid could not reach its own VMM).
+        os.umask(0o022)
         code = run(spec, allow_root=allow_root)
     except EmberError as exc:
         print(f"ember-jailer: {exc.message}", file=sys.stderr)
