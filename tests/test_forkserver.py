@@ -9,7 +9,9 @@ server only means the monitor is exec'd.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ember_bin
 
 from ember import proctitle
 from ember.sandbox import forkserver
@@ -186,8 +189,19 @@ def test_a_stale_server_is_noticed(tmp_path):
         b.close()
 
 
+def test_a_hard_limit_above_the_servers_is_left_to_an_exec():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert forkserver._can_set({"RLIMIT_NOFILE": [soft, hard]})
+    assert forkserver._can_set({"RLIMIT_NOFILE": [min(soft, 64), 64]})
+    if hard != resource.RLIM_INFINITY:
+        assert not forkserver._can_set({"RLIMIT_NOFILE": [soft, hard + 1]})
+        assert not forkserver._can_set({"RLIMIT_NOFILE": [soft, resource.RLIM_INFINITY]})
+
+
 SHOW = r"""
 import os, psutil
+from conftest import ember_bin
+
 from ember import proctitle
 try:
     proctitle.set_cmdline(os.environ["WANT"].split("|"))
@@ -228,11 +242,28 @@ def _shared_dirty_kib(pid: int) -> int:
 @pytest.mark.timeout(600)
 def test_sandbox_monitors_come_from_the_server_and_share_its_memory(ember_env, image):
     """Two sandboxes: both monitors are the server's children, show the command line
-    an exec'd monitor has, and share pages with it; with the server off, the
-    monitor is exec'd and the sandbox works the same."""
+    an exec'd monitor has, have their CLI's folder, umask and open-file limit
+    (027 and 777: the jailer once needed 022 and room for descriptor 1000), and
+    share pages with it; with the server off, the monitor is exec'd and the
+    sandbox works the same."""
     ember_env.env["EMBER_FORKSERVER_IDLE"] = "1"
-    sids = [ember_env.run("run", "-d", image, "sleep", "600", check=True).stdout.decode().strip()
-            for _ in range(2)]
+    cwd = ember_env.state_dir / "here"
+    cwd.mkdir()
+    soft_files = 777
+
+    def spawner_setup() -> None:  # what an exec'd monitor would inherit from its CLI
+        os.umask(0o027)
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (soft_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    def run_detached() -> str:
+        run = subprocess.run([ember_bin(), "run", "-d", image, "sleep", "600"], cwd=cwd,
+                             env=ember_env.env, preexec_fn=spawner_setup, capture_output=True,
+                             timeout=240, check=False)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.decode().strip()
+
+    sids = [run_detached() for _ in range(2)]
     servers = _servers(ember_env.state_dir)
     assert len(servers) == 1, servers
     for sid in sids:
@@ -242,14 +273,39 @@ def test_sandbox_monitors_come_from_the_server_and_share_its_memory(ember_env, i
         assert Path(argv[0]).resolve() == Path(sys.executable).resolve(), argv
         assert argv[5] == "--ready-fd", argv
         assert _shared_dirty_kib(monitor.pid) > 2048  # the server's modules, not copies
+        assert monitor.cwd() == str(cwd)
+        assert monitor.rlimit(psutil.RLIMIT_NOFILE)[0] == soft_files
+        with open(f"/proc/{monitor.pid}/status") as f:
+            assert "Umask:\t0027\n" in f.read()
         assert ember_env.run("exec", sid, "echo", "hi", check=True).stdout == b"hi\n"
     ember_env.run("rm", "-f", *sids, check=True)
     assert _wait(lambda: not _servers(ember_env.state_dir)), "the server did not leave"
 
     ember_env.env["EMBER_FORKSERVER"] = "0"
-    sid = ember_env.run("run", "-d", image, "sleep", "600", check=True).stdout.decode().strip()
+    sid = run_detached()  # the same umask and limits work when exec'd (the jailer's too)
     monitor = _monitor_of(sid)
-    assert monitor.ppid() != os.getpid() and not _servers(ember_env.state_dir)
+    assert monitor.cwd() == str(cwd) and monitor.rlimit(psutil.RLIMIT_NOFILE)[0] == soft_files
+    assert not _servers(ember_env.state_dir)
     assert ember_env.run("exec", sid, "echo", "hi", check=True).stdout == b"hi\n"
     ember_env.run("rm", "-f", sid, check=True)
     assert not forkserver.socket_path(ember_env.state_dir).exists()
+
+
+def test_a_pods_shim_is_forked_too(state, monkeypatch):
+    """`containerd-shim-ember-v2 start` has the fork server fork the pod's shim: it
+    serves, shows its exec'd command line and, shut down, leaves with the server."""
+    from test_shim import TASK, pb, start_shim
+
+    monkeypatch.setenv("EMBER_FORKSERVER_IDLE", "1")
+    bundle = state / "bundle"
+    bundle.mkdir()
+    address, client = start_shim(bundle, state)
+    pod = Path(address.removeprefix("unix://")).parent
+    with client:
+        shim = psutil.Process(int(json.loads((pod / "pod.json").read_text())["shim_pid"]))
+        assert shim.ppid() in [p.pid for p in _servers(state)]
+        argv = shim.cmdline()
+        assert argv[1:3] == ["-m", "ember.shim.main"] and "serve" in argv, argv
+        assert shim.cwd() == str(pod)
+        client.call(TASK, "Shutdown", pb.ShutdownRequest(id="c1"), timeout=10)
+    assert _wait(lambda: not pod.exists() and not _servers(state)), "shim or server stayed"

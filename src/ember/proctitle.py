@@ -35,18 +35,22 @@ def room() -> int:
     return end - start - 2  # the NUL after it, and the non-NUL last byte
 
 
-def set_cmdline(argv: Sequence[str]) -> None:
-    """Make ``/proc/self/cmdline`` read as ``argv``.
-
-    ValueError if an argument holds a space or a NUL (the result would not
-    split back into the same list) or the whole does not fit the room.
-    """
+def check(argv: Sequence[str]) -> bytes:
+    """What :func:`set_cmdline` would write; ValueError if an argument holds a
+    space or a NUL (the result would not split back into the same list) or the
+    whole does not fit the room."""
     if any(not a or " " in a or "\0" in a for a in argv):
         raise ValueError("a command line to show cannot hold empty arguments, spaces or NULs")
     text = " ".join(argv).encode()
+    if len(text) > room():
+        raise ValueError(f"a command line of {len(text)} bytes does not fit in {room()}")
+    return text
+
+
+def set_cmdline(argv: Sequence[str]) -> None:
+    """Make ``/proc/self/cmdline`` read as ``argv`` (ValueError: see :func:`check`)."""
+    text = check(argv)
     start, end = _arg_area()
     size = end - start
-    if len(text) > size - 2:
-        raise ValueError(f"a command line of {len(text)} bytes does not fit in {size - 2}")
     area = text + b"\0" * (size - len(text) - 1) + b"."  # a non-NUL last byte: one string
     ctypes.memmove(start, area, size)

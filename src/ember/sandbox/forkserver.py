@@ -1,4 +1,5 @@
-"""Sandbox monitors forked from one warm Python process, so that they share memory.
+"""Sandbox monitors (and pod shims) forked from one warm Python process, so that
+they share memory.
 
 Every sandbox has a monitor for its whole life. Exec'd on its own, a monitor is
 a new interpreter that imports ~230 modules: ~19 MiB of private memory per idle
@@ -19,7 +20,12 @@ uid is checked) and it runs only ``python -m MODULE ARGS`` for the modules in
 :data:`MODULES`. A monitor is what ``python -m ember.sandbox.monitor ARGS``
 would be: a new session, stdio and descriptors as given, the environment sent
 with the request, and that command line in ``/proc/PID/cmdline``
-(:mod:`ember.proctitle`). The server is the monitor's parent: it reaps it and,
+(:mod:`ember.proctitle`), in the spawner's working folder, with its umask and
+resource limits (a hard limit above the server's is left to an exec). It stays
+in the server's cgroups: Ember puts what must be accounted (VMMs, a pod's shim)
+where it belongs itself. A pod's shim (``python -m ember.shim.main ... serve``)
+is forked the same way, from ``containerd-shim-ember-v2 start``. The server
+is the monitor's parent: it reaps it and,
 while the spawner still listens, sends it the exit status, which
 ``Popen.wait`` would have given.
 
@@ -39,6 +45,7 @@ import hashlib
 import importlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -49,8 +56,12 @@ import time
 from pathlib import Path
 
 from ember import proctitle
+from ember.util import place_fds
 
-MODULES = ("ember.sandbox.monitor",)
+MODULES = ("ember.sandbox.monitor", "ember.shim.main")
+# Resource limits a child gets from its spawner, as through an exec.
+RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_MEMLOCK",
+           "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_CPU")
 # What a monitor imports on its way, also after start-up: in the shared pages.
 PRELOAD = (
     "ember.sandbox.monitor", "ember.sandbox.vm", "ember.sandbox.template",
@@ -58,6 +69,8 @@ PRELOAD = (
     "ember.jailer.main", "ember.jailer.jail", "ember.vmm.qemu.driver",
     "ember.vmm.qemu.snapshot", "ember.vmm.qemu.accel", "ember.vmm.firecracker.driver",
     "ember.guest.build", "ember.jailer.uids", "importlib.resources", "importlib.util",
+    # A pod's shim (containerd-shim-ember-v2 serve) is forked too.
+    "ember.shim.main", "ember.shim.service", "ember.shim.pod", "ember.shim.events",
 )
 IDLE = 60.0  # seconds; EMBER_FORKSERVER_IDLE in the server's environment overrides it
 ENV = "EMBER_FORKSERVER"
@@ -110,19 +123,28 @@ class Spawned:
             self._conn = None
 
 
+def _limits() -> dict[str, list[int]]:
+    return {name: list(resource.getrlimit(getattr(resource, name))) for name in RLIMITS}
+
+
 def spawn(state_dir: Path, argv: list[str], env: dict[str, str], stdout: int,
-          pass_fds: tuple[int, ...]) -> Spawned | None:
+          pass_fds: tuple[int, ...], cwd: str | None = None) -> Spawned | None:
     """Have the fork server start ``argv`` (``python -m MODULE ARGS``) with
-    stdin from /dev/null, stdout and stderr to ``stdout`` and ``pass_fds`` at
-    their numbers; None if there is no server to do it (the caller execs)."""
+    stdin from /dev/null, stdout and stderr to ``stdout``, ``pass_fds`` at
+    their numbers, in ``cwd`` (default: ours), with our umask and resource
+    limits; None if there is no server to do it (the caller execs)."""
     if not enabled() or len(argv) < 3 or argv[1:2] != ["-m"] or argv[2] not in MODULES:
         return None
     path = socket_path(state_dir)
+    mask = os.umask(0o022)
+    os.umask(mask)
     try:
         conn = _connect(path) or _start_server(path, env)
         if conn is None:
             return None
-        request = json.dumps({"argv": argv, "env": env, "fds": list(pass_fds)}).encode()
+        request = json.dumps({"argv": argv, "env": env, "fds": list(pass_fds),
+                              "cwd": cwd or os.getcwd(), "umask": mask,
+                              "limits": _limits()}).encode()
         socket.send_fds(conn, [request], [stdout, *pass_fds])
         conn.settimeout(30)
         reply = conn.recv(64).decode(errors="replace").split()
@@ -283,10 +305,15 @@ class Server:
             if (argv[1:2] != ["-m"] or argv[2] not in MODULES or len(fds) != len(numbers) + 1
                     or any(n < 3 for n in numbers)):
                 raise ValueError("refused")
+            proctitle.check(argv)  # it must show as exec'd, or be exec'd
+            limits = {k: v for k, v in request["limits"].items() if k in RLIMITS}
+            if not _can_set(limits):
+                raise ValueError("limits")  # only an exec can raise a hard limit here
             if self.stale():
                 self.retire()
                 raise ValueError("stale")
-            pid = self.fork(argv, env, fds[0], dict(zip(numbers, fds[1:], strict=True)))
+            how = {"cwd": str(request["cwd"]), "umask": int(request["umask"]), "limits": limits}
+            pid = self.fork(argv, env, fds[0], dict(zip(numbers, fds[1:], strict=True)), how)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             with contextlib.suppress(OSError):
                 conn.send(f"no {type(exc).__name__}".encode())
@@ -302,7 +329,8 @@ class Server:
             conn.close()
             self.children[pid] = None
 
-    def fork(self, argv: list[str], env: dict[str, str], out: int, fds: dict[int, int]) -> int:
+    def fork(self, argv: list[str], env: dict[str, str], out: int, fds: dict[int, int],
+             how: dict) -> int:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         pid = os.fork()
@@ -310,7 +338,7 @@ class Server:
             return pid
         code = 1  # what python gives an uncaught exception, after its traceback
         try:
-            code = _child(argv, env, out, fds)
+            code = _child(argv, env, out, fds, how)
         except BaseException:  # noqa: BLE001 - a child never returns into the server
             with contextlib.suppress(BaseException):
                 sys.excepthook(*sys.exc_info())
@@ -321,24 +349,30 @@ class Server:
             os._exit(code)
 
 
-def _child(argv: list[str], env: dict[str, str], out: int, fds: dict[int, int]) -> int:
+def _can_set(limits: dict[str, list[int]]) -> bool:
+    """Whether every limit is within ours (raising a hard limit needs CAP_SYS_RESOURCE)."""
+    for name, (_soft, hard) in limits.items():
+        ours = resource.getrlimit(getattr(resource, name))[1]
+        if ours != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > ours):
+            return False
+    return True
+
+
+def _child(argv: list[str], env: dict[str, str], out: int, fds: dict[int, int],
+           how: dict) -> int:
     """In a forked child: become ``python -m MODULE ARGS`` and run it."""
     os.setsid()
+    os.chdir(how["cwd"])
+    os.umask(how["umask"])
+    for name, (soft, hard) in how["limits"].items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                 signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    # Every descriptor out of the way first, so that placing one cannot close another.
-    high = {n: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for n, fd in fds.items()}
-    out_high = fcntl.fcntl(out, fcntl.F_DUPFD_CLOEXEC, 1000)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.dup2(out_high, 1)
-    os.dup2(out_high, 2)
-    for n, fd in high.items():
-        os.dup2(fd, n, inheritable=True)
-    keep = {0, 1, 2, *high}
+    place_fds([(os.open(os.devnull, os.O_RDONLY), 0), (out, 1), (os.dup(out), 2),
+               *((fd, n) for n, fd in fds.items())])
+    keep = {0, 1, 2, *fds}
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd not in keep:
             with contextlib.suppress(OSError):
@@ -363,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     listener = socket.socket(fileno=int(args[1]))
     listener.set_inheritable(False)
+    os.chdir("/")  # pin no folder of whoever started it; children get theirs
     proctitle.set_cmdline([sys.executable, "-m", "ember.sandbox.forkserver"])
     server = Server(listener, args[2], float(os.environ.get(f"{ENV}_IDLE", IDLE)))
     server.preload()

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 
 from ember.config import load_config
 from ember.errors import EmberError
+from ember.sandbox import forkserver
 from ember.sandbox.cleanup import cmdline, release_vm
 from ember.sandbox.record import PodRecord
 from ember.shim.events import timestamp
@@ -117,7 +118,7 @@ def start(args: ShimArgs, options: bytes) -> str:
     private_dir(pdir)
     listener = bind_unix(str(sock))
     try:
-        _spawn_server(args, listener, group, pdir, config_path)
+        _spawn_server(args, listener, group, pdir, config_path, cfg.state_dir)
     except BaseException:
         listener.close()
         with contextlib.suppress(OSError):
@@ -129,7 +130,7 @@ def start(args: ShimArgs, options: bytes) -> str:
 
 
 def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Path,
-                  config_path: str) -> None:
+                  config_path: str, state_dir: Path) -> None:
     env = dict(os.environ)
     if config_path:
         env["EMBER_CONFIG"] = config_path
@@ -139,10 +140,14 @@ def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Pat
             *(["-debug"] if args.debug else []), "serve", "--listen-fd", str(fd),
             "--group", group, "--pod-dir", str(pdir), "--bundle", str(Path.cwd())]
     with open(pdir / "shim.log", "ab") as logf:
-        proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, cwd=str(pdir), env=env, start_new_session=True,
-                                close_fds=True)
-    PodRecord(shim_pid=proc.pid, group=group).write(pdir)
+        # Forked by the fork server where it can (shared memory, no imports), else exec'd.
+        forked = forkserver.spawn(state_dir, argv, env, logf.fileno(), (fd,), cwd=str(pdir))
+        if forked is not None:
+            forked.close()  # we do not wait for it: containerd talks to its socket
+        pid = forked.pid if forked is not None else subprocess.Popen(
+            argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            cwd=str(pdir), env=env, start_new_session=True, close_fds=True).pid
+    PodRecord(shim_pid=pid, group=group).write(pdir)
 
 
 # -------------------------------------------------------------------- delete
