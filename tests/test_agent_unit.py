@@ -183,3 +183,27 @@ def test_missing_disk_is_not_found_after_the_timeout():
         storage.resolve("serial", "no-such-serial", timeout=0.3)
     assert e.value.code == Code.NOT_FOUND and "no-such-serial" in e.value.message
     assert 0.3 <= time.monotonic() - start < 3
+
+
+def test_warm_reads_crun_and_every_library_it_loads():
+    """What the agent caches before its first answer (so VM templates hold it):
+    crun and each library the dynamic loader lists for it, whole; a missing
+    binary reads nothing and does not fail."""
+    script = textwrap.dedent("""
+        import os
+        from ember.agent import crun
+        from ember.agent.reaper import Reaper
+        r = Reaper(); r.start()
+        size = crun.warm(r, "crun")
+        rc, listing = r.run_command([crun.LOADER, "--list", "/usr/bin/crun"])
+        libs = [t for line in listing.decode().splitlines() for t in line.split()
+                if t.startswith("/")]
+        assert len(libs) >= 3, listing
+        want = sum(os.path.getsize(p) for p in {"/usr/bin/crun", *libs})
+        assert size == want, (size, want)
+        assert crun.warm(r, "/nonexistent/crun") == 0
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "ok", out.stderr
