@@ -35,7 +35,7 @@ def _servers(state: Path) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if (p.info["cmdline"] or [])[1:] == ["-m", "ember.sandbox.forkserver"] and \
+            if (p.info["cmdline"] or [])[1:] == ["-P", "-m", "ember.sandbox.forkserver"] and \
                     p.environ().get("EMBER_STATE_DIR") == str(state):
                 found.append(p)
         except (psutil.Error, IndexError):
@@ -69,7 +69,7 @@ def _env(state: Path, idle: str = "1") -> dict[str, str]:
 
 
 def _monitor_argv(ready_w: int) -> list[str]:
-    return [sys.executable, "-m", "ember.sandbox.monitor", "--id", NO_SUCH,
+    return [sys.executable, "-P", "-m", "ember.sandbox.monitor", "--id", NO_SUCH,
             "--ready-fd", str(ready_w)]
 
 
@@ -227,7 +227,8 @@ def test_a_command_line_shows_as_given_or_is_refused(wanted, shown):
 
 def _monitor_of(sid: str) -> psutil.Process:
     found = [p for p in psutil.process_iter(["cmdline"])
-             if (p.info["cmdline"] or [])[1:5] == ["-m", "ember.sandbox.monitor", "--id", sid]]
+             if (p.info["cmdline"] or [])[1:6] == ["-P", "-m", "ember.sandbox.monitor", "--id",
+                                                   sid]]
     assert len(found) == 1, found
     return found[0]
 
@@ -249,6 +250,9 @@ def test_sandbox_monitors_come_from_the_server_and_share_its_memory(ember_env, i
     ember_env.env["EMBER_FORKSERVER_IDLE"] = "1"
     cwd = ember_env.state_dir / "here"
     cwd.mkdir()
+    # A module left in the CLI's folder is never imported by a root monitor (python -P).
+    planted = ember_env.state_dir / "planted-ran"
+    (cwd / "argparse.py").write_text(f"open({str(planted)!r}, 'w').close()\n")
     soft_files = 777
 
     def spawner_setup() -> None:  # what an exec'd monitor would inherit from its CLI
@@ -271,7 +275,7 @@ def test_sandbox_monitors_come_from_the_server_and_share_its_memory(ember_env, i
         assert monitor.ppid() == servers[0].pid
         argv = monitor.cmdline()
         assert Path(argv[0]).resolve() == Path(sys.executable).resolve(), argv
-        assert argv[5] == "--ready-fd", argv
+        assert argv[6] == "--ready-fd", argv
         assert _shared_dirty_kib(monitor.pid) > 2048  # the server's modules, not copies
         assert monitor.cwd() == str(cwd)
         assert monitor.rlimit(psutil.RLIMIT_NOFILE)[0] == soft_files
@@ -289,6 +293,7 @@ def test_sandbox_monitors_come_from_the_server_and_share_its_memory(ember_env, i
     assert ember_env.run("exec", sid, "echo", "hi", check=True).stdout == b"hi\n"
     ember_env.run("rm", "-f", sid, check=True)
     assert not forkserver.socket_path(ember_env.state_dir).exists()
+    assert not planted.exists()
 
 
 def test_a_pods_shim_is_forked_too(state, monkeypatch):
@@ -305,7 +310,7 @@ def test_a_pods_shim_is_forked_too(state, monkeypatch):
         shim = psutil.Process(int(json.loads((pod / "pod.json").read_text())["shim_pid"]))
         assert shim.ppid() in [p.pid for p in _servers(state)]
         argv = shim.cmdline()
-        assert argv[1:3] == ["-m", "ember.shim.main"] and "serve" in argv, argv
+        assert argv[1:4] == ["-P", "-m", "ember.shim.main"] and "serve" in argv, argv
         assert shim.cwd() == str(pod)
         client.call(TASK, "Shutdown", pb.ShutdownRequest(id="c1"), timeout=10)
     assert _wait(lambda: not pod.exists() and not _servers(state)), "shim or server stayed"

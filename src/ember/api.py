@@ -292,7 +292,9 @@ class Sandbox:
         trace_fd = trace.child_fd()  # EMBER_TRACE: the monitor's phases go to our stderr
         if trace_fd is not None:
             env[trace.FD_ENV] = str(trace_fd)
-        argv = [sys.executable, "-m", "ember.sandbox.monitor", "--id", self.id,
+        # -P: `python -m` would put our working folder first on sys.path, and a
+        # root monitor must not import a module someone left in it.
+        argv = [sys.executable, "-P", "-m", "ember.sandbox.monitor", "--id", self.id,
                 "--ready-fd", str(ready_w), "--creator-pid", str(os.getpid())]
         fds = (ready_w,) if trace_fd is None else (ready_w, trace_fd)
         try:

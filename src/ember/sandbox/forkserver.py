@@ -16,7 +16,7 @@ of the pages it shares.)
 One server per state folder and installation (the socket's name hashes the
 interpreter and this package's folder), started on demand by whoever spawns a
 monitor; it is root's (the socket is 0600 in the state folder and the peer's
-uid is checked) and it runs only ``python -m MODULE ARGS`` for the modules in
+uid is checked) and it runs only ``python [-P] -m MODULE ARGS`` for the modules in
 :data:`MODULES`. A monitor is what ``python -m ember.sandbox.monitor ARGS``
 would be: a new session, stdio and descriptors as given, the environment sent
 with the request, and that command line in ``/proc/PID/cmdline``
@@ -78,6 +78,16 @@ _MAX_MESSAGE = 1 << 20
 _MAX_FDS = 16
 
 
+def module_call(argv: list[str]) -> tuple[str, list[str]] | None:
+    """``(MODULE, ARGS)`` of ``python [-P] -m MODULE ARGS`` for a module we serve."""
+    rest = argv[1:]
+    if rest[:1] == ["-P"]:
+        rest = rest[1:]
+    if len(rest) < 2 or rest[0] != "-m" or rest[1] not in MODULES:
+        return None
+    return rest[1], rest[2:]
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
@@ -133,7 +143,7 @@ def spawn(state_dir: Path, argv: list[str], env: dict[str, str], stdout: int,
     stdin from /dev/null, stdout and stderr to ``stdout``, ``pass_fds`` at
     their numbers, in ``cwd`` (default: ours), with our umask and resource
     limits; None if there is no server to do it (the caller execs)."""
-    if not enabled() or len(argv) < 3 or argv[1:2] != ["-m"] or argv[2] not in MODULES:
+    if not enabled() or module_call(argv) is None:
         return None
     path = socket_path(state_dir)
     mask = os.umask(0o022)
@@ -189,7 +199,8 @@ def _start_server(path: Path, env: dict[str, str]) -> socket.socket | None:
             os.replace(tmp, path)
             subprocess.Popen(
                 # The padding is room for the command lines its children show.
-                [sys.executable, "-m", "ember.sandbox.forkserver", "--fd",
+                # -P: no module is ever found in whatever folder the spawner was in.
+                [sys.executable, "-P", "-m", "ember.sandbox.forkserver", "--fd",
                  str(listener.fileno()), str(path), "-" * proctitle.ROOM],
                 pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -250,6 +261,11 @@ class Server:
         self.listener = None
 
     def run(self) -> None:
+        # SIGCHLD wakes the loop, so a monitor that ended is reaped at once (a
+        # zombie would still hold its pid for `ember ps` and `rm` a moment).
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         while True:
             self.reap()
             if self.listener is None and not self.children:
@@ -257,12 +273,15 @@ class Server:
             if not self.children and time.monotonic() - self.last > self.idle:
                 self.retire()
                 return
-            watched = [c for c in self.children.values() if c is not None]
+            watched: list = [c for c in self.children.values() if c is not None]
             if self.listener is not None:
                 watched.append(self.listener)
-            ready, _, _ = select.select(watched, [], [], 0.2)
+            ready, _, _ = select.select([*watched, wake_r], [], [], 1.0)
             for s in ready:
-                if s is self.listener:
+                if s == wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 256)
+                elif s is self.listener:
                     self.accept()
                 else:  # the spawner hung up: it no longer wants the status
                     for pid, c in self.children.items():
@@ -302,7 +321,7 @@ class Server:
             if uid != os.geteuid() or not isinstance(request, dict):
                 raise ValueError("refused")
             argv, env, numbers = request["argv"], request["env"], request["fds"]
-            if (argv[1:2] != ["-m"] or argv[2] not in MODULES or len(fds) != len(numbers) + 1
+            if (module_call(argv) is None or len(fds) != len(numbers) + 1
                     or any(n < 3 for n in numbers)):
                 raise ValueError("refused")
             proctitle.check(argv)  # it must show as exec'd, or be exec'd
@@ -361,6 +380,7 @@ def _can_set(limits: dict[str, list[int]]) -> bool:
 def _child(argv: list[str], env: dict[str, str], out: int, fds: dict[int, int],
            how: dict) -> int:
     """In a forked child: become ``python -m MODULE ARGS`` and run it."""
+    signal.set_wakeup_fd(-1)  # the server's; closed below, and the number reused
     os.setsid()
     os.chdir(how["cwd"])
     os.umask(how["umask"])
@@ -380,10 +400,11 @@ def _child(argv: list[str], env: dict[str, str], out: int, fds: dict[int, int],
     os.environ.clear()
     os.environ.update(env)
     proctitle.set_cmdline(argv)
-    sys.argv = [argv[2], *argv[3:]]
-    module = importlib.import_module(argv[2])
+    name, args = module_call(argv) or ("", [])
+    sys.argv = [name, *args]
+    module = importlib.import_module(name)
     try:
-        code = module.main(argv[3:])
+        code = module.main(args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code if isinstance(code, int) else 0
@@ -398,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=int(args[1]))
     listener.set_inheritable(False)
     os.chdir("/")  # pin no folder of whoever started it; children get theirs
-    proctitle.set_cmdline([sys.executable, "-m", "ember.sandbox.forkserver"])
+    proctitle.set_cmdline([sys.executable, "-P", "-m", "ember.sandbox.forkserver"])
     server = Server(listener, args[2], float(os.environ.get(f"{ENV}_IDLE", IDLE)))
     server.preload()
     server.run()

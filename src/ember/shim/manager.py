@@ -135,7 +135,7 @@ def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Pat
     if config_path:
         env["EMBER_CONFIG"] = config_path
     fd = listener.fileno()
-    argv = [sys.executable, "-m", "ember.shim.main", "-namespace", args.namespace,
+    argv = [sys.executable, "-P", "-m", "ember.shim.main", "-namespace", args.namespace,
             "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id,
             *(["-debug"] if args.debug else []), "serve", "--listen-fd", str(fd),
             "--group", group, "--pod-dir", str(pdir), "--bundle", str(Path.cwd())]
