@@ -43,6 +43,14 @@ def _servers(state: Path) -> list[psutil.Process]:
     return found
 
 
+def _ended(p: psutil.Process) -> bool:
+    """Gone, or a zombie (a server this test process started is its child)."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _wait(check, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,6 +133,34 @@ def test_a_killed_server_is_replaced(state):
     assert child is not None and child.wait(60) == 1
     second = _servers(state)
     assert len(second) == 1 and second[0].pid != first[0].pid
+
+
+def test_a_server_whose_code_changed_refuses_and_leaves(state):
+    """A module it loaded changed on disk (an upgrade): the next request is refused
+    (the spawner execs), the server gives up its socket and goes, and the request
+    after that gets a new server."""
+    import ember.errors
+
+    child, ready_r, _ = _spawn(state, _env(state, idle="30"))
+    os.close(ready_r)
+    assert child is not None and child.wait(60) == 1
+    first = _servers(state)
+    assert len(first) == 1
+    module = Path(ember.errors.__file__)
+    before = module.stat()
+    try:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        child, ready_r, _ = _spawn(state, _env(state, idle="30"))
+        os.close(ready_r)
+        assert child is None
+        assert _wait(lambda: not forkserver.socket_path(state).exists()
+                     and _ended(first[0]))
+    finally:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    child, ready_r, _ = _spawn(state, _env(state, idle="1"))
+    os.close(ready_r)
+    assert child is not None and child.wait(60) == 1
+    assert [p.pid for p in _servers(state)] != [first[0].pid]
 
 
 def test_off_means_exec(state, monkeypatch):

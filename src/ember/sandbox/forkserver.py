@@ -133,6 +133,16 @@ class Spawned:
             self._conn = None
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for
+    every thread of a program that embeds the API, if only for a moment)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def _limits() -> dict[str, list[int]]:
     return {name: list(resource.getrlimit(getattr(resource, name))) for name in RLIMITS}
 
@@ -146,8 +156,7 @@ def spawn(state_dir: Path, argv: list[str], env: dict[str, str], stdout: int,
     if not enabled() or module_call(argv) is None:
         return None
     path = socket_path(state_dir)
-    mask = os.umask(0o022)
-    os.umask(mask)
+    mask = _umask()
     try:
         conn = _connect(path) or _start_server(path, env)
         if conn is None:
@@ -190,11 +199,8 @@ def _start_server(path: Path, env: dict[str, str]) -> socket.socket | None:
         try:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            old = os.umask(0o177)
-            try:
-                listener.bind(str(tmp))
-            finally:
-                os.umask(old)
+            listener.bind(str(tmp))
+            os.chmod(tmp, 0o600)  # before it has its name (and the peer's uid is checked)
             listener.listen(64)
             os.replace(tmp, path)
             subprocess.Popen(

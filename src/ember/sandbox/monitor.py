@@ -336,8 +336,8 @@ class Monitor:
     def _is_creator(self, pid: int) -> bool:
         from ember.sandbox.state import process_started
 
-        if self.creator_started is None:  # a record without it: alive is all we can tell
-            return os.getppid() == pid or process_started(pid) is not None
+        if self.creator_started is None:  # a record without it: alive (the pidfd) is all
+            return True
         started = process_started(pid)
         return started is not None and abs(started - self.creator_started) <= 0.5
 
