@@ -1,8 +1,9 @@
 """Kill -9 in a CRI pod's life (issue 13, point 7), then let containerd clean up.
 
 For each stage of a pod (VM up with no container, a container created, a
-container running) the shim, the jailed QEMU or the jailer's waiter is
-SIGKILLed. The kubelet's answer is then replayed through containerd's CRI
+container running) the shim or the jailed QEMU is SIGKILLed (the QEMU is
+the shim's own child, exec'd in place by its jailer helper: there is no waiter
+between them). The kubelet's answer is then replayed through containerd's CRI
 plugin (StopPodSandbox, RemovePodSandbox), and the host is checked: no shim,
 QEMU or waiter, no mount, loop device, pod folder, jail folder or cgroup of
 the pod, and the pod's network namespace is gone. The kubelet must also see
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.containerd, pytest.m
 cri, _wait, _netns_of = test_cri.cri, test_cri._wait, test_cri._netns_of
 
 STAGES = ("pod", "created", "running")
-VICTIMS = ("shim", "vmm", "waiter")
+VICTIMS = ("shim", "vmm")
 
 
 def waiters(work: Path) -> list[psutil.Process]:
@@ -45,7 +46,7 @@ def cgroups_of(pod: str) -> list[str]:
 
 
 def _victim(work: Path, victim: str) -> psutil.Process:
-    found = {"shim": shims, "vmm": vmms, "waiter": waiters}[victim](work)
+    found = {"shim": shims, "vmm": vmms}[victim](work)
     assert len(found) == 1, (victim, [p.info["cmd"] for p in ember_processes(work)])
     return found[0]
 
@@ -63,9 +64,11 @@ def test_sigkill_in_a_pod_then_containerd_cleanup_leaves_nothing(cri, stage, vic
         if stage == "running":
             client.start_container(cid)
         vmm = _victim(work, "vmm")
+        assert vmm.ppid() == _victim(work, "shim").pid and not waiters(work), \
+            "QEMU is the shim's own child, with no waiter between"
         os.kill(_victim(work, victim).pid, signal.SIGKILL)
-        # Whoever died, the VM does not run on unmanaged: a dead shim or waiter takes
-        # QEMU with it (PDEATHSIG), a dead QEMU is noticed by its shim.
+        # Whoever died, the VM does not run on unmanaged: a dead shim takes QEMU
+        # with it (PDEATHSIG), a dead QEMU is noticed by its shim.
         assert _wait(lambda: not psutil.pid_exists(vmm.pid)
                      or vmm.status() == psutil.STATUS_ZOMBIE, 60), "the VM outlived its owner"
         if stage == "running":

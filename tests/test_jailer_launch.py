@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_jailer import UID, jail_env, make_spec
 
-from ember.jailer.api import build_argv, jail_dir, jailer_command
+from ember.jailer.api import build_argv, cleanup, jail_dir, jailer_command
 
 pytestmark = pytest.mark.root
 
@@ -54,12 +54,16 @@ out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 p = launch.popen(argv, stdout=out, stderr=out, pass_fds=[w])
 os.close(out)
 os.close(w)
-report.update(kind=type(p).__name__, own_session=None, timed_out=False, kept=w)
+report.update(kind=type(p).__name__, own_session=None, timed_out=False, kept=w,
+              vmm=getattr(p, "vmm", False), parent=None, nspid=None, me=os.getpid())
 try:
     p.wait(0.3)
 except subprocess.TimeoutExpired:
     report["timed_out"] = True
     report["own_session"] = os.getsid(p.pid) == p.pid
+    report["parent"] = int(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    report["nspid"] = [l.split()[1:] for l in open(f"/proc/{p.pid}/status")
+                       if l.startswith("NSpid")][0]
 report["code"] = p.wait(30)
 report["poll"] = p.poll()
 report["pipe"] = os.read(r, 100).decode()
@@ -94,6 +98,13 @@ def _check_runs_jailed(env, kind: str, **opts) -> dict:
     # (before or after the helper was forked) reached the VMM.
     assert 3 < report["kept"] <= 9
     assert out.split() == ["fd1", f"fd{report['kept']}", str(UID)], out
+    if report["vmm"]:
+        # In place: the VMM was the caller's own child, PID 1 of a namespace of its own,
+        # and the jail is the caller's to remove.
+        assert report["parent"] == report["me"], report
+        assert report["nspid"][-1] == "1" and len(report["nspid"]) == 2, report
+        assert jail_dir(spec).exists()
+        cleanup(spec)
     assert not jail_dir(spec).exists()
     return report
 
@@ -101,16 +112,18 @@ def _check_runs_jailed(env, kind: str, **opts) -> dict:
 def test_a_preforked_helper_runs_the_jailer_in_a_threaded_caller(env):
     report = _check_runs_jailed(env, "Forked", prefork=True, threads=2)
     assert report["preforked"] is True
+    assert report["vmm"], "as root the helper becomes the VMM in place: no waiter"
 
 
 def test_a_one_thread_caller_without_a_helper_makes_one(env):
-    _check_runs_jailed(env, "Forked")
+    assert _check_runs_jailed(env, "Forked")["vmm"]
 
 
 def test_a_helper_that_died_means_an_exec(env):
     """Killed before it was used: the send fails and the jailer is exec'd,
-    confined the same."""
-    _check_runs_jailed(env, "Popen", prefork=True, kill_helper=True, threads=1)
+    confined the same, with its waiter (the VMM is PID 1 of a namespace too)."""
+    report = _check_runs_jailed(env, "Popen", prefork=True, kill_helper=True, threads=1)
+    assert not report["vmm"] and len(report["nspid"]) == 1  # the waiter, in our namespace
 
 
 def test_a_threaded_caller_without_a_helper_execs(env):
@@ -167,3 +180,20 @@ def test_forked_gives_one_status_to_every_thread():
         for t in threads:
             t.join(5)
         assert seen == [7, 7, 7, 7], seen
+
+
+def test_a_setup_failure_in_place_is_one_line_and_125_and_leaves_the_jail_to_clean(env):
+    """The helper became the VMM's process and failed inside the jail's set-up
+    (here: joining a "network namespace" that is a plain file): one line on
+    stderr, status 125, and the jail is the caller's to remove, which works."""
+    bogus = env["tmp"] / "not-a-netns"
+    bogus.write_text("")
+    spec = make_spec(env, args=["sh", "-c", "echo ran >&{FD}"], seccomp="off", netns=str(bogus))
+    report, out = _launch(env, build_argv(spec), prefork=True)
+    assert (report["kind"], report["vmm"], report["code"]) == ("Forked", True, 125), report
+    assert report["pipe"] == ""  # the VMM never ran
+    assert len(out.splitlines()) == 1, out
+    assert out.startswith("ember-jailer: jail setup failed: ") and "Invalid argument" in out, out
+    assert jail_dir(spec).exists()
+    cleanup(spec)
+    assert not jail_dir(spec).exists()

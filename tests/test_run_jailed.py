@@ -44,7 +44,7 @@ def test_vmm_is_confined_and_cleaned_up(ember_env, image):
     jail = info["jail"]
     assert jail, "the sandbox must record its jail"
     # The monitor forked the jailer's helper before its first thread: no exec.
-    assert jail["launch"] == "helper", jail
+    assert jail["launch"] == "in place", jail  # the helper became QEMU: no waiter
 
     st = _status(pid)
     assert st["Uid"].split()[0] != "0" and st["Gid"].split()[0] != "0"
@@ -99,3 +99,30 @@ def test_jailed_vmm_takes_a_disk_from_another_file_system(guest_assets, tmp_path
         vm.kill()
         disk.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_an_exited_sandbox_keeps_no_jail(ember_env, image):
+    """The jailed QEMU runs in place, with no waiter to remove its jail: when the
+    container exits and the guest powers off, the monitor removes the jail
+    folder and cgroup itself, before anyone runs `rm`, and its QEMU was its own
+    child all along."""
+    proc = ember_env.run("run", "-d", image, "sh", "-c", "sleep 3; exit 3")
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.decode().strip()
+    info = json.loads(ember_env.run("inspect", sid, check=True).stdout)[0]
+    jail, pid = info["jail"], info["vmm_pid"]
+    assert _status(pid)["PPid"] == str(info["monitor_pid"])
+    root = Path(jail["chroot_base_dir"]) / "qemu-system-x86_64" / jail["id"] / "root"
+    cg = Path("/sys/fs/cgroup/memory") / _cgroup(pid, "memory").lstrip("/")
+    assert root.is_dir() and cg.is_dir()
+    try:
+        for _ in range(600):
+            info = json.loads(ember_env.run("inspect", sid, check=True).stdout)[0]
+            if info["status"] == "exited":
+                break
+            __import__("time").sleep(0.1)
+        assert (info["status"], info.get("exit_code")) == ("exited", 3), info
+        assert not root.parent.exists(), "the exited sandbox's jail folder is left"
+        assert not cg.exists(), "the exited sandbox's jail cgroup is left"
+    finally:
+        assert ember_env.run("rm", "-f", sid).returncode == 0

@@ -6,15 +6,16 @@ four points of the start (its record made, the monitor spawned, QEMU started, th
 the monitor paused right after QEMU started and before anything of QEMU was
 recorded (``EMBER_TEST_PAUSE=vmm-started``), with its CLI alive (which then
 removes the failed start) and killed at the same moment (the sandbox is
-``dead``, its VM orphaned until `rm -f`); the monitor and its CLI while the
+``dead``, its jailed VM gone with its monitor, its jail left for `rm -f`); the monitor and its CLI while the
 monitor boots a VM template build (``template-started``: a memory size no
 template exists for), whose VM must go with the sandbox; QEMU at the
 ``vmm-started`` point.
 
 Running (one VM per case, booted three at a time; the monitor and the first
 `rm -f` cases on the ember0 bridge): the `exec` and `logs -f` CLIs, then
-the monitor with an `exec` and a `logs -f` attached; QEMU; the jailer's waiter
-(its jail folder and cgroups must go without `rm`); `ember rm -f` itself at
+the monitor with an `exec` and a `logs -f` attached (the jailed QEMU, its child
+with no waiter between, goes with it); QEMU (its jail folder and cgroups must
+go without `rm`); `ember rm -f` itself at
 each of its stages (``rm-killed``, ``rm-cleaned``, ``rm-renamed``) and after a
 delay, followed by a second `rm -f`.
 
@@ -96,7 +97,7 @@ def test_monitor_killed_during_boot(chaos, image, cli_alive):
                       pause="vmm-started")
     sid = chaos.one_sandbox()
     chaos.wait_paused(chaos.sandboxes / sid / "monitor.log", "vmm-started", 300)
-    assert vmm_pids(sid) and waiter_pids(sid), "QEMU and its waiter run"
+    assert vmm_pids(sid) and not waiter_pids(sid), "QEMU runs, in place: no waiter"
     assert not _record(chaos, sid).get("vmm_pid"), "nothing of QEMU is recorded yet"
     [monitor] = monitor_pids(sid)
     if not cli_alive:
@@ -110,8 +111,9 @@ def test_monitor_killed_during_boot(chaos, image, cli_alive):
         assert cli.wait(120) == 125, chaos.stderr_of(cli)
         assert chaos.stderr_of(cli).count("\n") == 1, chaos.stderr_of(cli)
     else:
+        wait_for("QEMU to die with its monitor", lambda: not vmm_pids(sid), 10, 0.05)
         [entry] = chaos.assert_truthful()
-        assert entry["status"] == "dead" and "still runs" in entry["error"], entry
+        assert entry["status"] == "dead" and "its VM are gone" in entry["error"], entry
     chaos.finish("victim", sid)
 
 
@@ -163,7 +165,7 @@ def test_vmm_killed_during_boot(chaos, image):
 
 
 # ------------------------------------------------------------------- running
-RUNNING = ["monitor", "vmm", "waiter", "rm-killed", "rm-cleaned", "rm-renamed", "rm-after-1s"]
+RUNNING = ["monitor", "vmm", "rm-killed", "rm-cleaned", "rm-renamed", "rm-after-1s"]
 BRIDGED = ("monitor", "rm-killed")  # with a netns, veth and address to leave behind
 
 
@@ -204,13 +206,16 @@ def test_cli_then_monitor_killed_while_running(running):
     followers = [env.start("exec", "monitor", "sleep", "600"), env.start("logs", "-f", "monitor")]
     time.sleep(1.5)
     assert all(p.poll() is None for p in followers)
+    [vmm] = vmm_pids(sid)
+    assert psutil.Process(vmm).ppid() == info["monitor_pid"] and not waiter_pids(sid)
     sigkill(info["monitor_pid"])
+    wait_for("QEMU to die with its monitor (PDEATHSIG)", lambda: not vmm_pids(sid), 10, 0.05)
     for p in followers:
         assert p.wait(30) == 125, env.stderr_of(p)
         err = env.stderr_of(p)
         assert err.count("\n") == 1 and "dead" in err, err
     entry = next(p for p in env.assert_truthful() if p["id"] == sid)
-    assert entry["status"] == "dead" and "still runs" in entry["error"], entry
+    assert entry["status"] == "dead" and "its VM are gone" in entry["error"], entry
     env.finish("monitor", sid)
 
 
@@ -222,20 +227,8 @@ def test_vmm_killed_while_running(running):
     wait_for("status dead", lambda: env.status("vmm") == "dead", 60, 0.2)
     entry = next(p for p in env.assert_truthful() if p["id"] == sid)
     assert "VMM exited" in entry["error"], entry
-    wait_for("the waiter to remove the jail", lambda: not _jail_leftovers(env, sid), 10, 0.1)
+    wait_for("the monitor to remove the jail", lambda: not _jail_leftovers(env, sid), 10, 0.1)
     env.finish("vmm", sid)
-
-
-def test_waiter_killed_while_running(running):
-    env, infos = running
-    sid = infos["waiter"]["id"]
-    [waiter] = waiter_pids(sid)
-    sigkill(waiter)
-    wait_for("status dead", lambda: env.status("waiter") == "dead", 60, 0.2)
-    assert not vmm_pids(sid), "QEMU dies with its waiter"
-    # Nobody has to run `rm` for the jail folder and its cgroups to go.
-    wait_for("the jail and cgroups to go", lambda: not _jail_leftovers(env, sid), 10, 0.1)
-    env.finish("waiter", sid)
 
 
 @pytest.mark.parametrize("stage", ["rm-killed", "rm-cleaned", "rm-renamed", "rm-after-1s"])

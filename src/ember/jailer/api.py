@@ -185,8 +185,9 @@ def vmm_pid(spec: JailSpec) -> int | None:
         return None
 
 
-def _live_vmm(spec: JailSpec) -> int | None:
-    """The VMM's pid if it still runs in this jail (guards against pid reuse)."""
+def live_vmm(spec: JailSpec) -> int | None:
+    """The VMM's pid once it is in this jail and while it runs there (guards
+    against pid reuse, and against a pid written before the jail was entered)."""
     pid = vmm_pid(spec)
     if pid is None:
         return None
@@ -203,7 +204,7 @@ def cleanup(spec: JailSpec) -> None:
     Removal never follows symlinks or crosses into mounts (binds exist only in
     the VMM's own mount namespace), so a hostile VMM cannot steer it.
     """
-    pid = _live_vmm(spec)
+    pid = live_vmm(spec)
     if pid is not None:
         try:
             os.kill(pid, signal.SIGKILL)

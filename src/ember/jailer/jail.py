@@ -12,7 +12,8 @@ differences that make it safe for any VMM:
   descriptor, or as a tap in the named namespace with ``--tun``);
 
 * it stays behind as a small supervisor (parent of the VMM) so it can remove
-  the jail and cgroups when the VMM exits and forward signals to it;
+  the jail and cgroups when the VMM exits and forward signals to it (unless
+  it runs in place: see :func:`_become_vmm`);
 * the child also sets no_new_privs, empties every capability set and loads a
   seccomp allow-list as the very last step before execve;
 * bind mounts (and the tmpfs ``/dev``) exist only in the VMM's mount namespace.
@@ -349,10 +350,18 @@ def _daemonize() -> int | None:
     return wfd
 
 
-def run(spec: JailSpec, allow_root: bool = False) -> int:
-    """Validate, build, start the VMM in the jail, wait for it, clean up; its exit code."""
+def run(spec: JailSpec, allow_root: bool = False, in_place: bool = False) -> int:
+    """Validate, build, start the VMM in the jail, wait for it, clean up; its exit code.
+
+    ``in_place`` (PID 1 of a PID namespace of our own): become the VMM instead,
+    never returning; see :func:`_become_vmm`.
+    """
+    if in_place and spec.daemonize:
+        raise EmberError("--daemonize: not with a jailer that becomes the VMM in place")
     plan = validate(spec, allow_root)
     build(plan)
+    if in_place:
+        _become_vmm(plan)
     report = None
     try:
         if spec.daemonize:
@@ -365,6 +374,51 @@ def run(spec: JailSpec, allow_root: bool = False) -> int:
             os._exit(125)
         raise
     return code
+
+
+def _become_vmm(plan: Plan) -> None:
+    """Confine this very process and exec the VMM: no fork, no waiter.
+
+    Only for the pre-forked helper of :mod:`ember.jailer.launch`, which is PID 1
+    of a PID namespace made for it, so the VMM still gets a namespace where it
+    sees no other process. Our parent reaps the VMM and removes the jail
+    (:func:`ember.jailer.api.cleanup`); PDEATHSIG ties the VMM to that parent.
+    ``vmm.pid`` is written first, with the pid the host sees (``/proc`` is
+    still the host's), so the parent can tell when the jail is entered. A
+    failure once the jail is built says why on stderr and exits 125, leaving
+    the jail to the parent, which cleans up after any failed start.
+    """
+    home = jail_dir(plan.spec)
+    try:
+        atomic_write(home / "vmm.pid", f"{int(os.readlink('/proc/self'))}\n")
+        if plan.lib_cache is not None:
+            plan.lib_cache.save()
+    except OSError as exc:
+        os.write(2, f"ember-jailer: jail setup failed: {_failure(exc)}\n".encode())
+        os._exit(125)
+    _exec_vmm(plan, 2, "ember-jailer: jail setup failed: {}\n")
+
+
+def _exec_vmm(plan: Plan, report: int, form: str) -> None:
+    """:func:`child`, which execs the VMM; if it fails instead, ``form`` with
+    the reason written to ``report``, and exit 125."""
+    try:
+        child(plan)
+        msg = "exec returned"
+    except BaseException as exc:  # noqa: BLE001 - whatever it was, report it
+        msg = _failure(exc)
+    try:
+        os.write(report, form.format(msg).encode())
+    finally:
+        os._exit(125)
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, EmberError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''} {exc.strerror or exc}".strip()
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _start_and_supervise(plan: Plan, report: int | None) -> int:
@@ -381,17 +435,7 @@ def _start_and_supervise(plan: Plan, report: int | None) -> int:
     child_pid = os.fork()
     if child_pid == 0:
         os.close(errr)
-        try:
-            child(plan)
-            msg = "exec returned"
-        except EmberError as exc:
-            msg = exc.message
-        except OSError as exc:
-            msg = f"{exc.filename or ''} {exc.strerror or exc}".strip()
-        except BaseException as exc:  # noqa: BLE001 - whatever it was, report it
-            msg = f"{type(exc).__name__}: {exc}"
-        os.write(errw, f"jail setup failed: {msg}".encode())
-        os._exit(125)
+        _exec_vmm(plan, errw, "jail setup failed: {}")
     os.close(errw)
     with os.fdopen(errr, "rb") as r:
         failure = r.read().decode(errors="replace")

@@ -19,7 +19,17 @@ died, or a ``jailer_binary`` other than this package's gets the exec as before.
 However it starts, the child is what ``ember-jailer ARGS`` would be: a new
 session, stdio as given, Python's default signal handling, no descriptor but
 stdio and ``pass_fds`` (the jailer closes the rest itself, as after an exec),
-and the jailer's exit status, read with ``waitpid`` by its parent.
+and its exit status, read with ``waitpid`` by its parent.
+
+The helper is forked as PID 1 of a PID namespace of its own (where this
+process may make one). The jailer would otherwise fork the VMM into a new PID
+namespace and stay behind as its waiter, a ~4 MiB interpreter for the whole
+life of every sandbox (issue 14 wants monitor and waiter within 10 MiB). In
+the helper it needs no second namespace, so it execs the VMM in place
+(``Forked.vmm``): the VMM is then this process's own child, its status the
+VMM's, and its jail this process's to remove (:func:`ember.jailer.api.cleanup`)
+once it has exited. The VMM dies with the thread that forked the helper
+(PDEATHSIG), as it died with its waiter.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from ember.errors import EmberError
+from ember.jailer import linux
 from ember.util import place_fds
 
 Stdio = int | IO | None
@@ -47,9 +59,10 @@ class Forked:
     this process forked. As in Popen, one thread at a time reaps it (a monitor
     waits for its VMM in one thread and asks whether it exited in others)."""
 
-    def __init__(self, pid: int, args: Sequence[str]) -> None:
+    def __init__(self, pid: int, args: Sequence[str], vmm: bool = False) -> None:
         self.pid = pid
         self.args = list(args)
+        self.vmm = vmm  # the VMM itself (exec'd in place), not a jailer that waits on it
         self.returncode: int | None = None
         self._reaping = threading.Lock()
 
@@ -100,7 +113,8 @@ class Forked:
 
 
 # ----------------------------------------------------------------- the helper
-_helper: tuple[int, socket.socket] | None = None
+_helper: tuple[int, socket.socket, bool] | None = None  # pid, socket, PID 1 of its own
+_ns_init = False  # in the helper: we are PID 1 of a PID namespace made for us
 
 
 def _single_threaded() -> bool:
@@ -119,20 +133,48 @@ def _flush_stdio() -> None:
 
 def prefork() -> bool:
     """Fork the helper now, while this process has one thread; False if it has more."""
-    global _helper
+    global _helper, _ns_init
     if _helper is not None:
         return True
     if not _single_threaded():
         return False
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _flush_stdio()
-    pid = os.fork()
+    pid, own_ns = _fork_as_namespace_init()
     if pid == 0:
+        _ns_init = own_ns
         ours.close()
         _helper_main(theirs)  # never returns
     theirs.close()
-    _helper = (pid, ours)
+    _helper = (pid, ours, own_ns)
     return True
+
+
+def _fork_as_namespace_init() -> tuple[int, bool]:
+    """fork(), the child made PID 1 of a new PID namespace if this process may
+    make one (root); then this process's later children are born in its own
+    namespace again. The pid, and whether the namespace was made."""
+    try:
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.fork(), False
+    try:
+        try:
+            linux.unshare(linux.CLONE_NEWPID)
+        except EmberError:
+            return os.fork(), False
+        pid = os.fork()
+        if pid:
+            # Only this process's children-to-be changed namespace; put them back.
+            # Should that fail, nothing it starts later may land in the helper's.
+            try:
+                linux.setns(own, linux.CLONE_NEWPID)
+            except EmberError:
+                os.kill(pid, signal.SIGKILL)
+                raise
+        return pid, True
+    finally:
+        os.close(own)
 
 
 def discard() -> None:
@@ -140,7 +182,7 @@ def discard() -> None:
     global _helper
     if _helper is None:
         return
-    pid, sock = _helper
+    pid, sock, _ = _helper
     _helper = None
     sock.close()
     try:
@@ -177,7 +219,7 @@ def _send(argv: Sequence[str], stdio: list[int], pass_fds: Sequence[int]) -> For
     global _helper
     if _helper is None:
         return None
-    pid, sock = _helper
+    pid, sock, in_place = _helper
     _helper = None
     numbers = [0, 1, 2, *pass_fds]
     try:
@@ -191,7 +233,7 @@ def _send(argv: Sequence[str], stdio: list[int], pass_fds: Sequence[int]) -> For
             pass
         return None
     sock.close()
-    return Forked(pid, argv)
+    return Forked(pid, argv, vmm=in_place)
 
 
 # --------------------------------------------------------------- the launcher
@@ -206,7 +248,8 @@ def _fd(stream: Stdio, default: int) -> int:
 def popen(argv: Sequence[str], *, stdin: Stdio = subprocess.DEVNULL, stdout: Stdio = None,
           stderr: Stdio = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen | Forked:
     """Start ``ember-jailer`` (``argv[0]``) with ``argv[1:]``: by the pre-forked
-    helper (made now if this process has one thread), else exec'd."""
+    helper (made now if this process has one thread), else exec'd. A result
+    whose ``vmm`` is true is the VMM itself, exec'd in place (see above)."""
     from ember.jailer.api import jailer_command
 
     def execd() -> subprocess.Popen:
@@ -241,7 +284,7 @@ def _run_jailer(argv: list[str]) -> int:
     from ember.jailer.main import main
 
     try:
-        main(argv[1:])
+        main(argv[1:], in_place=_ns_init)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0

@@ -132,7 +132,10 @@ def _allow_root() -> bool:
     return load_config().jailer.allow_root
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, in_place: bool = False) -> None:
+    """``ember-jailer ARGS``. ``in_place``: this process is PID 1 of a PID
+    namespace made for it (the pre-forked helper of ember.jailer.launch), so
+    it becomes the VMM itself instead of forking it and waiting."""
     from ember.jailer.jail import run
 
     argv = sys.argv[1:] if argv is None else argv
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         # The jail's folders and files get the modes its design gives them, whatever
         # umask the caller had (with 027 the jail uid could not reach its own VMM).
         os.umask(0o022)
-        code = run(spec, allow_root=allow_root)
+        code = run(spec, allow_root=allow_root, in_place=in_place)
     except EmberError as exc:
         print(f"ember-jailer: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)

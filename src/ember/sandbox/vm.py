@@ -315,10 +315,10 @@ class SandboxVM:
                 self.agent.destroy_sandbox()
             except (EmberError, OSError):
                 pass
-            if self.vmm.wait(timeout) is None:
-                self.vmm.stop(timeout=2.0)
-        else:
-            self.vmm.stop(timeout=2.0)
+            self.vmm.wait(timeout)
+        # Whether the guest powered off or not: the VMM goes, and so does its jail
+        # (nobody else removes it when the jailed QEMU ran in place, with no waiter).
+        self.vmm.stop(timeout=2.0)
         self._close()
 
     def kill(self) -> None:

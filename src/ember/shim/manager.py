@@ -32,7 +32,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from ember.config import load_config
+from ember.config import Config, load_config
 from ember.errors import EmberError
 from ember.sandbox import forkserver
 from ember.sandbox.cleanup import cmdline, release_vm
@@ -162,17 +162,19 @@ def _mounts_below(base: Path) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
-def cleanup_dead_pod(pdir: Path) -> None:
-    """Everything a dead shim's pod leaves: VM (VMM, jail, cgroups, netns), mounts, files."""
+def cleanup_dead_pod(pdir: Path, cfg: Config | None = None) -> None:
+    """Everything a dead shim's pod leaves: VM (VMM, jail, cgroups, netns), mounts, files.
+
+    ``cfg``: the configuration the pod started with (its jail folder is there)."""
+    cfg = cfg or load_config()
     rec = read_record(pdir)
     rec.vm_dir = rec.vm_dir or str(pdir / "vm")
     if rec.group:
-        release_vm(load_config(), rec.group, rec)
+        release_vm(cfg, rec.group, rec)
     for mp in _mounts_below(pdir):
         if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", mp], capture_output=True)
-    with contextlib.suppress(EmberError):  # pod volumes' disks (ember.shim.volumes)
-        shutil.rmtree(load_config().data_dir / "shim-volumes" / pdir.name, ignore_errors=True)
+    shutil.rmtree(cfg.data_dir / "shim-volumes" / pdir.name, ignore_errors=True)  # pod volumes
     shutil.rmtree(pdir, ignore_errors=True)
 
 
@@ -186,10 +188,15 @@ def shim_alive(rec: PodRecord) -> bool:
 def delete(args: ShimArgs) -> bytes:
     """Clean up after a container whose shim is gone; the serialized DeleteResponse."""
     bundle = Path(args.bundle or os.getcwd())
+    cfg = None
     try:
         pointer = json.loads((bundle / POINTER).read_text())
         pdir = Path(pointer["pod_dir"])
-    except (OSError, ValueError, KeyError):
+        # containerd gives `delete` no runtime options: the pod's configuration (its
+        # ConfigPath, with the jail folder) is the one `start` wrote down here.
+        with contextlib.suppress(EmberError):
+            cfg = load_config(pointer.get("config") or None)
+    except (OSError, ValueError, KeyError, TypeError):
         pdir = None
         with contextlib.suppress(EmberError):
             group = pod_identity(_annotations(bundle))[1] or args.id
@@ -204,7 +211,7 @@ def delete(args: ShimArgs) -> bytes:
         if crec.get("status") == int(STOPPED):
             status, at_ns = int(crec.get("exit_status", status)), int(crec.get("exited_at_ns") or at_ns)
         if not shim_alive(read_record(pdir)):
-            cleanup_dead_pod(pdir)
+            cleanup_dead_pod(pdir, cfg)
     rootfs = bundle / "rootfs"
     if os.path.ismount(rootfs):
         subprocess.run(["umount", "-l", str(rootfs)], capture_output=True)

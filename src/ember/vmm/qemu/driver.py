@@ -335,7 +335,8 @@ class QemuVMM(VMM):
                 self._restore_fd = None
         self._pid = self._proc.pid
         if self.jail is not None:
-            self._jail_launch = "exec" if isinstance(self._proc, subprocess.Popen) else "helper"
+            self._jail_launch = ("exec" if isinstance(self._proc, subprocess.Popen)
+                                 else "in place" if self._proc.vmm else "helper")
             self._pid = self._wait_jailed_pid()
         trace.mark("jail" if self.jail is not None else "vmm spawn", spawned)
         if s.restore_from is not None:
@@ -351,13 +352,14 @@ class QemuVMM(VMM):
         return record
 
     def _wait_jailed_pid(self) -> int:
-        """The jailer stays as QEMU's parent; the pid users see is QEMU's own."""
-        from ember.jailer.api import vmm_pid
+        """QEMU's own pid, once it is in its jail: the jailer's child (the jailer
+        stays as its waiter) or, in place, the process we started."""
+        from ember.jailer.api import live_vmm
 
         assert self.jail is not None and self._proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            pid = vmm_pid(self.jail)
+            pid = live_vmm(self.jail)
             if pid is not None:
                 return pid
             if self._proc.poll() is not None:
@@ -387,7 +389,9 @@ class QemuVMM(VMM):
 
     @property
     def supervised(self) -> bool:
-        return self.jail is not None  # we wait on the jailer's waiter, which reports 128+N
+        """We wait on the jailer's waiter, which reports 128+N; not when QEMU
+        runs in place (it is our own child then)."""
+        return self.jail is not None and not getattr(self._proc, "vmm", False)
 
     def _check_alive(self) -> None:
         """Raise, saying how QEMU ended (and its last words), once it has exited."""
@@ -558,7 +562,8 @@ class QemuVMM(VMM):
         self.cleanup_jail()
 
     def cleanup_jail(self) -> None:
-        """Remove the jail (the jailer does it when QEMU exits; this covers a killed jailer)."""
+        """Remove the jail: ours to do when QEMU ran in place; with a waiter, this
+        covers a killed one."""
         if self.jail is not None:
             from ember.jailer.api import cleanup
 
@@ -573,9 +578,9 @@ class QemuVMM(VMM):
             return None
 
     def exited(self) -> bool:
-        """QEMU is gone. Jailed, its waiter may still be removing the jail, so QEMU's
-        own pid is asked too (it is the waiter's child: reaped at once, never reused
-        while the waiter lives)."""
+        """QEMU is gone. Jailed with a waiter, the waiter may still be removing the
+        jail, so QEMU's own pid is asked too (it is the waiter's child: reaped at
+        once, never reused while the waiter lives)."""
         if self._proc is None:
             return False
         if self._proc.poll() is not None:
