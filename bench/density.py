@@ -5,7 +5,7 @@ Starts N idle sandboxes one by one (``ember run -d IMAGE sleep 3600``) and
 after each records the start time, the host memory in use (MemTotal -
 MemAvailable: noisy when others run on the host) and the PSS of this run's own
 processes: every sandbox's VMM (QEMU), its jailer waiter (the VMM's parent
-when jailed) and its sandbox monitor. It prints the per-sandbox slope of both
+when jailed, if that is not the monitor itself) and its sandbox monitor. It prints the per-sandbox slope of both
 (least squares over all N), the split of the last sandbox's PSS, and the start
 time of the last sandboxes against the first (medians of 3). Then it removes
 them all and checks that none of its processes is left and that the host
@@ -61,14 +61,16 @@ def pss_mib(pid: int | None) -> float:
 
 def sandbox_pids(sid: str) -> dict[str, int | None]:
     info = json.loads(ember("inspect", sid))[0]
-    vmm = info.get("vmm_pid")
+    vmm, monitor = info.get("vmm_pid"), info.get("monitor_pid")
     waiter = None
     if vmm and info.get("jail"):
         try:
             waiter = psutil.Process(vmm).ppid()
         except psutil.Error:
             waiter = None
-    return {"qemu": vmm, "waiter": waiter, "monitor": info.get("monitor_pid")}
+    if waiter == monitor:  # QEMU ran in place (docs/jailer.md): no waiter between
+        waiter = None
+    return {"qemu": vmm, "waiter": waiter, "monitor": monitor}
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

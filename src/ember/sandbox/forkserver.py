@@ -69,6 +69,7 @@ PRELOAD = (
     "ember.jailer.main", "ember.jailer.jail", "ember.vmm.qemu.driver",
     "ember.vmm.qemu.snapshot", "ember.vmm.qemu.accel", "ember.vmm.firecracker.driver",
     "ember.guest.build", "ember.jailer.uids", "importlib.resources", "importlib.util",
+    "importlib.readers", "importlib.resources.readers", "zipfile",  # resources.files()
     # A pod's shim (containerd-shim-ember-v2 serve) is forked too.
     "ember.shim.main", "ember.shim.service", "ember.shim.pod", "ember.shim.events",
 )
