@@ -331,3 +331,48 @@ def test_oom_kill_is_reported_before_the_exit(ctrd) -> None:
     finally:
         events.stop()
     assert_clean(c, work)
+
+
+
+def _shim_log_of(c, cid: str) -> str:
+    bundle = Path(c.dir) / "state" / "io.containerd.runtime.v2.task" / c.namespace / cid
+    pod = Path(json.loads((bundle / "ember-shim.json").read_text())["pod_dir"])
+    return (pod / "shim.log").read_text()
+
+
+def _remove(c, cid: str) -> None:
+    c.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    wait_until(lambda: task_status(c, cid) in ("STOPPED", ""), 60)
+    c.ctr("task", "delete", cid, check=False)
+    c.ctr("container", "delete", cid, check=False)
+
+
+def test_ember_trace_times_a_pods_phases_in_its_shim_log(guest_assets, monkeypatch) -> None:
+    """EMBER_TRACE=1 in containerd's environment: the shim writes when each phase
+    of the pod's start ran to shim.log, in order."""
+    monkeypatch.setenv("EMBER_TRACE", "1")
+    with private_containerd() as (c, _work):
+        cid = "t-trace"
+        c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, cid, "sleep", "1000")
+        try:
+            lines = [ln for ln in _shim_log_of(c, cid).splitlines()
+                     if ln.startswith("ember-trace:")]
+            phases = [ln.rsplit(")", 1)[1].strip() for ln in lines]
+            want = ["jail", "restore", "agent ready", "disk attach", "container create",
+                    "container start"]
+            assert [p for p in phases if p in want] == want, lines
+            assert "rootfs prepare" in phases, lines
+        finally:
+            _remove(c, cid)
+
+
+def test_no_trace_without_the_flag(ctrd) -> None:
+    c, _work = ctrd
+    assert os.environ.get("EMBER_TRACE", "") in ("", "0")
+    cid = "t-notrace"
+    c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, cid, "sleep", "1000")
+    try:
+        log = _shim_log_of(c, cid)
+        assert "serving pod" in log and "ember-trace:" not in log, log
+    finally:
+        _remove(c, cid)

@@ -191,7 +191,8 @@ class SandboxVM:
                 agent = self._boot(net_fd, nic.mac)
             finally:
                 os.close(net_fd)  # the VMM has its own copy
-            agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
+            with trace.span("guest network"):
+                agent.update_interface(nic.name, nic.mac, nic.mtu, nic.addresses, nic.routes)
             return agent
         except BaseException:
             self.kill()

@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from ember import trace
 from ember.config import Config
 from ember.sandbox import events
 from ember.sandbox import podcgroup as cgroups
@@ -198,7 +199,8 @@ class Pod:
                              lambda: self.vm is vm or self.vmm_died),
                              name="vmm-watch", daemon=True).start()
         if self.netns is not None:
-            self.ports = portforward.start(vm.agent, self.netns)
+            with trace.span("port forward"):
+                self.ports = portforward.start(vm.agent, self.netns)
         log.info("pod VM %s up: %d vCPU, %d MiB, vmm pid %s, restored=%s", self.group_id[:12],
                  vcpus, memory, self.vmm_pid, vm.restored)
 

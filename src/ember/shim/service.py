@@ -30,7 +30,7 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from ember import __version__
+from ember import __version__, trace
 from ember.agent.proto import AGENT_SERVICE, agent_pb2
 from ember.config import Config
 from ember.errors import (
@@ -232,7 +232,9 @@ class TaskService:
                            pid=self.pid), list(req.rootfs), work_dir=work)
         try:
             try:
-                c.disk = rootfs.prepare(mounts, Path(req.bundle), work, self.cfg.data_dir / "shim-rootfs")
+                with trace.span("rootfs prepare"):
+                    c.disk = rootfs.prepare(mounts, Path(req.bundle), work,
+                                            self.cfg.data_dir / "shim-rootfs")
             finally:
                 if booter is not None:
                     booter.join()
@@ -243,10 +245,13 @@ class TaskService:
             for f in files:
                 agent.copy_file(f.path, f.data, mode=f.mode, make_dirs=True)
             guest["mounts"] = self.volumes.carry(guest, cid)
-            c.drive_id, dev = self._vm().attach_disk(c.disk.path, c.disk.format, c.disk.readonly)
+            with trace.span("disk attach"):
+                c.drive_id, dev = self._vm().attach_disk(c.disk.path, c.disk.format,
+                                                         c.disk.readonly)
             blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
                                         readonly=c.disk.readonly)
-            agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
+            with trace.span("container create"):
+                agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
         except SizeError as exc:
             self._undo_create(c)
             raise TTRPCError(Code.INVALID_ARGUMENT, str(exc)) from None
@@ -295,7 +300,8 @@ class TaskService:
                     p.pumps = StdioPumps(agent, c.id, p.exec_id, p.stdin, p.stdout, p.stderr)
                     p.pumps.start()
                 else:
-                    agent.start_container(c.id)
+                    with trace.span("container start"):
+                        agent.start_container(c.id)
             except EmberError as exc:
                 if p.exec_id:
                     p.mark_exited(127 if isinstance(exc, CommandNotFound) else 126)
