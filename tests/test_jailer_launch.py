@@ -32,6 +32,13 @@ from ember.jailer import launch
 argv, opts, out_path = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 before = os.open("/dev/null", os.O_RDONLY)  # inheritable, as a monitor's lock or socket
 os.set_inheritable(before, True)
+if opts.get("no_pidns"):  # as if this process could not make a PID namespace
+    real_unshare, parent = launch.linux.unshare, os.getpid()
+    def unshare(flags):
+        if flags == launch.linux.CLONE_NEWPID and os.getpid() == parent:
+            raise PermissionError(1, "unshare: Operation not permitted")
+        real_unshare(flags)
+    launch.linux.unshare = unshare
 report = {"preforked": launch.prefork() if opts.get("prefork") else None}
 for _ in range(opts.get("threads", 0)):
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
@@ -113,6 +120,13 @@ def test_a_preforked_helper_runs_the_jailer_in_a_threaded_caller(env):
     report = _check_runs_jailed(env, "Forked", prefork=True, threads=2)
     assert report["preforked"] is True
     assert report["vmm"], "as root the helper becomes the VMM in place: no waiter"
+
+
+def test_a_helper_without_a_pid_namespace_of_its_own_runs_the_jailer_with_its_waiter(env):
+    """Where the caller cannot make a PID namespace, the helper is an ordinary
+    child: the jailer forks the VMM and waits, and removes the jail itself."""
+    report = _check_runs_jailed(env, "Forked", prefork=True, threads=1, no_pidns=True)
+    assert not report["vmm"] and len(report["nspid"]) == 1, report
 
 
 def test_a_one_thread_caller_without_a_helper_makes_one(env):

@@ -45,7 +45,6 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
-from ember.errors import EmberError
 from ember.jailer import linux
 from ember.util import place_fds
 
@@ -161,7 +160,7 @@ def _fork_as_namespace_init() -> tuple[int, bool]:
     try:
         try:
             linux.unshare(linux.CLONE_NEWPID)
-        except EmberError:
+        except OSError:  # not root: the helper forks the VMM and waits, as ember-jailer does
             return os.fork(), False
         pid = os.fork()
         if pid:
@@ -169,8 +168,9 @@ def _fork_as_namespace_init() -> tuple[int, bool]:
             # Should that fail, nothing it starts later may land in the helper's.
             try:
                 linux.setns(own, linux.CLONE_NEWPID)
-            except EmberError:
+            except OSError:
                 os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
                 raise
         return pid, True
     finally:
