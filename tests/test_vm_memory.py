@@ -4,8 +4,9 @@
   jailer), so a restored guest's scattered pages do not each cost 2 MiB.
 * The guest zeroes pages it frees (init_on_free), so they travel in the
   template snapshot as zero pages and a restore never makes them resident.
+* A guest told its TSC rate runs without a PIT, whose tick woke it idle.
 * The TCG translation cache is capped (tb-size) at the configured size
-  (``[vm] tcg_tb_size_mib``, default 32 MiB).
+  (``[vm] tcg_tb_size_mib``, default 24 MiB).
 * Sandboxes restored from one template share its RAM (a file mapped
   copy-on-write) until they write it, and none of them can change it.
 """
@@ -48,7 +49,14 @@ def test_idle_vmm_has_no_huge_pages_and_a_capped_translation_cache(ember_env, im
                 sizes.append(hi - lo)
     assert sizes and max(sizes) <= (tb_mib << 20) + (1 << 20)
     proc = ember_env.run("exec", sid, "cat", "/proc/cmdline", check=True)
-    assert "init_on_free=1" in proc.stdout.decode().split()
+    guest_cmdline = proc.stdout.decode().split()
+    assert "init_on_free=1" in guest_cmdline
+    # A guest told its TSC rate gets no PIT, so nothing ticks it while idle.
+    machine = argv[argv.index(b"-M") + 1].decode()
+    told = any(w.startswith("tsc_early_khz=") for w in guest_cmdline)
+    assert machine.endswith(",pit=off") == told, (machine, guest_cmdline)
+    irqs = ember_env.run("exec", sid, "cat", "/proc/interrupts", check=True).stdout.decode()
+    assert any(line.split()[:1] == ["0:"] for line in irqs.splitlines()) != told, irqs
     ember_env.run("rm", "-f", sid, check=True)
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ember.util import atomic_write_json
-from ember.vmm.qemu.machine import FIRMWARE, MACHINE
+from ember.vmm.qemu.machine import FIRMWARE, machine
 
 PROBE_TIMEOUT = 20.0
 
@@ -26,7 +26,7 @@ PROBE_TIMEOUT = 20.0
 def _probe(binary: str, kernel: Path, accel: str, timeout: float, cmdline: str) -> float | None:
     cpu = "host" if accel == "kvm" else "max"
     argv = [
-        binary, "-M", MACHINE, "-bios", FIRMWARE,
+        binary, "-M", machine(cmdline), "-bios", FIRMWARE,
         "-accel", accel, "-cpu", cpu, "-m", "128", "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-serial", "null", "-kernel", str(kernel),
         "-append", f"{cmdline} panic=-1 rdinit=/ember-none root=/dev/ember-none",

@@ -43,7 +43,7 @@ from ember.errors import VMError
 from ember.vmm.base import VMM, Drive, GuestDevice, VMSpec, describe_exit
 from ember.vmm.qemu import snapshot
 from ember.vmm.qemu.drives import blockdev, qcow2_backing
-from ember.vmm.qemu.machine import FIRMWARE, MACHINE
+from ember.vmm.qemu.machine import FIRMWARE, TEMPLATE_KEY, machine
 from ember.vmm.qemu.qmp import QMPClient, QMPError
 
 if TYPE_CHECKING:
@@ -109,6 +109,11 @@ class QemuVMM(VMM):
     @classmethod
     def configured_binary(cls, cfg: Config) -> str:
         return cfg.vm.qemu_binary
+
+    @classmethod
+    def template_inputs(cls, cfg: Config) -> list[str]:
+        """The binary, and the machine: a snapshot restores only into the same one."""
+        return [*super().template_inputs(cfg), TEMPLATE_KEY]
 
     @classmethod
     def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
@@ -211,7 +216,7 @@ class QemuVMM(VMM):
         rootfs = self._path(s.rootfs, "bind")
         args = [
             self.binary, "-name", f"ember-{s.vm_id[:12]}",
-            "-M", MACHINE, "-bios", FIRMWARE, *self._accel_args(),
+            "-M", machine(s.cmdline), "-bios", FIRMWARE, *self._accel_args(),
             "-m", str(s.memory_mib), "-smp", str(s.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", kernel, "-initrd", initrd, "-append", s.cmdline,
