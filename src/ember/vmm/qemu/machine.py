@@ -9,10 +9,11 @@ first, which cannot boot a kernel without the option ROMs we turn off.
 No PIT either, when the guest is told its TSC rate (``tsc_early_khz=`` on
 its command line, which the guest build adds on hosts with a constant TSC):
 the PIT is then only a timer interrupt that wakes an idle guest. Measured
-2026-12-07 under TCG: an idle VM's QEMU used 12-13 instead of 21 CPU ticks in
-20 s, and the 40th idle sandbox of ``bench/density.py`` started 1.17x as
-slowly as the first instead of 1.58x. A guest not told the rate calibrates
-its TSC against the PIT, so it keeps one.
+2026-12-07 under TCG, 4 idle sandboxes for 30 s: their QEMUs used 116-128 CPU
+ticks without the PIT against 176-183 with it, a third less. With many idle
+sandboxes on few cores that CPU is what slows the next start (the 40th start
+of ``bench/density.py`` still took 1.17-1.66x the first in two runs). A guest
+not told the rate calibrates its TSC against the PIT, so it keeps one.
 """
 
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
