@@ -24,7 +24,7 @@ def _cfg(tmp_path: Path, text: str):
 
 
 def test_the_configured_size_reaches_qemus_argv(tmp_path):
-    assert _cfg(tmp_path, "").vm.tcg_tb_size_mib == DEFAULT_TCG_TB_MIB == 24
+    assert _cfg(tmp_path, "").vm.tcg_tb_size_mib == DEFAULT_TCG_TB_MIB == 32
     cfg = _cfg(tmp_path, "[vm]\ntcg_tb_size_mib = 256\n")
     spec = VMSpec(vm_id="x", kernel=Path("k"), initrd=Path("i"), rootfs=Path("r"), cmdline="",
                   work_dir=tmp_path, accel="tcg", tcg_tb_mib=cfg.vm.tcg_tb_size_mib)

@@ -6,7 +6,7 @@
   template snapshot as zero pages and a restore never makes them resident.
 * A guest told its TSC rate runs without a PIT, whose tick woke it idle.
 * The TCG translation cache is capped (tb-size) at the configured size
-  (``[vm] tcg_tb_size_mib``, default 24 MiB).
+  (``[vm] tcg_tb_size_mib``, default 32 MiB).
 * Sandboxes restored from one template share its RAM (a file mapped
   copy-on-write) until they write it, and none of them can change it.
 """

@@ -42,13 +42,11 @@ from ember.util import parse_size
 DEFAULT_CONFIG_PATH = "/etc/ember/config.toml"
 
 
-# TCG's translation cache per VM. An idle sandbox that ran a container keeps
-# the whole cache resident (~40 MiB of a 64 MiB one), so its size is a direct
-# cost per idle sandbox (issue 14: density). 24 MiB still holds the guest's hot
-# code (agent, crun, busybox): measured 2026-12-07 in one interleaved run of
-# `ember run --rm` (10 each), 24 MiB started 3% slower than 32 and 16 MiB 29%
-# slower; an idle sandbox's PSS was 72.8 MiB at 24 against 82.0 at 32.
-DEFAULT_TCG_TB_MIB = 24
+# TCG's translation cache per VM. An idle sandbox that ran a container fills
+# ~40 MiB of a 64 MiB cache and keeps it resident; 32 MiB holds the guest's hot
+# code (agent, crun, busybox) and caps that cost (issue 14: density). 24 MiB
+# saved 9 MiB per idle sandbox but made a CRI pod's start ~45% slower (README).
+DEFAULT_TCG_TB_MIB = 32
 
 
 @dataclass
