@@ -123,6 +123,7 @@ def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image, foreign_
     assert other_ip.startswith("10.88.") and other_ip != web_ip
     assert lines[-1] == "hello-from-web"
     assert ip_records(ember_env.state_dir) == [web_ip]  # --rm released the other one
+    assert Path("/sys/class/net/ember0/brif").is_dir()  # web is still on the bridge
 
     # The monitor dies hard: `rm -f` must still remove everything it made.
     os.kill(web["monitor_pid"], signal.SIGKILL)
@@ -131,6 +132,9 @@ def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image, foreign_
     assert not netns_exists(sid) and not veth_exists(sid)
     assert ip_records(ember_env.state_dir) == []
     assert web_ip not in iptables_rules()
+    # Its last sandbox gone, the bridge goes too, with its rules: nothing idle stays.
+    assert not Path("/sys/class/net/ember0").exists()
+    assert "ember0" not in iptables_rules()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -181,3 +185,4 @@ def test_missing_iptables_fails_cleanly(ember_env, image):
     assert ip_records(ember_env.state_dir) == []
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not [n for n in after - before if n.startswith("ember-")]
+    assert not Path("/sys/class/net/ember0").exists()  # made before iptables failed: gone

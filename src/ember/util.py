@@ -8,6 +8,8 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ember.errors import EmberError
@@ -64,6 +66,19 @@ def place_fds(pairs: list[tuple[int, int]]) -> None:
     for fd, number in high:
         os.dup2(fd, number, inheritable=True)
         os.close(fd)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created, with its folder) for the block:
+    shared by every process on the host that names the same file."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:

@@ -1,7 +1,6 @@
 """Docker-style bridge networking for ``ember run --network bridge``.
 
-The host has one bridge, ``ember0`` (10.88.0.1/16, created on first use and
-left in place, like docker0), with MASQUERADE for the subnet so containers
+The host has one bridge, ``ember0`` (10.88.0.1/16), with MASQUERADE for the subnet so containers
 reach the outside. Each sandbox gets a network namespace ``ember-<id12>`` and
 a veth pair: the host end (``veth<id11>``) is a port of the bridge, the other
 end is ``eth0`` in the namespace with an address from :mod:`ember.net.ipam`
@@ -12,6 +11,14 @@ guest NIC owns the container's address and MAC.
 Everything per sandbox can be derived from its id, so :func:`disconnect`
 works from ``state.json`` alone even after the monitor was SIGKILLed:
 deleting the namespace destroys eth0 and with it the veth pair.
+
+The bridge lives exactly as long as a sandbox is on it: the first
+:func:`connect` creates it and the :func:`disconnect` that leaves it without
+a port removes it with its rules, so no run, crashed test or bench leaves an
+idle ``ember0`` behind (docker0 stays; a host that never runs a bridged
+sandbox again should not keep one). Both happen under one host-wide lock
+(:data:`BRIDGE_LOCK`, not the per-state-dir address lock), so a sandbox of
+another state dir never loses the bridge between its creation and its port.
 
 Forwarding is one-way: sandboxes may open connections to anywhere, but into
 ember0 the host forwards only replies (conntrack ESTABLISHED, plus the ICMP
@@ -25,12 +32,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import AbstractContextManager
 
 from ember.config import Config
 from ember.net import ipam
 from ember.net.podnet import NetError
+from ember.util import file_lock
 
 BRIDGE = "ember0"
+BRIDGE_LOCK = "/run/lock/ember0.lock"  # host-wide: the bridge is one for all state dirs
+
+
+def bridge_lock() -> AbstractContextManager[None]:
+    """Held while the bridge is created, given a port, or removed."""
+    return file_lock(BRIDGE_LOCK)
 
 
 def netns_name(sandbox_id: str) -> str:
@@ -87,7 +102,7 @@ def _masquerade() -> list[str]:
 
 
 def ensure_bridge() -> None:
-    """Create ember0, its address, forwarding and NAT if missing (call under ipam.lock)."""
+    """Create ember0, its address, forwarding and NAT if missing (hold :func:`bridge_lock`)."""
     if not os.path.exists(f"/sys/class/net/{BRIDGE}"):
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "replace", f"{ipam.GATEWAY}/{ipam.SUBNET.prefixlen}", "dev", BRIDGE)
@@ -105,11 +120,24 @@ def ensure_bridge() -> None:
 def remove_bridge() -> bool:
     """Remove ember0 and its NAT/forward rules when no sandbox uses it; True if removed.
 
-    Like docker0 the bridge normally stays; this is for uninstalling and for
-    tests that created it. The broad inbound ACCEPT of older versions goes too.
+    :func:`disconnect` removes it with its last port; this is for uninstalling
+    and for a bridge an older version left. The broad inbound ACCEPT of older
+    versions goes too.
     """
     if addresses_in_use():
         return False
+    with bridge_lock():
+        _remove_rules_and_link()
+    return True
+
+
+def _remove_rules_and_link() -> None:
+    """The bridge, then its NAT and forward rules (hold :func:`bridge_lock`).
+
+    The link first: a set-up that failed for want of iptables made the bridge
+    but no rule, and must still not leave the bridge behind."""
+    if os.path.exists(f"/sys/class/net/{BRIDGE}"):
+        _run("ip", "link", "del", BRIDGE)
     for table, chain, rule in (
         ("nat", "POSTROUTING", _masquerade()),
         ("filter", "FORWARD", FORWARD_OUT),
@@ -118,9 +146,6 @@ def remove_bridge() -> bool:
         ("filter", "FORWARD", FORWARD_NEW_IN),
     ):
         _iptables_delete(table, chain, rule)
-    if os.path.exists(f"/sys/class/net/{BRIDGE}"):
-        _run("ip", "link", "del", BRIDGE)
-    return True
 
 
 def addresses_in_use() -> set[str]:
@@ -152,12 +177,13 @@ def connect(cfg: Config, sandbox_id: str, record) -> tuple[str, str]:
     with ipam.lock(cfg):
         ip = ipam.allocate(cfg, sandbox_id, exclude=addresses_in_use())
         record(ip, netns_path(sandbox_id))
-        ensure_bridge()
     ns, veth = netns_name(sandbox_id), veth_name(sandbox_id)
     try:
-        _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        with bridge_lock():  # from here the bridge has our port: nobody removes it
+            ensure_bridge()
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _run("ip", "link", "set", veth, "master", BRIDGE, "up")
         _run("ip", "-n", ns, "addr", "add", f"{ip}/{ipam.SUBNET.prefixlen}", "dev", "eth0")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -169,9 +195,24 @@ def connect(cfg: Config, sandbox_id: str, record) -> tuple[str, str]:
 
 
 def disconnect(cfg: Config, sandbox_id: str) -> None:
-    """Remove the namespace, the veth pair and the address record; idempotent."""
+    """Remove the namespace, the veth pair and the address record, then the
+    bridge if that was its last port; idempotent."""
     if os.path.exists(netns_path(sandbox_id)):
         _run("ip", "netns", "del", netns_name(sandbox_id), check=False)
     if os.path.exists(f"/sys/class/net/{veth_name(sandbox_id)}"):
         _run("ip", "link", "del", veth_name(sandbox_id), check=False)
     ipam.release(cfg, sandbox_id)
+    with bridge_lock():
+        if os.path.isdir(f"/sys/class/net/{BRIDGE}") and not _ports():
+            try:
+                _remove_rules_and_link()
+            except NetError:
+                pass  # no iptables (the set-up failed on it): no rule of ours to find
+
+
+def _ports() -> list[str]:
+    """The bridge's ports: one host veth per sandbox on it."""
+    try:
+        return os.listdir(f"/sys/class/net/{BRIDGE}/brif")
+    except OSError:
+        return []

@@ -11,7 +11,6 @@ allocation rather than leaking the address for ever.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from ember.config import Config
 from ember.errors import EmberError
-from ember.util import atomic_write
+from ember.util import atomic_write, file_lock
 
 SUBNET = ipaddress.ip_network("10.88.0.0/16")
 GATEWAY = ipaddress.ip_address("10.88.0.1")
@@ -33,14 +32,8 @@ def records_dir(cfg: Config) -> Path:
 @contextmanager
 def lock(cfg: Config) -> Iterator[None]:
     """Host-wide (per state dir) lock for addresses and the bridge's set-up."""
-    d = cfg.state_dir / "net"
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(cfg.state_dir / "net" / ".lock"):
+        yield
 
 
 def _owner(path: Path) -> str:
