@@ -40,7 +40,9 @@ from ember.net.podnet import NetError
 from ember.util import file_lock
 
 BRIDGE = "ember0"
-BRIDGE_LOCK = "/run/lock/ember0.lock"  # host-wide: the bridge is one for all state dirs
+# Host-wide, as the bridge is one for all state dirs; in /run itself (root-only),
+# not the world-writable /run/lock, where any user could hold it and stall us.
+BRIDGE_LOCK = "/run/ember0.lock"
 
 
 def bridge_lock() -> AbstractContextManager[None]:
