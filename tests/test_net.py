@@ -125,6 +125,34 @@ def test_guest_side_refuses_bad_interface_requests(args, message) -> None:
     assert err.value.code == Code.INVALID_ARGUMENT
 
 
+def test_guest_nic_set_up_runs_ip_through_the_given_runner(tmp_path, monkeypatch) -> None:
+    """The agent's reaper reaps every child of PID 1, so `ip` must run through
+    it: through subprocess its failure could be reaped away and read as success."""
+    from ember.agent import netconf
+    from ember.ttrpc import Code, TTRPCError
+
+    (tmp_path / "lo").mkdir()
+    (tmp_path / "enp0s1").mkdir()
+    (tmp_path / "enp0s1" / "device").mkdir()
+    monkeypatch.setattr(netconf, "SYS_NET", str(tmp_path))
+    monkeypatch.setattr(netconf.guest_nic, "__defaults__", (str(tmp_path),))
+    calls: list[list[str]] = []
+
+    def run(argv):
+        calls.append(list(argv))
+        if argv[1:3] == ["addr", "add"]:
+            return 2, b"RTNETLINK answers: File exists\n"
+        return 0, b""
+
+    with pytest.raises(TTRPCError, match="ip addr add 10.0.0.5/24 dev eth0: RTNETLINK answers: "
+                                         "File exists") as err:
+        netconf.configure(run, "eth0", "", 1500, ["10.0.0.5/24"], [("default", "10.0.0.1")])
+    assert err.value.code == Code.INTERNAL
+    assert calls[0] == ["ip", "link", "set", "dev", "lo", "up"]
+    assert ["ip", "link", "set", "dev", "enp0s1", "name", "eth0"] in calls
+    assert not any(c[1] == "route" for c in calls)  # stopped at the failure
+
+
 def test_qemu_nic_arguments_and_template_key(tmp_path) -> None:
     from ember.sandbox.template import template_key
     from ember.vmm.base import VMSpec

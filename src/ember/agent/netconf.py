@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import subprocess
+from collections.abc import Callable, Sequence
 
 from ember.ttrpc import Code, TTRPCError
 
@@ -26,12 +26,18 @@ def _bad(msg: str) -> TTRPCError:
     return TTRPCError(Code.INVALID_ARGUMENT, msg)
 
 
-def _ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        detail = (out.stderr or out.stdout).strip().splitlines()
+# Runs a helper to completion: (exit code, combined output). The agent's
+# reaper reaps every child of PID 1, so helpers go through it (its
+# run_command), never subprocess, whose wait() the reaper would race.
+Runner = Callable[[Sequence[str]], tuple[int, bytes]]
+
+
+def _ip(run: Runner, *args: str) -> None:
+    rc, out = run(["ip", *args])
+    if rc != 0:
+        detail = out.decode(errors="replace").strip().splitlines()
         raise TTRPCError(Code.INTERNAL,
-                         f"ip {' '.join(args)}: {detail[-1] if detail else out.returncode}")
+                         f"ip {' '.join(args)}: {detail[-1] if detail else rc}")
 
 
 def guest_nic(sys_net: str = SYS_NET) -> str:
@@ -67,7 +73,7 @@ def validate(name: str, mac: str, mtu: int, addresses: list[str],
             raise _bad(f"route {dest or 'default'} via {gw or '-'}: {exc}") from None
 
 
-def configure(name: str, mac: str, mtu: int, addresses: list[str],
+def configure(run: Runner, name: str, mac: str, mtu: int, addresses: list[str],
               routes: list[tuple[str, str]]) -> None:
     """Rename, address and route the guest NIC; idempotent for the same request.
 
@@ -76,22 +82,22 @@ def configure(name: str, mac: str, mtu: int, addresses: list[str],
     them a working ``localhost`` (port-forward dials 127.0.0.1 in the guest).
     """
     validate(name, mac, mtu, addresses, routes)
-    _ip("link", "set", "dev", "lo", "up")
+    _ip(run, "link", "set", "dev", "lo", "up")
     nic = guest_nic()
-    _ip("link", "set", "dev", nic, "down")
+    _ip(run, "link", "set", "dev", nic, "down")
     if nic != name:
-        _ip("link", "set", "dev", nic, "name", name)
+        _ip(run, "link", "set", "dev", nic, "name", name)
     if mac:
-        _ip("link", "set", "dev", name, "address", mac.lower())
+        _ip(run, "link", "set", "dev", name, "address", mac.lower())
     if mtu:
-        _ip("link", "set", "dev", name, "mtu", str(mtu))
-    _ip("addr", "flush", "dev", name)
+        _ip(run, "link", "set", "dev", name, "mtu", str(mtu))
+    _ip(run, "addr", "flush", "dev", name)
     for cidr in addresses:
-        _ip("addr", "add", cidr, "dev", name)
-    _ip("link", "set", "dev", name, "up")
+        _ip(run, "addr", "add", cidr, "dev", name)
+    _ip(run, "link", "set", "dev", name, "up")
     # On-link routes first: a gateway must be reachable before a route via it.
     for dest, gw in sorted(routes, key=lambda r: bool(r[1])):
         target = dest if dest not in ("", "default") else "default"
         args = ["route", "replace", target]
         args += ["via", gw] if gw else []
-        _ip(*args, "dev", name)
+        _ip(run, *args, "dev", name)

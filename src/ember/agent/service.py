@@ -398,7 +398,7 @@ class AgentService:
         return EMPTY
 
     def UpdateInterface(self, req: pb.UpdateInterfaceRequest, ctx: Context) -> pb.Empty:
-        netconf.configure(req.name, req.mac, req.mtu, list(req.addresses),
+        netconf.configure(self.reaper.run_command, req.name, req.mac, req.mtu, list(req.addresses),
                           [(r.dest, r.gateway) for r in req.routes])
         return EMPTY
 
