@@ -154,6 +154,16 @@ def test_reaper_dispatches_exits():
         assert not late.done
         os.kill(late.pid, 9)
         assert late.wait(5) and late.exit_code == 137
+        # With no child left the reaper sleeps until the next spawn: it does
+        # not wake itself (an idle guest must stay idle), yet still reaps.
+        def switches():
+            with open(f"/proc/self/task/{r._thread.native_id}/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("voluntary_ctxt"))
+        time.sleep(0.3)
+        before = switches()
+        time.sleep(1.2)
+        assert switches() - before <= 1, switches() - before
+        assert r.run_command(["sh", "-c", "exit 4"]) == (4, b"")
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -341,6 +341,40 @@ def test_client_close_wakes_fd_reader():
     os.close(w)
 
 
+def _switches(tid: int) -> int:
+    """How often a thread of ours went to sleep and was woken (voluntary switches)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f
+                    if line.startswith("voluntary_ctxt_switches:"))
+
+
+def test_idle_fd_reader_sleeps_until_data_or_close():
+    """The guest agent reads its channel this way: idle, it must not wake up on
+    its own (under TCG each wake-up of an idle VM is host CPU), yet a frame or
+    a close must still reach it at once."""
+    r, w = os.pipe()
+    tr = ttrpc.Transport(fd=r)
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(tr.read_some(10)))
+    t.start()
+    time.sleep(0.2)
+    before = _switches(t.native_id)
+    time.sleep(1.2)
+    assert _switches(t.native_id) - before <= 1  # a 200 ms poll slice made 6
+    os.write(w, b"hello")
+    t.join(5)
+    assert got == [b"hello"]
+    t = threading.Thread(target=lambda: got.append(tr.read_some(10)))
+    t.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    tr.close()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - start < 1
+    assert got[-1] == b""
+    os.close(w)
+
+
 def _pb_string(field: int, value: str) -> bytes:
     data = value.encode()
     return bytes([field << 3 | 2, len(data)]) + data

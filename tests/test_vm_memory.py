@@ -4,7 +4,8 @@
   jailer), so a restored guest's scattered pages do not each cost 2 MiB.
 * The guest zeroes pages it frees (init_on_free), so they travel in the
   template snapshot as zero pages and a restore never makes them resident.
-* A guest told its TSC rate runs without a PIT, whose tick woke it idle.
+* A guest told its TSC rate runs without a PIT, whose tick woke it idle; nor
+  does kcompactd or the soft-lockup watchdog wake it.
 * The TCG translation cache is capped (tb-size) at the configured size
   (``[vm] tcg_tb_size_mib``, default 32 MiB).
 * Sandboxes restored from one template share its RAM (a file mapped
@@ -51,6 +52,11 @@ def test_idle_vmm_has_no_huge_pages_and_a_capped_translation_cache(ember_env, im
     proc = ember_env.run("exec", sid, "cat", "/proc/cmdline", check=True)
     guest_cmdline = proc.stdout.decode().split()
     assert "init_on_free=1" in guest_cmdline
+    # Nothing in an idle guest wakes it on a timer we can turn off: no
+    # proactive compaction, no soft-lockup watchdog.
+    knobs = ember_env.run("exec", sid, "cat", "/proc/sys/vm/compaction_proactiveness",
+                          "/proc/sys/kernel/watchdog", check=True).stdout.decode().split()
+    assert knobs == ["0", "0"], knobs
     # A guest told its TSC rate gets no PIT, so nothing ticks it while idle.
     machine = argv[argv.index(b"-M") + 1].decode()
     told = any(w.startswith("tsc_early_khz=") for w in guest_cmdline)

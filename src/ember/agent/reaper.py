@@ -183,7 +183,10 @@ class Reaper:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
-                self._wake.wait(0.5)
+                # No child: sleep until spawn/fork/watch makes one (they
+                # set the event after the fork). No timeout: an idle guest
+                # must not wake itself (issue 14).
+                self._wake.wait()
                 self._wake.clear()
                 continue
             except InterruptedError:

@@ -41,13 +41,14 @@ class Transport:
     lock (concurrent handlers answer on one connection) and refused once the
     transport is closed, so a late answer can never land on a reused fd.
 
-    close() must work while another thread is stuck writing (a virtio-serial
-    write blocks for as long as the host end is away). So fds are switched to
-    non-blocking and waited on with poll() in short slices that notice a
-    close, and sockets are shut down, which wakes their blocked calls.
+    close() must work while another thread is stuck reading or writing (a
+    virtio-serial write blocks for as long as the host end is away). So fds
+    are switched to non-blocking and polled together with an eventfd that
+    close() signals, and sockets are shut down, which wakes their blocked
+    calls. The poll has no timeout: an idle guest agent must not wake up on
+    its own (issue 14: under TCG each wake-up of an idle VM costs host CPU,
+    and 5 a second made an idle sandbox's QEMU use half as much again).
     """
-
-    POLL_SLICE_MS = 200
 
     def __init__(self, sock: socket.socket | None = None, fd: int | None = None,
                  close_fd: bool = True) -> None:
@@ -59,8 +60,17 @@ class Transport:
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
         self._closed = False
+        self._wake = -1
         if fd is not None:
             os.set_blocking(fd, False)
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def _poller(self, events: int) -> select.poll:
+        """A poll set of the fd (for events) and the close signal."""
+        poller = select.poll()
+        poller.register(self.fd, events)  # type: ignore[arg-type]
+        poller.register(self._wake, select.POLLIN)
+        return poller
 
     @classmethod
     def of(cls, obj: Transport | socket.socket | int) -> Transport:
@@ -88,18 +98,16 @@ class Transport:
                 if self._closed:
                     return b""
                 raise
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)  # type: ignore[arg-type]
+        poller = self._poller(select.POLLIN)
         while True:
             # The read lock keeps close() from recycling the fd under us.
             with self._rlock:
                 if self._closed:
                     return b""
-                if poller.poll(self.POLL_SLICE_MS):
-                    try:
-                        return os.read(self.fd, n)  # type: ignore[arg-type]
-                    except BlockingIOError:
-                        continue
+                try:
+                    return os.read(self.fd, n)  # type: ignore[arg-type]
+                except BlockingIOError:
+                    poller.poll()
 
     def read_exactly(self, n: int) -> bytes:
         """Read n bytes, looping over partial reads (sockets and char devices)."""
@@ -125,13 +133,12 @@ class Transport:
             if self.sock is not None:
                 self.sock.sendall(view)
                 return
-            poller = select.poll()
-            poller.register(self.fd, select.POLLOUT)  # type: ignore[arg-type]
+            poller = self._poller(select.POLLOUT)
             while view:
                 try:
                     view = view[os.write(self.fd, view):]  # type: ignore[arg-type]
                 except BlockingIOError:
-                    poller.poll(self.POLL_SLICE_MS)
+                    poller.poll()
                     if self._closed:
                         raise ConnectionClosed("ttrpc transport closed during a write") from None
 
@@ -148,7 +155,9 @@ class Transport:
             with self._wlock:
                 self.sock.close()
             return
+        os.eventfd_write(self._wake, 1)  # wakes a reader or writer, which then lets go
         with self._rlock, self._wlock:
+            os.close(self._wake)
             if self._close_fd:
                 try:
                     os.close(self.fd)  # type: ignore[arg-type]
