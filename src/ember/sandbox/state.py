@@ -42,7 +42,7 @@ from ember.config import Config
 from ember.errors import EmberError, NotFoundError
 from ember.sandbox.record import VMRecord
 from ember.sandbox.status import LIVE, Status
-from ember.util import atomic_write, atomic_write_json, pause_for_test, private_dir
+from ember.util import atomic_write, atomic_write_json, file_lock, pause_for_test, private_dir
 
 
 @dataclass
@@ -131,12 +131,8 @@ class StateStore:
     def lock(self) -> Iterator[None]:
         """A host-wide lock for name allocation and removal."""
         private_dir(self.root)  # records, sockets and logs are root's alone
-        with open(self.root / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.root / ".lock"):
+            yield
 
     def create(self, st: SandboxState) -> None:
         """Make the sandbox folder with its record, all at once (call under :meth:`lock`).
