@@ -7,7 +7,10 @@ MemAvailable: noisy when others run on the host) and the PSS of this run's own
 processes: every sandbox's VMM (QEMU), its jailer waiter (the VMM's parent
 when jailed, if that is not the monitor itself) and its sandbox monitor. It prints the per-sandbox slope of both
 (least squares over all N), the split of the last sandbox's PSS, and the start
-time of the last sandboxes against the first (medians of 3). Then it removes
+time of the last sandboxes against the first: medians of 3, and the least-squares
+line through all N starts at N against at 1 (on this 2-core machine one start
+swings by +-20%, so three at each end can make a trend of noise; the line uses
+every start). Then it removes
 them all and checks that none of its processes is left and that the host
 memory came back (within 64 MiB + 2%; others' work on the host counts too).
 
@@ -139,6 +142,12 @@ def main() -> int:
     print(f"host memory used per sandbox (slope): {host_slope:.1f} MiB")
     print(f"start time, median of first {k}: {first_start:.2f}s, of last {k}: {last_start:.2f}s;"
           f" last/first: {last_start / first_start:.2f}  (goal <= 1.3)")
+    starts = [s["start_s"] for s in samples]
+    trend = slope(n, starts)
+    at_first = statistics.fmean(starts) + trend * (n[0] - statistics.fmean(n))
+    fitted = (at_first + trend * (n[-1] - n[0])) / at_first
+    print(f"start time, least-squares line over all {len(n)}: {at_first:.2f}s at {n[0]}, "
+          f"{trend * 1000:+.1f} ms per sandbox; at {n[-1]} against at {n[0]}: {fitted:.2f}")
     # Host memory also moves with whatever else runs here; our own processes must be gone.
     returned = after <= 64 + 0.02 * (base_used + last["host_used_mib"])
     print(f"after removing all: {len(left)} of this run's processes left; host memory "
@@ -148,6 +157,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"samples": samples, "pss_slope_mib": pss_slope,
                        "host_slope_mib": host_slope, "start_ratio": last_start / first_start,
+                       "start_ratio_fitted": fitted,
                        "after_removal_mib": after}, f, indent=1)
     return 0 if returned and not left else 1
 
