@@ -375,6 +375,35 @@ def test_idle_fd_reader_sleeps_until_data_or_close():
     os.close(w)
 
 
+def test_concurrent_closes_of_an_fd_transport_close_once():
+    """The agent's server shutdown and a connection's own end can close one
+    transport at the same time: neither may fail or close a descriptor twice."""
+    for _ in range(50):
+        r, w = os.pipe()
+        tr = ttrpc.Transport(fd=r)
+        wake = tr._wake
+        errors: list[BaseException] = []
+        go = threading.Barrier(4)
+
+        def close(tr=tr, go=go, errors=errors):
+            go.wait()
+            try:
+                tr.close()
+            except BaseException as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(e)
+
+        threads = [threading.Thread(target=close) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert errors == []
+        for fd in (r, wake):
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        os.close(w)
+
+
 def _pb_string(field: int, value: str) -> bytes:
     data = value.encode()
     return bytes([field << 3 | 2, len(data)]) + data

@@ -59,6 +59,7 @@ class Transport:
         self._close_fd = close_fd
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._closed = False
         self._wake = -1
         if fd is not None:
@@ -143,10 +144,15 @@ class Transport:
                         raise ConnectionClosed("ttrpc transport closed during a write") from None
 
     def close(self) -> None:
-        """Close the transport; blocked readers and writers return promptly."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close the transport; blocked readers and writers return promptly.
+
+        Once only, even when two threads close at once (the server's shutdown
+        and a connection's own end): a second pass would signal and close
+        descriptor numbers that may already belong to someone else."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
