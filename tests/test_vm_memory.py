@@ -100,6 +100,11 @@ def test_a_restored_vmm_holds_no_copy_of_the_kernel(ember_env, image, guest_asse
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert not {b"-kernel", b"-initrd", b"-append"} & set(argv), argv
+        jail = info["jail"]
+        root = (Path(jail["chroot_base_dir"]) / Path(jail["exec_file"]).name / jail["id"]
+                / "root")
+        assert root.is_dir(), root
+        assert not (root / "vmlinuz").exists() and not (root / "initrd.img").exists()
         kernel = guest_assets.kernel.read_bytes()
         piece = kernel[len(kernel) // 2:len(kernel) // 2 + 4096]
         assert piece not in _anonymous_memory(pid)
