@@ -4,7 +4,8 @@ ember-jailer is Python. A new interpreter and its imports cost about 60 ms of
 every jailed start, most of the jail's whole price over an unjailed restore
 (issue 14 wants at most 50 ms). The sandbox monitor that starts the jailer
 already runs Python with most of those modules loaded, so a fork of it can run
-the jailer's ``main`` at once and import only the jailer's own modules.
+the jailer's ``main`` at once; the fork imports the jailer's own modules while
+it waits for its request.
 
 A fork is only safe in a process with one thread: a lock another thread holds
 (the import lock, a logging handler's) would stay held for ever in the child.
@@ -199,6 +200,7 @@ def _helper_main(sock: socket.socket) -> None:
         keep = sock.fileno()
         os.closerange(3, keep)
         os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        _preload_jailer()
         msg, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
         sock.close()
         if not msg:
@@ -212,6 +214,14 @@ def _helper_main(sock: socket.socket) -> None:
         _last_words(exc)
     finally:
         os._exit(code)
+
+
+def _preload_jailer() -> None:
+    """Import the jailer's modules while the helper waits for its request, so
+    a start does not wait for them (~20 ms of a jailed restore). The helper
+    becomes the VMM by exec, so this memory goes with it."""
+    import ember.jailer.jail  # noqa: F401 - imported for its side effect
+    import ember.jailer.main  # noqa: F401
 
 
 def _send(argv: Sequence[str], stdio: list[int], pass_fds: Sequence[int]) -> Forked | None:
