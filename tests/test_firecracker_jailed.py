@@ -218,7 +218,7 @@ def test_every_backend_declares_what_the_core_asks(tmp_path, monkeypatch):
     both), template inputs, jail record; an unknown name is one clear error."""
     from ember.config import load_config
     from ember.errors import EmberError
-    from ember.vmm import HYPERVISORS, backend, configured, vmm_binaries
+    from ember.vmm import HYPERVISORS, backend, binary_key, configured, vmm_binaries
 
     cfg_file = tmp_path / "config.toml"
     cfg_file.write_text('[vm]\nhypervisor = "firecracker"\nfirecracker_binary = "/opt/fc/fcbin"\n')
@@ -231,5 +231,19 @@ def test_every_backend_declares_what_the_core_asks(tmp_path, monkeypatch):
     for name in HYPERVISORS:
         cls = backend(name)
         assert cls.kind == name and cls.supports_snapshots
+        assert cls.configured_binary(cfg) == getattr(cfg.vm, binary_key(name))
     with pytest.raises(EmberError, match="unknown hypervisor 'bhyve'"):
         backend("bhyve")
+
+
+def test_listing_the_vmm_binaries_imports_no_other_driver():
+    """`ember run` (its cleanup paths) lists every VMM binary; with QEMU
+    configured that must not import Firecracker's driver and HTTP client."""
+    code = ("import sys; from ember.config import Config; from ember.vmm import vmm_binaries; "
+            "print(vmm_binaries(Config())); "
+            "print(sorted(m for m in sys.modules if m.startswith('ember.vmm.firecracker')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    binaries, imported = out.stdout.splitlines()
+    assert binaries == "['qemu-system-x86_64', 'firecracker']" and imported == "[]", out.stdout

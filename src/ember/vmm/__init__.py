@@ -52,8 +52,16 @@ def process_kind(comm: str) -> str | None:
     return None
 
 
+def binary_key(name: str) -> str:
+    """The ``[vm]`` key naming hypervisor ``name``'s binary: ``<name>_binary``.
+    Each driver's ``configured_binary`` reads it; :func:`vmm_binaries` reads it
+    directly so that it imports no other driver (Firecracker's, with its HTTP
+    client, cost every ``ember run`` ~16 ms)."""
+    return f"{name}_binary"
+
+
 def vmm_binaries(cfg: Config) -> list[str]:
     """Every VMM binary a sandbox may run under, the configured hypervisor's first
     (a jail is named after its binary: cleanup tries each)."""
     first = configured(cfg).configured_binary(cfg)
-    return list(dict.fromkeys([first, *(backend(n).configured_binary(cfg) for n in HYPERVISORS)]))
+    return list(dict.fromkeys([first, *(getattr(cfg.vm, binary_key(n)) for n in HYPERVISORS)]))
