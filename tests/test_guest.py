@@ -141,6 +141,26 @@ def test_cmdline_carries_extra_arguments():
     assert line.endswith(" ember.debug=1")
 
 
+def test_a_vm_gets_the_extra_arguments_once(tmp_path, monkeypatch):
+    """[guest] extra_cmdline reaches the kernel once, and last: it was appended
+    a second time, and init_on_free=1 after it, so with `-- CMD` that became an
+    argument of CMD (and the guest ran without it)."""
+    from ember.sandbox.vm import SandboxVM
+
+    cfg = Config()
+    cfg.vm.accel = "tcg"
+    cfg.jailer.enabled = False
+    cfg.guest.extra_cmdline = "ember.debug=1 -- sleep 600"
+    assets = build.GuestAssets(tmp_path / "k", tmp_path / "i", tmp_path / "r", "6.1", "key",
+                               build.kernel_cmdline(cfg))
+    monkeypatch.setattr(build, "current_assets", lambda _cfg: assets)
+    spec = SandboxVM(cfg, "t-cmdline", tmp_path, 1, 256).base_spec()
+    words = spec.cmdline.split()
+    assert words.count("ember.debug=1") == 1 and words.count("--") == 1, spec.cmdline
+    assert words.index("init_on_free=1") < words.index("--")
+    assert spec.cmdline.endswith(" -- sleep 600")
+
+
 def test_key_follows_package_versions_and_local_code():
     a = {"libc6": debs.Package("libc6", "2.36-9", "amd64", "aa")}
     b = {"libc6": debs.Package("libc6", "2.36-10", "amd64", "bb")}

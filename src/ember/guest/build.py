@@ -58,10 +58,13 @@ ROOTFS_PACKAGES = [
 # (kcompactd woke twice a second to measure fragmentation; compaction on
 # demand stays) and no soft-lockup watchdog (its timer fires every 4 s, and a
 # vCPU stalled by the host's scheduler is not a guest bug to report).
+# init_on_free: a page the guest frees is zeroed, so the template snapshot
+# carries it as a zero page and a restore never makes it resident (issue 14).
+# [guest] extra_cmdline comes last: it may end the kernel's arguments with `--`.
 BASE_CMDLINE = (
     "console=ttyS0 reboot=t panic=-1 root=/dev/vda ro quiet tsc=reliable no_timer_check"
     " initcall_blacklist=cmos_init cryptomgr.notests"
-    " sysctl.vm.compaction_proactiveness=0 nowatchdog"
+    " sysctl.vm.compaction_proactiveness=0 nowatchdog init_on_free=1"
 )
 
 # Uncompressed (3.8 MB; 1.5 MB gzipped). Measured under TCG, booting to /init

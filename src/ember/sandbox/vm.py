@@ -35,7 +35,6 @@ __all__ = ["SandboxVM", "cleanup_jail", "make_vmm", "release_network", "vmm_bina
 log = logging.getLogger("ember.sandbox.vm")
 
 CONSOLE_CHECK_S = 1.0  # how often the console log's size is checked
-GUEST_MEMORY_CMDLINE = "init_on_free=1"
 
 
 def prepare_launch(cfg: Config) -> None:
@@ -112,13 +111,8 @@ class SandboxVM:
         from ember.guest.build import current_assets
 
         assets = current_assets(self.cfg)
-        cmdline = assets.cmdline
+        cmdline = assets.cmdline  # init_on_free and [guest] extra_cmdline included
         accel = configured(self.cfg).choose_accel(self.cfg, assets.kernel, cmdline)
-        if self.cfg.guest.extra_cmdline:
-            cmdline += " " + self.cfg.guest.extra_cmdline
-        # init_on_free: a page the guest frees is zeroed, so the template snapshot
-        # carries it as a zero page and a restore never makes it resident (issue 14).
-        cmdline += " " + GUEST_MEMORY_CMDLINE
         return VMSpec(
             vm_id=self.vm_id, kernel=assets.kernel, initrd=assets.initrd, rootfs=assets.rootfs,
             cmdline=cmdline, work_dir=work_dir or self.work_dir, vcpus=self.vcpus,
