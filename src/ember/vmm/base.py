@@ -117,9 +117,12 @@ class VMM(abc.ABC):
 
     # ------------------------------------------------- before a VM exists
     @classmethod
-    @abc.abstractmethod
     def configured_binary(cls, cfg: Config) -> str:
-        """The hypervisor binary the configuration names (what the jail runs)."""
+        """The hypervisor binary the configuration names (what the jail runs):
+        ``[vm] <kind>_binary`` (:func:`ember.vmm.binary_key`)."""
+        from ember.vmm import binary_key
+
+        return str(getattr(cfg.vm, binary_key(cls.kind)))
 
     @classmethod
     @abc.abstractmethod

@@ -91,10 +91,6 @@ class FirecrackerVMM(VMM):
         return status_of("firecracker") == "ok" and status_of("kvm") == "ok"
 
     @classmethod
-    def configured_binary(cls, cfg: Config) -> str:
-        return cfg.vm.firecracker_binary
-
-    @classmethod
     def choose_accel(cls, cfg: Config, kernel: Path, cmdline: str) -> str:
         return "kvm"  # Firecracker has no other: its jail needs /dev/kvm
 

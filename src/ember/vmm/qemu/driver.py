@@ -107,10 +107,6 @@ class QemuVMM(VMM):
         _no_huge_pages()
 
     @classmethod
-    def configured_binary(cls, cfg: Config) -> str:
-        return cfg.vm.qemu_binary
-
-    @classmethod
     def template_inputs(cls, cfg: Config) -> list[str]:
         """The binary, and the machine: a snapshot restores only into the same one."""
         return [*super().template_inputs(cfg), TEMPLATE_KEY]
