@@ -39,6 +39,8 @@ if opts.get("no_pidns"):  # as if this process could not make a PID namespace
             raise PermissionError(1, "unshare: Operation not permitted")
         real_unshare(flags)
     launch.linux.unshare = unshare
+if opts.get("break_jail"):  # the jailer's module cannot be imported (a broken install)
+    sys.modules["ember.jailer.jail"] = None
 report = {"preforked": launch.prefork() if opts.get("prefork") else None}
 for _ in range(opts.get("threads", 0)):
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
@@ -191,6 +193,17 @@ def test_a_bad_argument_is_one_line_and_status_125(env):
         assert (report["kind"], report["code"]) == ("Forked", 125)
         assert len(out.splitlines()) == 1 and out.startswith("ember-jailer: "), out
         assert "--uid" in out
+
+
+def test_a_jailer_that_cannot_be_imported_fails_on_the_requests_stderr(env):
+    """The helper imports the jailer before it is asked; when that import fails
+    the helper must still take the request and say why on the stderr it was
+    given (status 125), not die first (its words on its parent's stderr, and
+    the start left to race its death: a send before it sees a dead helper)."""
+    report, out = _launch(env, [jailer_command(), "--id", "x", "--"], prefork=True,
+                          break_jail=True)
+    assert (report["kind"], report["code"]) == ("Forked", 125)
+    assert out.startswith("ember-jailer: ") and "ember.jailer.jail" in out, out
 
 
 def test_forked_gives_one_status_to_every_thread():

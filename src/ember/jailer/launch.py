@@ -219,9 +219,13 @@ def _helper_main(sock: socket.socket) -> None:
 def _preload_jailer() -> None:
     """Import the jailer's modules while the helper waits for its request, so
     a start does not wait for them (~20 ms of a jailed restore). The helper
-    becomes the VMM by exec, so this memory goes with it."""
-    import ember.jailer.jail  # noqa: F401 - imported for its side effect
-    import ember.jailer.main  # noqa: F401
+    becomes the VMM by exec, so this memory goes with it. A failure is left to
+    the run itself, which reports it on the request's stderr, not ours."""
+    try:
+        import ember.jailer.jail  # noqa: F401 - imported for its side effect
+        import ember.jailer.main  # noqa: F401
+    except Exception:  # noqa: BLE001, S110 - the jailer's run imports them again
+        pass
 
 
 def _send(argv: Sequence[str], stdio: list[int], pass_fds: Sequence[int]) -> Forked | None:
