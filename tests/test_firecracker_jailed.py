@@ -218,7 +218,8 @@ def test_every_backend_declares_what_the_core_asks(tmp_path, monkeypatch):
     both), template inputs, jail record; an unknown name is one clear error."""
     from ember.config import load_config
     from ember.errors import EmberError
-    from ember.vmm import HYPERVISORS, backend, binary_key, configured, vmm_binaries
+    from ember.vmm import HYPERVISORS, backend, configured, vmm_binaries
+    from ember.vmm.base import binary_key
 
     cfg_file = tmp_path / "config.toml"
     cfg_file.write_text('[vm]\nhypervisor = "firecracker"\nfirecracker_binary = "/opt/fc/fcbin"\n')

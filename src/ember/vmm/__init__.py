@@ -52,16 +52,12 @@ def process_kind(comm: str) -> str | None:
     return None
 
 
-def binary_key(name: str) -> str:
-    """The ``[vm]`` key naming hypervisor ``name``'s binary: ``<name>_binary``
-    (what ``VMM.configured_binary`` reads)."""
-    return f"{name}_binary"
-
-
 def vmm_binaries(cfg: Config) -> list[str]:
     """Every VMM binary a sandbox may run under, the configured hypervisor's first
     (a jail is named after its binary: cleanup tries each). Read from the
     configuration by name, so no other driver is imported for it (Firecracker's,
     with its HTTP client, cost every ``ember run`` ~16 ms)."""
+    from ember.vmm.base import binary_key
+
     names = [cfg.vm.hypervisor, *HYPERVISORS]
     return list(dict.fromkeys(str(getattr(cfg.vm, binary_key(n))) for n in names))

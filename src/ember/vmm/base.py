@@ -96,6 +96,11 @@ def describe_exit(code: int, supervised: bool = False) -> str:
     return f"exited with code {code}"
 
 
+def binary_key(name: str) -> str:
+    """The ``[vm]`` key naming hypervisor ``name``'s binary: ``<name>_binary``."""
+    return f"{name}_binary"
+
+
 class VMM(abc.ABC):
     """One VM process. Methods raise ember.errors.VMError on failure.
 
@@ -119,9 +124,7 @@ class VMM(abc.ABC):
     @classmethod
     def configured_binary(cls, cfg: Config) -> str:
         """The hypervisor binary the configuration names (what the jail runs):
-        ``[vm] <kind>_binary`` (:func:`ember.vmm.binary_key`)."""
-        from ember.vmm import binary_key
-
+        ``[vm] <kind>_binary`` (:func:`binary_key`)."""
         return str(getattr(cfg.vm, binary_key(cls.kind)))
 
     @classmethod
