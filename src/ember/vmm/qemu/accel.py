@@ -5,7 +5,11 @@ so ``accel = "auto"`` boots the guest kernel once under each accelerator with
 no init (``rdinit=`` and ``root=`` point nowhere, ``panic=-1`` plus
 ``-no-reboot`` make QEMU exit as soon as the kernel gives up) and keeps KVM
 only if it finished and was faster than TCG. The verdict is cached per host
-kernel, QEMU binary and guest kernel, so the probe runs once per machine.
+kernel, QEMU binary, guest kernel and command line, so the probe runs once per
+machine and set-up. Several verdicts are kept: two configs sharing a data dir
+(two containerd runtime handlers, say) with different command lines or QEMU
+binaries would otherwise each evict the other's, and every start would boot
+the probe again (~6 s under TCG here).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from ember.util import atomic_write_json
+from ember.util import atomic_write_json, file_lock
 from ember.vmm.qemu.machine import FIRMWARE, machine
 
 PROBE_TIMEOUT = 20.0
+KEEP_VERDICTS = 8  # newest first; more set-ups than this on one host re-probe
 
 
 def _probe(binary: str, kernel: Path, accel: str, timeout: float, cmdline: str) -> float | None:
@@ -68,14 +73,44 @@ def resolve_accel(setting: str, binary: str, kernel: Path, cache_dir: Path,
         f"{os.uname().release}|{binary}|{kernel}|{st.st_size}|{st.st_mtime_ns}|{cmdline}".encode()
     ).hexdigest()[:16]
     cache = cache_dir / "accel-probe.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached["accel"]
-    except (OSError, ValueError, KeyError):
-        pass
-    tcg = _probe(binary, kernel, "tcg", PROBE_TIMEOUT * 3, cmdline)
-    kvm = _probe(binary, kernel, "kvm", min(PROBE_TIMEOUT, (tcg or PROBE_TIMEOUT) * 1.5), cmdline)
-    accel = "kvm" if kvm is not None and (tcg is None or kvm < tcg) else "tcg"
-    atomic_write_json(cache, {"key": key, "accel": accel, "tcg_s": tcg, "kvm_s": kvm})
+    found = _cached(cache, key)
+    if found is not None:
+        return found
+    # One prober at a time: monitors starting together would each boot both
+    # accelerators, and on a small host slow each other's probe into a wrong verdict.
+    with file_lock(cache_dir / ".accel-probe.lock"):
+        found = _cached(cache, key)
+        if found is not None:
+            return found
+        tcg = _probe(binary, kernel, "tcg", PROBE_TIMEOUT * 3, cmdline)
+        kvm = _probe(binary, kernel, "kvm", min(PROBE_TIMEOUT, (tcg or PROBE_TIMEOUT) * 1.5),
+                     cmdline)
+        accel = "kvm" if kvm is not None and (tcg is None or kvm < tcg) else "tcg"
+        record = {"key": key, "accel": accel, "tcg_s": tcg, "kvm_s": kvm}
+        # The newest verdict stays at the top level too: `ember check` reads it there.
+        older = [v for v in _verdicts(_read(cache)) if v.get("key") != key]
+        atomic_write_json(cache, {**record, "verdicts": [record, *older][:KEEP_VERDICTS]})
     return accel
+
+
+def _read(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _verdicts(data: dict) -> list[dict]:
+    """Every verdict in the file, newest first (a file from before the list has one)."""
+    listed = data.get("verdicts")
+    if isinstance(listed, list):
+        return [v for v in listed if isinstance(v, dict)]
+    return [data] if data.get("key") else []
+
+
+def _cached(cache: Path, key: str) -> str | None:
+    for verdict in _verdicts(_read(cache)):
+        if verdict.get("key") == key and verdict.get("accel") in ("kvm", "tcg"):
+            return str(verdict["accel"])
+    return None
