@@ -154,7 +154,7 @@ FEATURES: tuple[Feature, ...] = (
                "on the node and are copied in; the VMM runs under Ember's own filter",
                _CT + "'SeccompProfilePath' and 'docker/default' specs")),
     _f("appArmorProfile", "AppArmor profiles", "Security context",
-       Support(_C, NICE, "the guest kernel runs without AppArmor, so the profile is "
+       Support(_C, NICE, "the guest kernel loads no AppArmor policy, so the profile is "
                "dropped, not enforced inside the VM; the VM boundary is the isolation",
                "tests/test_shim.py::test_guest_spec_drops_host_paths_and_leaves_mounts_to_the_volumes")),
     _f("runAsUser", "runAsUser / runAsGroup / runAsNonRoot / supplementalGroups",
