@@ -139,6 +139,18 @@ def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image, foreign_
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_no_network_still_has_a_working_loopback(ember_env, image):
+    """`--network none` (the default) is "loopback only", as Docker's: lo is up,
+    and a server on 127.0.0.1 answers a client in the same container."""
+    script = ("ls /sys/class/net; mkdir -p /www && echo hello-from-lo > /www/index.html && "
+              "busybox httpd -p 127.0.0.1:8080 -h /www && "
+              "for i in 1 2 3 4 5; do busybox wget -q -O - http://127.0.0.1:8080/index.html "
+              "&& exit 0; sleep 1; done; exit 1")
+    proc = ember_env.run("run", "--rm", image, "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["lo", "hello-from-lo"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["-p", "8080:80"], "--publish needs --network bridge"),
     (["--network", "host"], "invalid --network 'host'"),

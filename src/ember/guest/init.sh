@@ -88,6 +88,9 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs $N/run || die "cannot mount /run"
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $N/tmp || die "cannot mount /tmp"
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $N/var/tmp || die "cannot mount /var/tmp"
 hostname "$NAME" || die "cannot set hostname $NAME"
+# Loopback up, as any init does: a container with no network (`--network none`)
+# still has a working 127.0.0.1, and a pod's set-up finds it done (agent/netconf.py).
+ip link set dev lo up || die "cannot bring up the loopback interface"
 # udev-style names for virtio-serial ports, for humans; the agent reads sysfs.
 mkdir -p $N/dev/virtio-ports
 for p in $N/sys/class/virtio-ports/*; do

@@ -26,6 +26,7 @@ APPLETS = (
     "ln",
     "grep",
     "hostname",
+    "ip",
     "switch_root",
     "poweroff",
     "reboot",
