@@ -369,15 +369,30 @@ def test_sandbox_output_is_rotated_and_ember_logs_shows_the_tail(ember_env, imag
     cfg = _config_with_logs(tmp_path, 'max_size = "16k"\nmax_files = 2\n'
                                       'console_max_size = "4k"\n')
     ember_env.env["EMBER_CONFIG"] = str(cfg)
+    # stdout and stderr are copied independently (as Docker's are), so a stderr
+    # line written after stdout may be logged before stdout's last ~100 KB, and
+    # rotated out with them. So the container writes to stderr only once the
+    # test has seen all of stdout in the log.
     proc = ember_env.run("run", "-d", "--name", "chatty", image, "sh", "-c",
-                         "seq 1 20000; echo done >&2")
+                         "seq 1 20000; until [ -e /tmp/go ]; do sleep 0.1; done; "
+                         "echo done >&2")
     assert proc.returncode == 0, proc.stderr
-    follow = ember_env.run("logs", "-f", "chatty", timeout=300)  # returns once it exited
-    assert follow.returncode == 0, follow.stderr
-    assert follow.stderr == b"done\n"
+    follower = subprocess.Popen([ember_bin(), "logs", "-f", "chatty"], env=ember_env.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not ember_env.run("logs", "chatty").stdout.endswith(b"\n20000\n"):
+            assert time.monotonic() < deadline, "stdout never reached the log"
+            time.sleep(0.2)
+        assert ember_env.run("exec", "chatty", "touch", "/tmp/go").returncode == 0
+        out, err = follower.communicate(timeout=300)  # returns once the container exited
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, err
+    assert err == b"done\n"
     # A follower that falls more than max_files x max_size behind (here 32k, less
     # than one read from the agent) misses the middle, as with Docker; the end never.
-    assert follow.stdout.endswith(b"\n19999\n20000\n")
+    assert out.endswith(b"\n19999\n20000\n")
 
     logs = ember_env.run("logs", "chatty")
     assert logs.returncode == 0, logs.stderr
