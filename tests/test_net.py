@@ -134,9 +134,6 @@ def test_guest_nic_set_up_runs_ip_through_the_given_runner(tmp_path, monkeypatch
     (tmp_path / "lo").mkdir()
     (tmp_path / "enp0s1").mkdir()
     (tmp_path / "enp0s1" / "device").mkdir()
-    monkeypatch.setattr(netconf, "SYS_NET", str(tmp_path))
-    monkeypatch.setattr(netconf.guest_nic, "__defaults__", (str(tmp_path),))
-    monkeypatch.setattr(netconf.configure, "__defaults__", (str(tmp_path),))
     monkeypatch.setattr(netconf, "has_addresses", lambda name: False)
     calls: list[list[str]] = []
 
@@ -148,7 +145,8 @@ def test_guest_nic_set_up_runs_ip_through_the_given_runner(tmp_path, monkeypatch
 
     with pytest.raises(TTRPCError, match="ip addr add 10.0.0.5/24 dev eth0: RTNETLINK answers: "
                                          "File exists") as err:
-        netconf.configure(run, "eth0", "", 1500, ["10.0.0.5/24"], [("default", "10.0.0.1")])
+        netconf.configure(run, "eth0", "", 1500, ["10.0.0.5/24"], [("default", "10.0.0.1")],
+                          sys_net=str(tmp_path))
     assert err.value.code == Code.INTERNAL
     assert calls[0] == ["ip", "link", "set", "dev", "lo", "up"]
     assert ["ip", "link", "set", "dev", "enp0s1", "name", "eth0"] in calls

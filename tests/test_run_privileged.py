@@ -49,3 +49,17 @@ def test_unprivileged_container_gets_none_of_it(ember_env, image):
     assert not re.findall(r"^HAS=", out, re.M), out
     assert "BRIDGE" not in v, out
     assert v["SYS_RW"] != "0", out
+
+
+def test_the_guest_kernel_loads_no_apparmor_policy(ember_env, image):
+    """What the feature matrix says of appArmorProfile: the guest kernel has the
+    AppArmor LSM but no profile is loaded in it, so a pod's profile is not enforced."""
+    script = ("mount -t securityfs none /sys/kernel/security && "
+              "echo LSM=$(cat /sys/kernel/security/lsm) && "
+              "echo PROFILES=$(wc -l < /sys/kernel/security/apparmor/profiles)")
+    proc = ember_env.run("run", "--rm", "--privileged", image, "sh", "-c", script,
+                         timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    v = dict(re.findall(r"^([A-Z]+)=(\S+)$", proc.stdout.decode(), re.M))
+    assert "apparmor" in v["LSM"].split(","), v
+    assert v["PROFILES"] == "0", v

@@ -156,7 +156,8 @@ FEATURES: tuple[Feature, ...] = (
     _f("appArmorProfile", "AppArmor profiles", "Security context",
        Support(_C, NICE, "the guest kernel loads no AppArmor policy, so the profile is "
                "dropped, not enforced inside the VM; the VM boundary is the isolation",
-               "tests/test_shim.py::test_guest_spec_drops_host_paths_and_leaves_mounts_to_the_volumes")),
+               "tests/test_shim.py::test_guest_spec_drops_host_paths_and_leaves_mounts_to_the_volumes, "
+               "tests/test_run_privileged.py::test_the_guest_kernel_loads_no_apparmor_policy")),
     _f("runAsUser", "runAsUser / runAsGroup / runAsNonRoot / supplementalGroups",
        "Security context", Support(_S, REQUIRED, "applied by the agent when it starts the "
                                    "process in the guest",
