@@ -94,6 +94,43 @@ def test_setup_twice_in_one_netns_is_refused_and_keeps_the_first(netns) -> None:
         podnet.teardown(path)
 
 
+def test_routes_keep_their_length_and_connected_ones_are_left_out(netns) -> None:
+    """A network route and a host route through eth0 reach the guest as CIDRs
+    (ip prints a host route without /32); the connected route of eth0's address
+    does not (the guest gets it with the address)."""
+    name, path = netns
+    in_ns(name, "ip", "route", "add", "10.99.0.0/16", "via", "10.201.7.1")
+    in_ns(name, "ip", "route", "add", "10.98.1.1", "via", "10.201.7.1")
+    cfg = podnet.read_config(path)
+    assert sorted(cfg.routes) == [("10.98.1.1/32", "10.201.7.1"), ("10.99.0.0/16", "10.201.7.1"),
+                                  ("default", "10.201.7.1")]
+    assert cfg.addresses == ["10.201.7.2/24"]
+
+
+def test_a_set_up_failing_halfway_leaves_nothing(netns, monkeypatch) -> None:
+    """tc refuses the second redirect (after eth0's is in place): the error names
+    the namespace and tc's words, and eth0's qdisc and the tap are gone again."""
+    name, path = netns
+    real = podnet._redirect
+
+    def broken(a: str, b: str) -> list[list[str]]:
+        runs = real(a, b)
+        return runs if a == "eth0" else [runs[0], ["tc", "filter", "add", "dev", "nosuchdev"]]
+
+    monkeypatch.setattr(podnet, "_redirect", broken)
+    with pytest.raises(podnet.NetError, match=f"cannot set up tc redirect .* in {path}: .+"):
+        podnet.setup(path)
+    assert "ingress" not in in_ns(name, "tc", "qdisc", "show")
+    assert podnet.TAP_NAME not in in_ns(name, "ip", "-o", "link")
+
+
+def test_without_iproute2_the_error_says_so(netns, monkeypatch) -> None:
+    _name, path = netns
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(podnet.NetError, match="ip is not installed .*needs iproute2"):
+        podnet.setup(path)
+
+
 def test_netns_path_and_guest_spec() -> None:
     spec = {"process": {"args": ["sh"]},
             "linux": {"namespaces": [{"type": "pid"},

@@ -139,6 +139,22 @@ def test_bridge_reach_publish_and_cleanup_after_crash(ember_env, image, foreign_
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_a_bridged_start_traces_its_host_and_guest_network(ember_env, image):
+    """`ember --debug run --network bridge`: the sandbox's tap and redirects
+    (`host network`) are made before the template lookup, the guest's NIC is
+    set up (`guest network`) after the agent answers, each printed once."""
+    from test_trace import _phases
+
+    proc = ember_env.run("--debug", "run", "--rm", "--network", "bridge", image, "true")
+    assert proc.returncode == 0, proc.stderr
+    ph = _phases(proc.stderr.decode())
+    order = ["host network", "template lookup", "jail", "restore", "agent ready",
+             "guest network", "container create+start"]
+    assert set(order) <= set(ph), sorted(set(order) - set(ph))
+    for before, after in zip(order, order[1:], strict=False):
+        assert ph[before][1] <= ph[after][0] + 1.0, (before, ph[before], after, ph[after])
+
+
 def test_no_network_still_has_a_working_loopback(ember_env, image):
     """`--network none` (the default) is "loopback only", as Docker's: lo is up,
     and a server on 127.0.0.1 answers a client in the same container."""

@@ -1,4 +1,4 @@
-"""Small helpers shared by host-side modules: atomic writes, ids, sizes."""
+"""Small helpers shared by host-side modules: atomic writes, ids, sizes, tools."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,6 +80,23 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_tool(cmd: list[str], what: str, *, stdin: str | None = None,
+             error: type[EmberError] = EmberError, missing: str = "is not installed") -> str:
+    """Run a system tool to completion; its stdout.
+
+    A failure becomes one line: ``what``, then the tool's last line of error
+    (where mkfs, lvm and iproute2 say what went wrong), or that it is missing.
+    """
+    try:
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise error(f"{what}: {cmd[0]} {missing}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise error(f"{what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:

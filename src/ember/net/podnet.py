@@ -21,10 +21,9 @@ CNI) and tolerates a namespace that is already gone.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
+import json
 import os
-import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ember.errors import EmberError
+from ember.util import run_tool
 
 TAP_NAME = "tap0_ember"
 T = TypeVar("T")
@@ -39,11 +39,7 @@ CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-INGRESS = 0xFFFF0000  # "ffff:"
-ETH_P_ALL = 0x0003
 PRIO = 49152
-RT_MAIN = 254
-RTPROT_KERNEL = 2
 
 
 class NetError(EmberError):
@@ -61,42 +57,54 @@ class NicConfig:
     routes: list[tuple[str, str]] = field(default_factory=list)  # (dest CIDR | "default", gw)
 
 
-def _ns(path: str):
-    from pyroute2 import NetNS
+def _run(args: list[str], what: str) -> str:
+    """iproute2 (``ip`` or ``tc``) in the calling thread's namespace; its stdout.
 
-    if not os.path.exists(path):
-        raise NetError(f"network namespace {path} does not exist")
+    iproute2 rather than pyroute2: importing pyroute2 (225 modules) cost a
+    pod's shim ~70 ms before its VM could start; a set-up is eight runs of
+    ~1-2 ms. A failure raises with the tool's words after ``what``.
+    """
+    return run_tool(args, what, error=NetError,
+                    missing="is not installed (pod networking needs iproute2)")
+
+
+def _json(args: list[str], what: str) -> list[dict]:
+    out = _run([args[0], "-j", *args[1:]], what)
     try:
-        return NetNS(path)
-    except OSError as exc:
-        raise NetError(f"cannot enter network namespace {path}: {exc}") from None
+        data = json.loads(out or "[]")
+    except ValueError:
+        raise NetError(f"{what}: {args[0]} -j printed no JSON") from None
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
 
-def _index(ns, path: str, ifname: str) -> int:
-    found = ns.link_lookup(ifname=ifname)
-    if not found:
+def _read(path: str, ifname: str) -> NicConfig:
+    """eth0's identity, read in the calling thread's namespace (the pod's)."""
+    what = f"cannot read {ifname} in {path}"
+    links = [ln for ln in _json(["ip", "link", "show"], what) if ln.get("ifname") == ifname]
+    if not links:
         raise NetError(f"network namespace {path} has no interface {ifname}")
-    return found[0]
+    cfg = NicConfig(ifname, str(links[0].get("address", "")), int(links[0].get("mtu") or 0))
+    for entry in _json(["ip", "-4", "addr", "show", "dev", ifname], what):
+        for a in entry.get("addr_info", []):
+            if a.get("family") == "inet" and a.get("local"):
+                cfg.addresses.append(f"{a['local']}/{a.get('prefixlen', 32)}")
+    for r in _json(["ip", "-4", "route", "show", "dev", ifname, "table", "main"], what):
+        dst = str(r.get("dst", ""))
+        if r.get("protocol") == "kernel" or not dst:  # a connected route comes with its address
+            continue
+        if dst != "default" and "/" not in dst:
+            dst += "/32"  # ip prints a host route without its length
+        cfg.routes.append((dst, str(r.get("gateway", ""))))
+    return cfg
 
 
 def read_config(path: str, ifname: str = "eth0") -> NicConfig:
     """eth0's MAC, MTU, IPv4 addresses and IPv4 routes (connected routes come with the address)."""
-    ns = _ns(path)
-    try:
-        idx = _index(ns, path, ifname)
-        link = ns.get_links(idx)[0]
-        cfg = NicConfig(ifname, link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU") or 0)
-        for a in ns.get_addr(index=idx, family=socket.AF_INET):
-            cfg.addresses.append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-        for r in ns.get_routes(oif=idx, family=socket.AF_INET, table=RT_MAIN):
-            if r["proto"] == RTPROT_KERNEL:
-                continue
-            dst = r.get_attr("RTA_DST")
-            dest = f"{dst}/{r['dst_len']}" if dst else "default"
-            cfg.routes.append((dest, r.get_attr("RTA_GATEWAY") or ""))
-        return cfg
-    finally:
-        ns.close()
+    return in_netns(path, lambda: _read(path, ifname), f"cannot read {ifname}")
+
+
+class NetnsUnusable(NetError):
+    """The namespace is not there, or cannot be entered."""
 
 
 def in_netns(path: str, fn: Callable[[], T], what: str) -> T:
@@ -104,20 +112,27 @@ def in_netns(path: str, fn: Callable[[], T], what: str) -> T:
 
     setns(CLONE_NEWNET) changes only the calling thread, so a short-lived
     thread does it and the rest of the process never leaves its namespace.
-    Sockets and taps opened by fn() stay bound to that namespace.
+    Sockets and taps opened by fn(), and processes it starts, belong to that
+    namespace. A NetError from fn() comes through as it is (it names the
+    namespace); any other error is wrapped with ``what``.
     """
+    if not os.path.exists(path):
+        raise NetnsUnusable(f"network namespace {path} does not exist")
     result: list = []
 
     def work() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         try:
-            nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if libc.setns(nsfd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(nsfd)
+                nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, os.strerror(err))
+                finally:
+                    os.close(nsfd)
+            except OSError as exc:
+                raise NetnsUnusable(f"cannot enter network namespace {path}: {exc}") from None
             result.append(fn())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             result.append(exc)
@@ -125,6 +140,8 @@ def in_netns(path: str, fn: Callable[[], T], what: str) -> T:
     t = threading.Thread(target=work, name="netns")
     t.start()
     t.join()
+    if isinstance(result[0], NetError):
+        raise result[0]
     if isinstance(result[0], BaseException):
         raise NetError(f"{what} in {path}: {result[0]}")
     return result[0]
@@ -148,7 +165,7 @@ def _open_tap(path: str, name: str) -> int:
 def link_stats(path: str, ifname: str = TAP_NAME) -> dict[str, int]:
     """The kernel's counters of ``ifname`` in the namespace at ``path`` (rx_bytes,
     tx_bytes, rx_packets, ...), read over netlink from a thread inside it."""
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # the metrics collector loads it at start-up
 
     def read() -> dict[str, int]:
         with IPRoute() as ipr:
@@ -159,6 +176,14 @@ def link_stats(path: str, ifname: str = TAP_NAME) -> dict[str, int]:
     return in_netns(path, read, f"cannot read {ifname}'s counters")
 
 
+def _redirect(a: str, b: str) -> list[list[str]]:
+    """tc runs: every frame arriving on a leaves through b."""
+    return [["tc", "qdisc", "add", "dev", a, "ingress"],
+            ["tc", "filter", "add", "dev", a, "parent", "ffff:", "protocol", "all", "prio",
+             str(PRIO), "u32", "match", "u32", "0", "0",
+             "action", "mirred", "egress", "redirect", "dev", b]]
+
+
 def setup(path: str, ifname: str = "eth0", tap: str = TAP_NAME) -> tuple[int, NicConfig]:
     """Create the tap and the two redirects; (tap fd for QEMU, eth0's config for the guest).
 
@@ -166,52 +191,50 @@ def setup(path: str, ifname: str = "eth0", tap: str = TAP_NAME) -> tuple[int, Ni
     """
     cfg = read_config(path, ifname)
     fd = _open_tap(path, tap)
+    what = f"cannot set up tc redirect {ifname} <-> {tap} in {path}"
+
+    def redirect() -> None:
+        _run(["ip", "link", "set", "dev", tap, "mtu", str(cfg.mtu), "up"], what)
+        for cmd in _redirect(ifname, tap) + _redirect(tap, ifname):
+            _run(cmd, what)
+
     try:
-        ns = _ns(path)
-        try:
-            eth = _index(ns, path, ifname)
-            tap_idx = _index(ns, path, tap)
-            ns.link("set", index=tap_idx, mtu=cfg.mtu, state="up")
-            for src, dst in ((eth, tap_idx), (tap_idx, eth)):
-                ns.tc("add", "ingress", src, "ffff:")
-                ns.tc("add-filter", "u32", src, parent=INGRESS, protocol=ETH_P_ALL, prio=PRIO,
-                      target=0x10001, keys=["0x0/0x0+0"],
-                      action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
-                               "ifindex": dst}])
-        finally:
-            ns.close()
-    except Exception as exc:
+        in_netns(path, redirect, what)
+    except BaseException:
         os.close(fd)
         teardown(path, ifname, tap)
-        if isinstance(exc, NetError):
-            raise
-        raise NetError(f"cannot set up tc redirect {ifname} <-> {tap} in {path}: {exc}") from None
+        raise
     return fd, cfg
 
 
 def teardown(path: str, ifname: str = "eth0", tap: str = TAP_NAME) -> None:
     """Remove the redirect qdiscs and the tap; idempotent, quiet if the netns is gone."""
-    if not path or not os.path.exists(path):
+    if not path:
         return
-    try:
-        ns = _ns(path)
-    except NetError:
-        return
-    try:
-        for name in (ifname, tap):
-            found = ns.link_lookup(ifname=name)
-            if not found:
-                continue
+    what = f"cannot remove the ingress qdiscs of {ifname} and {tap} in {path}"
+
+    def ours() -> tuple[set[str], set[str]]:
+        """(our devices that have an ingress qdisc, our devices present)."""
+        qdiscs = [q for q in _json(["tc", "qdisc", "show"], what)
+                  if q.get("dev") in (ifname, tap)]
+        return ({str(q["dev"]) for q in qdiscs if q.get("kind") == "ingress"},
+                {str(q["dev"]) for q in qdiscs})
+
+    def undo() -> None:
+        ingress, present = ours()
+        for dev in sorted(ingress):
             try:
-                ns.tc("del", "ingress", found[0], "ffff:")
-            except Exception as exc:  # noqa: BLE001 - pyroute2 raises NetlinkError
-                if getattr(exc, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                    raise NetError(f"cannot remove ingress qdisc of {name} in {path}: {exc}") \
-                        from None
-            if name == tap:
-                try:
-                    ns.link("del", index=found[0])
-                except Exception:  # noqa: BLE001 - gone already when QEMU closed it
-                    pass
-    finally:
-        ns.close()
+                _run(["tc", "qdisc", "del", "dev", dev, "ingress"], what)
+            except NetError:
+                if dev in ours()[0]:  # not one that vanished meanwhile (the tap, with QEMU)
+                    raise
+        if tap in present:
+            try:
+                _run(["ip", "link", "del", "dev", tap], what)
+            except NetError:
+                pass  # gone already when QEMU closed it
+
+    try:
+        in_netns(path, undo, what)
+    except NetnsUnusable:
+        return

@@ -179,7 +179,8 @@ class SandboxVM:
             return self._boot()
         from ember.net import podnet
 
-        net_fd, nic = podnet.setup(netns)
+        with trace.span("host network"):
+            net_fd, nic = podnet.setup(netns)
         try:
             try:
                 agent = self._boot(net_fd, nic.mac)

@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
 from ember.storage.reflink import clone_file, unsupported
-from ember.util import atomic_write_json
+from ember.util import atomic_write_json, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,7 @@ XFS_MIN = 300 << 20
 
 def run(cmd: list[str], what: str) -> str:
     """Run a system tool; a failure becomes one line naming what failed."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise EmberError(f"{what}: {cmd[0]} is not installed") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise EmberError(f"{what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
-    return proc.stdout
+    return run_tool(cmd, what)
 
 
 def supports_reflink(directory: Path) -> bool:
