@@ -45,8 +45,9 @@ def state_dir():
 
 
 def shim_cmd(*args: str, bundle: Path, state: Path, stdin: bytes = b"",
-             timeout: float = 20) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EMBER_STATE_DIR": str(state)}
+             timeout: float = 20, env_extra: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EMBER_STATE_DIR": str(state), **(env_extra or {})}
     env.pop("TTRPC_ADDRESS", None)
     return subprocess.run([*SHIM, "-namespace", "ns1", "-address", str(state / "ctrd.sock"),
                            "-publish-binary", "/usr/bin/containerd", *args], cwd=bundle,
@@ -123,6 +124,40 @@ def test_delete_is_fast_idempotent_and_reports_a_kill(state_dir: Path) -> None:
         resp = pb.DeleteResponse.FromString(res.stdout)
         assert resp.exit_status == 137 and resp.exited_at.seconds > 0
         assert not pod.exists()
+
+
+def test_start_of_a_pods_second_container_finds_its_shim_and_loads_no_vm_code(
+        state_dir: Path) -> None:
+    """containerd runs `start` for every container of a pod and waits for it: for a
+    member it must only find the pod's shim. It answers with the pod's address,
+    and (Python's own import log) never loads the VM, fork-server or task code."""
+    from google.protobuf import any_pb2
+
+    from ember.shim.proto import options_pb2
+
+    sandbox = state_dir / "sb"
+    sandbox.mkdir()
+    address, client = start_shim(sandbox, state_dir, "sb1")
+    with client:
+        member = state_dir / "member"
+        member.mkdir()
+        (member / "config.json").write_text(json.dumps({"annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "sb1"}}))
+        options = any_pb2.Any(type_url="containerd.runc.v1.Options",
+                              value=options_pb2.Options().SerializeToString())
+        env_extra = {"PYTHONPROFILEIMPORTTIME": "1"}
+        res = shim_cmd("-id", "c9", "start", bundle=member, state=state_dir,
+                       stdin=options.SerializeToString(), env_extra=env_extra)
+        assert res.returncode == 0, res.stderr.decode()
+        assert res.stdout.decode() == address
+        loaded = {line.rsplit("|", 1)[1].strip() for line in res.stderr.decode().splitlines()
+                  if line.startswith("import time:") and "|" in line}
+        assert "ember.shim.layout" in loaded  # the log is there
+        heavy = {"ember.sandbox.vm", "ember.sandbox.forkserver", "ember.shim.service",
+                 "ember.shim.pod", "ember.shim.proto.task_pb2", "ember.ttrpc", "pyroute2"}
+        assert not loaded & heavy, sorted(loaded & heavy)
+        client.call(TASK, "Shutdown", pb.ShutdownRequest(id="sb1"), timeout=10)
 
 
 @pytest.mark.parametrize("prefix,type_key,id_key", [

@@ -79,13 +79,8 @@ def test_order_survives_the_jailer_command_line_and_maps_to_the_cpu_hierarchy():
 
 
 def test_shim_passes_a_lone_containers_limit_only():
-    from ember.shim.pod import (
-        ANN_CPU_PERIOD,
-        ANN_CPU_QUOTA,
-        ANN_SANDBOX_ID,
-        ANN_TYPE,
-        vmm_cpu_limit,
-    )
+    from ember.shim.layout import ANN_SANDBOX_ID, ANN_TYPE
+    from ember.shim.pod import ANN_CPU_PERIOD, ANN_CPU_QUOTA, vmm_cpu_limit
 
     lone = {"linux": {"resources": {"cpu": {"quota": 50000, "period": 100000}}}}
     assert vmm_cpu_limit(lone, {}) == 0.5

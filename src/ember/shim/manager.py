@@ -29,25 +29,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING
 
 from ember.config import Config, load_config
 from ember.errors import EmberError
-from ember.sandbox import forkserver
-from ember.sandbox.cleanup import cmdline, release_vm
-from ember.sandbox.record import PodRecord
-from ember.shim.events import timestamp
-from ember.shim.pod import pod_identity, read_record
-from ember.shim.proto import options_pb2
-from ember.shim.proto import task_pb2 as pb
-from ember.shim.state import MAX_SOCKET_PATH, STOPPED, pod_dir, socket_path
-from ember.ttrpc import bind_unix
+from ember.shim.layout import MAX_SOCKET_PATH, POINTER, pod_dir, pod_identity, socket_path
 from ember.util import atomic_write, atomic_write_json, private_dir
 
-log = logging.getLogger("ember.shim")
+if TYPE_CHECKING:
+    from ember.sandbox.record import PodRecord
 
-POINTER = "ember-shim.json"  # in each bundle: where its pod folder is
+# Everything else (the fork server, the VM clean-up, the task protos) is imported
+# where it is used: containerd waits for `start` once per container of a pod,
+# and for a pod's second container `start` only finds the running shim's socket.
+
+log = logging.getLogger("ember.shim")
 
 
 @dataclass
@@ -65,6 +61,9 @@ def config_path_from_options(data: bytes) -> str:
     if not data:
         return ""
     from google.protobuf import any_pb2
+    from google.protobuf.message import DecodeError
+
+    from ember.shim.proto import options_pb2
 
     try:
         anymsg = any_pb2.Any.FromString(data)
@@ -114,6 +113,8 @@ def start(args: ShimArgs, options: bytes) -> str:
         return address
     if joining:
         raise EmberError(f"the shim of sandbox {group} is not running")
+    from ember.ttrpc import bind_unix
+
     private_dir(pdir.parent)
     private_dir(pdir)
     listener = bind_unix(str(sock))
@@ -131,6 +132,9 @@ def start(args: ShimArgs, options: bytes) -> str:
 
 def _spawn_server(args: ShimArgs, listener: socket.socket, group: str, pdir: Path,
                   config_path: str, state_dir: Path) -> None:
+    from ember.sandbox import forkserver
+    from ember.sandbox.record import PodRecord
+
     env = dict(os.environ)
     if config_path:
         env["EMBER_CONFIG"] = config_path
@@ -166,6 +170,9 @@ def cleanup_dead_pod(pdir: Path, cfg: Config | None = None) -> None:
     """Everything a dead shim's pod leaves: VM (VMM, jail, cgroups, netns), mounts, files.
 
     ``cfg``: the configuration the pod started with (its jail folder is there)."""
+    from ember.sandbox.cleanup import release_vm
+    from ember.shim.pod import read_record
+
     cfg = cfg or load_config()
     rec = read_record(pdir)
     rec.vm_dir = rec.vm_dir or str(pdir / "vm")
@@ -179,6 +186,8 @@ def cleanup_dead_pod(pdir: Path, cfg: Config | None = None) -> None:
 
 
 def shim_alive(rec: PodRecord) -> bool:
+    from ember.sandbox.cleanup import cmdline
+
     pid = rec.shim_pid
     if not pid:
         return False
@@ -187,6 +196,10 @@ def shim_alive(rec: PodRecord) -> bool:
 
 def delete(args: ShimArgs) -> bytes:
     """Clean up after a container whose shim is gone; the serialized DeleteResponse."""
+    from ember.shim.events import timestamp
+    from ember.shim.pod import read_record
+    from ember.shim.proto import task_pb2 as pb
+
     bundle = Path(args.bundle or os.getcwd())
     cfg = None
     try:
@@ -208,7 +221,7 @@ def delete(args: ShimArgs) -> bytes:
         except (OSError, ValueError):
             crec = {}
         pid = int(crec.get("pid") or 0)
-        if crec.get("status") == int(STOPPED):
+        if crec.get("status") == int(pb.STOPPED):
             status, at_ns = int(crec.get("exit_status", status)), int(crec.get("exited_at_ns") or at_ns)
         if not shim_alive(read_record(pdir)):
             cleanup_dead_pod(pdir, cfg)

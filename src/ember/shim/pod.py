@@ -39,25 +39,14 @@ from ember.sandbox.record import PodRecord
 from ember.sandbox.spec import joined_netns
 from ember.sandbox.vm import SandboxVM, release_network
 from ember.shim import portforward
+from ember.shim.layout import pod_identity
 
 log = logging.getLogger("ember.shim.pod")
 
-ANN_TYPE = "io.kubernetes.cri.container-type"
-ANN_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 ANN_MEMORY = "io.kubernetes.cri.sandbox-memory"
 ANN_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
 ANN_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
-# CRI-O says the same with its own names.
-CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
-CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
 MIB = 1 << 20
-
-
-def pod_identity(annotations: dict) -> tuple[bool, str]:
-    """(joins an existing pod?, sandbox id) from containerd's or CRI-O's annotations."""
-    ctype = annotations.get(ANN_TYPE) or annotations.get(CRIO_TYPE) or ""
-    sandbox = annotations.get(ANN_SANDBOX_ID) or annotations.get(CRIO_SANDBOX_ID) or ""
-    return ctype == "container" and bool(sandbox), sandbox
 
 
 class SizeError(ValueError):

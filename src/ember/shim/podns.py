@@ -22,7 +22,7 @@ import os
 
 from ember.agent.spec import POD_NAMESPACES, SANDBOX_NS
 from ember.errors import EmberError
-from ember.shim.pod import ANN_TYPE, CRIO_TYPE, pod_identity
+from ember.shim.layout import ANN_TYPE, CRIO_TYPE, pod_identity
 from ember.ttrpc import Code
 from ember.util import as_dict
 

@@ -45,10 +45,11 @@ from ember.sandbox.events import PodEvents
 from ember.sandbox.vm import SandboxVM
 from ember.shim import guestspec, metrics, podns, rootfs, volumes
 from ember.shim.events import Publisher, timestamp
-from ember.shim.pod import Pod, SizeError, pod_identity
+from ember.shim.layout import pod_identity, short_key
+from ember.shim.pod import Pod, SizeError
 from ember.shim.proto import events_pb2 as ev
 from ember.shim.proto import task_pb2 as pb
-from ember.shim.state import CREATED, PAUSED, RUNNING, STOPPED, Container, Proc, short_key
+from ember.shim.state import CREATED, PAUSED, RUNNING, STOPPED, Container, Proc
 from ember.shim.stdio import StdioPumps
 from ember.ttrpc import Code, Server, TTRPCError
 from ember.util import atomic_write_json

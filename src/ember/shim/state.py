@@ -1,4 +1,4 @@
-"""The shim's in-memory view of its containers and processes, and where it keeps files.
+"""The shim's in-memory view of its containers and processes, and the files it keeps.
 
 Layout of a pod folder (``<state_dir>/shim/<key>``, a short hash so socket
 paths stay under the 107-byte limit whatever the ids are)::
@@ -12,36 +12,19 @@ paths stay under the 107-byte limit whatever the ids are)::
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.config import Config
 from ember.shim.proto import task_pb2
 from ember.shim.rootfs import Disk
 from ember.shim.stdio import StdioPumps
-
-MAX_SOCKET_PATH = 106
 
 CREATED = task_pb2.CREATED
 RUNNING = task_pb2.RUNNING
 STOPPED = task_pb2.STOPPED
 PAUSED = task_pb2.PAUSED
-
-
-def short_key(*parts: str, n: int = 16) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:n]
-
-
-def pod_dir(cfg: Config, containerd_address: str, namespace: str, group_id: str) -> Path:
-    """The folder of the pod that ``group_id`` (the sandbox id) names."""
-    return cfg.state_dir / "shim" / short_key(containerd_address, namespace, group_id)
-
-
-def socket_path(pod: Path) -> Path:
-    return pod / "shim.sock"
 
 
 @dataclass
