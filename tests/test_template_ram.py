@@ -160,3 +160,80 @@ def test_a_failed_or_crashed_build_leaves_nothing_a_restore_could_use(cache, tmp
     path = cache.get_or_build(spec(tmp_path), ["qemu"],
                               lambda _s, _v, _w, dest: dest.write_bytes(b"ok") and "6.1")
     assert path is not None and path.read_bytes() == b"ok" and not stale.exists()
+
+
+def _ok_build(_spec, _vm_id, _work, dest: Path) -> str:
+    dest.write_bytes(b"ok")
+    return "6.1"
+
+
+def test_a_build_sweeps_what_day_old_killed_builds_and_gone_templates_left(cache, tmp_path):
+    """Lock files of keys without a template, and staging folders of killed builds,
+    a day old, go with the next build of any key; a fresh lock, a lock held by a
+    build in progress, and the lock of a key whose template exists stay."""
+    import fcntl
+    import time
+
+    from ember.sandbox.template import template_key
+
+    day_ago = time.time() - 2 * 86400
+    root = cache.root
+
+    def old(p: Path) -> Path:
+        os.utime(p, (day_ago, day_ago))
+        return p
+
+    have = cache.get_or_build(spec(tmp_path, vcpus=2), ["qemu"], _ok_build)
+    assert have is not None
+    have_lock = old(root / f".{have.parent.name}.lock")
+    gone = root / ".a0a0a0a0a0a0a0a0a0a0a0a0.lock"
+    gone.touch()
+    old(gone)
+    fresh = root / ".b1b1b1b1b1b1b1b1b1b1b1b1.lock"
+    fresh.touch()
+    busy = root / ".c2c2c2c2c2c2c2c2c2c2c2c2.lock"
+    busy.touch()
+    old(busy)
+    killed = root / ".d3d3d3d3d3d3d3d3d3d3d3d3.4242.tmp"
+    killed.mkdir()
+    (killed / "vm.state.ram").write_bytes(b"ram")
+    old(killed)
+    with open(busy) as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        path = cache.get_or_build(spec(tmp_path), ["qemu"], _ok_build)
+    assert path is not None and path.parent.name == template_key(spec(tmp_path), ["qemu"])
+    assert not gone.exists() and not killed.exists()
+    assert fresh.exists() and busy.exists() and have_lock.exists() and have.exists()
+
+
+def test_a_lock_file_swept_while_waited_for_is_taken_again(cache, tmp_path, monkeypatch):
+    """A builder that opened a key's lock file just before the sweep unlinked it
+    must not build under that orphan: it takes the file now at the path."""
+    import fcntl
+
+    from ember.sandbox import template
+
+    key = template_key_of(tmp_path)
+    lock_path = cache.root / f".{key}.lock"
+    real_flock = fcntl.flock
+    locked: list[bool] = []  # per flock: was its file still at the path?
+
+    def flock_after_a_sweep(f, op):
+        if not locked:
+            os.unlink(lock_path)  # the sweep won the race
+        locked.append(os.path.exists(f"/proc/self/fd/{f.fileno()}")
+                      and "(deleted)" not in os.readlink(f"/proc/self/fd/{f.fileno()}"))
+        return real_flock(f, op)
+
+    monkeypatch.setattr(template.fcntl, "flock", flock_after_a_sweep)
+    lock = cache._lock(key, wait=True)
+    assert lock is not None
+    with lock:
+        assert locked == [False, True]  # the orphan was let go, the file at the path taken
+        assert os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino
+
+
+def template_key_of(tmp_path: Path) -> str:
+    from ember.sandbox.template import template_key
+
+    return template_key(spec(tmp_path), ["qemu"])

@@ -10,7 +10,8 @@ virtio-net device cannot restore a snapshot saved without one; such a
 template is built on a placeholder backend and restored onto the pod's tap).
 Templates are built under an exclusive lock in a hidden staging folder that is
 renamed into place, so a crash mid-build leaves nothing a later restore could
-pick up (the next build of that key removes the staging folder).
+pick up (the next build of that key removes the staging folder; any build
+sweeps staging folders, templates and lock files a day old that nothing uses).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from ember.config import Config
 from ember.errors import EmberError
@@ -94,12 +96,11 @@ class TemplateCache:
         if path.exists():
             _last_use[use] = "hit"
             return path
-        with open(self.root / f".{key}.lock", "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                _last_use[use] = "busy"
-                return None  # someone else is building it: cold-boot this time
+        lock = self._lock(key, wait)
+        if lock is None:
+            _last_use[use] = "busy"
+            return None  # someone else is building it: cold-boot this time
+        with lock:
             if path.exists():
                 _last_use[use] = "hit"
                 return path
@@ -112,6 +113,32 @@ class TemplateCache:
             _last_use[use] = "miss"
         self._gc(keep=key)
         return path
+
+    def _lock(self, key: str, wait: bool) -> IO[str] | None:
+        """The key's lock file, open and flocked; None if another process holds it.
+
+        The sweep (``_gc``) unlinks the lock files of keys without a template
+        while holding them, so a lock taken on a file that is no longer at its
+        path locks nothing: take the one that is there now instead.
+        """
+        lock_path = self.root / f".{key}.lock"
+        while True:
+            f = open(lock_path, "a")  # noqa: SIM115 - returned open, closed by the caller
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                try:
+                    same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BlockingIOError:
+                f.close()
+                return None
+            except BaseException:
+                f.close()
+                raise
+            if same:
+                return f
+            f.close()
 
     def _build(self, spec: VMSpec, key: str, path: Path, build: Builder,
                owner: str | None = None) -> None:
@@ -153,7 +180,9 @@ class TemplateCache:
         return base
 
     def _gc(self, keep: str) -> None:
-        """Drop templates nobody can use any more (older than a day and not current)."""
+        """Drop templates nobody can use any more (older than a day and not current),
+        staging folders of builds killed that long ago, and the lock files of
+        keys left without a template."""
         cutoff = time.time() - 86400
         for entry in self.root.iterdir():
             if entry.is_dir() and entry.name != keep:
@@ -162,3 +191,18 @@ class TemplateCache:
                         shutil.rmtree(entry, ignore_errors=True)
                 except OSError:
                     pass
+        for entry in self.root.glob(".*.lock"):
+            key = entry.name[1:-len(".lock")]
+            if key == keep or (self.root / key).exists():
+                continue
+            try:
+                if entry.stat().st_mtime >= cutoff:
+                    continue
+            except OSError:
+                continue
+            lock = self._lock(key, wait=False)
+            if lock is None:  # being built right now
+                continue
+            with lock:
+                if not (self.root / key).exists():
+                    entry.unlink(missing_ok=True)
