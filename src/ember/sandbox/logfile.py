@@ -13,7 +13,8 @@ so on), the file that would be number ``max_files`` is dropped, and a new
 of output is cut into records that each fit in ``max_size``.
 :func:`read_log` (``ember logs``) reads the rotated files oldest first, then
 the current one, in bounded chunks, and with ``follow`` keeps reading across
-rotations.
+rotations; it trusts a look at the files only when a second look agrees,
+because the writer may rename them meanwhile.
 
 The sandbox folder is also the jailed VMM's ``/run`` and belongs to its uid,
 so anything in it may have been swapped for a symbolic link, a FIFO or a
@@ -140,40 +141,48 @@ class RotatingLog:
 
 # ------------------------------------------------------------------- reading
 
-def _rotated(path: Path) -> list[Path]:
-    """path.1, path.2, ... as they are now, newest first."""
+def _numbers(path: Path) -> list[int]:
+    """The numbers of path.1, path.2, ... as a listing shows them now."""
     prefix = path.name + "."
     try:
         names = os.listdir(path.parent)
     except FileNotFoundError:
         return []
-    numbers = sorted(int(n[len(prefix):]) for n in names
-                     if n.startswith(prefix) and n[len(prefix):].isdigit())
-    return [path.with_name(f"{prefix}{n}") for n in numbers]
+    return sorted(int(n[len(prefix):]) for n in names
+                  if n.startswith(prefix) and n[len(prefix):].isdigit())
 
 
-def _open_chain(path: Path, after: tuple[int, int] | None = None) -> list[int]:
-    """Descriptors of path and its rotated files, oldest first.
+CHAIN_TRIES = 50  # looks at the rotated files while a rotation keeps moving them
 
-    With ``after`` (a file's device and inode), only the files newer than that
-    one. The current file is opened first and the rotated ones newest first:
-    a rotation meanwhile only moves files to higher numbers, so the same file
-    may turn up twice (skipped) but none that still exists is missed.
+
+def _scan(path: Path, want: tuple[int, int] | None) -> tuple[list[int], bool]:
+    """(descriptors of path, path.1, ... oldest first; whether ``want`` was met).
+
+    Names are tried by number, every one up to the highest a listing shows and
+    on while the next one exists: a listing taken while the writer renames can
+    miss names. The writer moves files to higher numbers from the top down
+    while this goes up, so a file may turn up twice (skipped) but none that
+    still exists is passed over. Stops at ``want``, a file's (device, inode).
     """
     fds: list[int] = []
     seen = set()
     try:
-        for p in [path, *_rotated(path)]:
+        top = max(_numbers(path), default=0)
+        n = 0
+        while n <= top or os.path.lexists(path.with_name(f"{path.name}.{n}")):
+            p = path if n == 0 else path.with_name(f"{path.name}.{n}")
+            n += 1
             try:
                 fd = open_regular(p, os.O_RDONLY)
             except FileNotFoundError:
-                continue
+                continue  # between two renames of the writer's
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
-            if key == after or key in seen:
+            if key == want:
                 os.close(fd)
-                if key == after:
-                    break
+                return fds[::-1], True
+            if key in seen:
+                os.close(fd)
                 continue
             seen.add(key)
             fds.append(fd)
@@ -181,7 +190,52 @@ def _open_chain(path: Path, after: tuple[int, int] | None = None) -> list[int]:
         for fd in fds:
             os.close(fd)
         raise
-    return fds[::-1]
+    return fds[::-1], False
+
+
+def _open_chain(path: Path, after: int | None = None) -> list[int]:
+    """Descriptors of path and its rotated files, oldest first.
+
+    With ``after`` (the descriptor of the file being read), only the files
+    newer than that one. A scan taken while the writer rotates can be wrong
+    twice over: the file ``after`` names can be carried past it, and a file
+    made after the scan began can turn up above older ones. So a scan counts
+    only if a second one finds the same files (and meets ``after``'s file
+    while it still has a name); otherwise look again. If the writer keeps
+    rotating, a follower is told nothing new this time (it polls again) and a
+    first read gets the last scan. Once ``after``'s file has no name left
+    (dropped past max_files), every file there is newer.
+    """
+    want = None
+    if after is not None:
+        st = os.fstat(after)
+        want = (st.st_dev, st.st_ino)
+    last: list[int] = []  # a first read's latest scan, in case none is confirmed
+    for _ in range(CHAIN_TRIES):
+        fds, met = _scan(path, want)
+        if after is None or met or os.fstat(after).st_nlink == 0:
+            check, _ = _scan(path, want)
+            same = [_key(fd) for fd in check] == [_key(fd) for fd in fds]
+            _close_all(check)
+            if same:
+                _close_all(last)
+                return fds
+        _close_all(last)
+        last = fds
+        if after is not None:
+            _close_all(last)
+            last = []
+    return last
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 class _Lines:
@@ -250,11 +304,7 @@ def read_log(path: Path, follow: bool = False, running: Callable[[], bool] = lam
                 lines.reset()  # a whole file holds whole records
             if not follow:
                 return
-            if queue:
-                st = os.fstat(queue[0])
-                newer = _open_chain(path, after=(st.st_dev, st.st_ino))
-            else:
-                newer = _open_chain(path)
+            newer = _open_chain(path, after=queue[0] if queue else None)
             if newer:
                 queue += newer  # the old file is read to its end first
                 continue
