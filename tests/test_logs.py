@@ -295,6 +295,25 @@ def test_a_follower_behind_a_short_retention_keeps_order(tmp_path):
         assert all(b > a for a, b in zip(got, got[1:], strict=False)), got
 
 
+def test_a_far_numbered_name_planted_in_the_folder_is_not_read_or_walked_to(tmp_path):
+    """The sandbox folder is the jailed VMM's: a container.log.999999999 it plants
+    must neither make the reader try every number below it (a hang) nor add
+    records; the real chain is read as usual."""
+    path = tmp_path / "container.log"
+    log = RotatingLog(path, 1 << 10, 5)
+    for i in range(40):
+        log.write("stdout", f"r{i}\n".encode())
+    log.close()
+    (tmp_path / "container.log.999999999").write_bytes(encode_record("stdout", b"forged\n"))
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(d for _, d in read_log(path)),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "read_log walked towards the planted number"
+    assert b"".join(got) == b"".join(f"r{i}\n".encode() for i in range(40))
+
+
 # ----------------------------------------------------------------- console
 
 def test_console_cap_keeps_the_newest_half(tmp_path):

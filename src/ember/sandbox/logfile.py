@@ -158,18 +158,27 @@ CHAIN_TRIES = 50  # looks at the rotated files while a rotation keeps moving the
 def _scan(path: Path, want: tuple[int, int] | None) -> tuple[list[int], bool]:
     """(descriptors of path, path.1, ... oldest first; whether ``want`` was met).
 
-    Names are tried by number, every one up to the highest a listing shows and
-    on while the next one exists: a listing taken while the writer renames can
-    miss names. The writer moves files to higher numbers from the top down
-    while this goes up, so a file may turn up twice (skipped) but none that
+    Names are tried by number, every one up to the highest a listing shows (no
+    further than the listing's length allows) and on while the next one
+    exists: a listing taken while the writer renames can miss names. The
+    writer moves files to higher numbers from the top down while this goes up, so a file may turn up twice (skipped) but none that
     still exists is passed over. Stops at ``want``, a file's (device, inode).
     """
     fds: list[int] = []
     seen = set()
     try:
-        top = max(_numbers(path), default=0)
+        top: int | None = None  # listed once path is not the file wanted
         n = 0
-        while n <= top or os.path.lexists(path.with_name(f"{path.name}.{n}")):
+        while True:
+            if n == 1:
+                numbers = _numbers(path)
+                # No higher than as many as are listed (the writer keeps them
+                # contiguous): a name far above is not ours (the folder is the
+                # jailed VMM's, and .999999999 must not make us try every number).
+                top = min(max(numbers, default=0), len(numbers) + 1)
+            if top is not None and n > top and \
+                    not os.path.lexists(path.with_name(f"{path.name}.{n}")):
+                break
             p = path if n == 0 else path.with_name(f"{path.name}.{n}")
             n += 1
             try:
@@ -210,22 +219,16 @@ def _open_chain(path: Path, after: int | None = None) -> list[int]:
     if after is not None:
         st = os.fstat(after)
         want = (st.st_dev, st.st_ino)
-    last: list[int] = []  # a first read's latest scan, in case none is confirmed
-    for _ in range(CHAIN_TRIES):
+    for attempt in range(CHAIN_TRIES):
         fds, met = _scan(path, want)
         if after is None or met or os.fstat(after).st_nlink == 0:
             check, _ = _scan(path, want)
             same = [_key(fd) for fd in check] == [_key(fd) for fd in fds]
             _close_all(check)
-            if same:
-                _close_all(last)
+            if same or (after is None and attempt == CHAIN_TRIES - 1):
                 return fds
-        _close_all(last)
-        last = fds
-        if after is not None:
-            _close_all(last)
-            last = []
-    return last
+        _close_all(fds)
+    return []
 
 
 def _close_all(fds: list[int]) -> None:
