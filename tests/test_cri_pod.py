@@ -159,3 +159,17 @@ def test_host_namespaces_are_refused_and_leave_nothing(cri, field: str, ns: dict
     assert _wait(lambda: not leftovers(work), 30), leftovers(work)
     assert not [p for p in client.runtime.ListPodSandbox(api.ListPodSandboxRequest()).items
                 if p.metadata.name == f"ember-{field.lower()}"]
+
+
+def test_a_pod_sysctl_outside_the_pods_namespaces_is_refused_and_leaves_nothing(cri) -> None:
+    """The agent holds the sandbox's namespaces itself (ember.agent.podholder) and
+    checks the pod's sysctls as runc and crun do: one line, nothing left."""
+    _, work, client = cri
+    for sysctls, words in (({"vm.swappiness": "10"}, "sysctl vm.swappiness is not namespaced"),
+                           ({"net.ipv4.no_such_knob": "1"},
+                            "sysctl net.ipv4.no_such_knob=1: No such file or directory")):
+        with pytest.raises(grpc.RpcError) as e:
+            run_pod(client, "ember-sysctl", sysctls=sysctls)
+        assert words in e.value.details(), e.value.details()
+        assert _wait(lambda: not vmms(work) and not shims(work), 30), leftovers(work)
+        assert _wait(lambda: not leftovers(work), 30), leftovers(work)

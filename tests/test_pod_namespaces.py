@@ -391,3 +391,94 @@ def test_agent_sigterm_right_after_start_is_not_lost(client, base_image, base_sp
     assert time.monotonic() - started < 1.0, "SignalProcess must not wait for the handler"
     assert client.wait_process("trap").exit_status == 7
     assert time.monotonic() - started < 10
+
+
+# ------------------------------------------- the pod's namespace holder (ember.agent.podholder)
+def _holder_spec(base: dict, marker: str, **linux) -> dict:
+    """A CRI sandbox spec as the shim hands it on: its image's args, its user."""
+    spec = _pod_spec(base, ["/bin/sleep", marker])
+    spec["process"]["user"] = {"uid": 65535, "gid": 65535}
+    spec["hostname"] = "pod-host"
+    spec["linux"].update(linux)
+    return spec
+
+
+def _pid_of(client, cid: str) -> int:
+    return next(p.pid for p in client.list_processes() if p.container_id == cid and not p.exec_id)
+
+
+def _held_by(marker: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+@crun_agent
+@pytest.mark.root
+@pytest.mark.parametrize("pid_shared", [False, True])
+def test_agent_holds_a_pods_namespaces_without_running_its_image(client, agent, base_image,
+                                                                 base_spec, tmp_path,
+                                                                 pid_shared) -> None:
+    marker = f"{2147483000 + os.getpid() % 600}"
+    sb = _holder_spec(base_spec, marker, sysctl={"kernel.shm_rmid_forced": "1",
+                                                 "fs.mqueue.msg_max": "100"})
+    started = time.monotonic()
+    client.create_container("sb", sb, None, hold_namespaces=True)
+    client.start_container("sb")
+    assert time.monotonic() - started < 2, "no disk, no crun: it takes milliseconds"
+    holder = psutil.Process(_pid_of(client, "sb"))
+    assert holder.uids().real == 65535
+    assert " ".join(holder.cmdline()) == f"/bin/sleep {marker}"
+    probe = ("hostname; cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max; "
+             "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts; readlink /proc/self/ns/pid; "
+             "tr '\\0' ' ' < /proc/1/cmdline; echo; grep ^Uid /proc/1/status | cut -f2")
+    app = _pod_spec(base_spec, ["sh", "-c", probe], sandbox="sb", pid=pid_shared)
+    client.create_container("app", app, _disk(base_image, tmp_path, "app"))
+    client.start_container("app")
+    assert client.wait_process("app").exit_status == 0
+    lines = _output(client, "app").split("\n")
+    host, shm, mq, ipc, uts, pidns, init, init_uid = (ln.strip() for ln in lines[:8])
+    assert (host, shm, mq) == ("pod-host", "1", "100")
+    assert ipc == os.readlink(f"/proc/{holder.pid}/ns/ipc")
+    assert uts == os.readlink(f"/proc/{holder.pid}/ns/uts")
+    assert (pidns == os.readlink(f"/proc/{holder.pid}/ns/pid")) is pid_shared
+    if pid_shared:  # PID 1 of the pod: the sandbox's command line and user, as with runc
+        assert (init, init_uid) == (f"/bin/sleep {marker}", "65535")
+    # Nothing runs in it: no image, no root to exec in.
+    from ember.errors import AgentError
+    with pytest.raises(AgentError, match="the pod's sandbox: Ember holds its namespaces"):
+        client.exec_process("sb", "e1", {"args": ["true"], "cwd": "/", "env": []})
+    client.remove_container("app")
+    client.remove_container("sb")
+    assert not holder.is_running() or holder.status() == psutil.STATUS_ZOMBIE
+    assert not _held_by(marker) and not (agent.base / "containers" / "sb").exists()
+
+
+@crun_agent
+@pytest.mark.root
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGINT, 0),
+                                         (signal.SIGKILL, 137)])
+def test_the_holder_ends_as_pause_does(client, base_spec, sig, status) -> None:
+    client.create_container("sb", _holder_spec(base_spec, "2147483601"), None,
+                            hold_namespaces=True)
+    client.start_container("sb")
+    client.signal_process("sb", "", sig)
+    assert client.wait_process("sb", timeout=10).exit_status == status
+    client.remove_container("sb")
+
+
+@crun_agent
+@pytest.mark.root
+@pytest.mark.parametrize("sysctl, words", [
+    ({"vm.swappiness": "1"}, "sysctl vm.swappiness is not namespaced"),
+    ({"kernel.shm_rmid_forced": "1", "net.ipv4.no_such_knob": "1"},
+     "sysctl net.ipv4.no_such_knob=1: No such file or directory"),
+])
+def test_a_sysctl_the_pod_cannot_have_is_one_line_and_leaves_nothing(client, agent, base_spec,
+                                                                      sysctl, words) -> None:
+    from ember.errors import AgentError
+    marker = "2147483602"
+    with pytest.raises(AgentError, match=words) as e:
+        client.create_container("sb", _holder_spec(base_spec, marker, sysctl=sysctl), None,
+                                hold_namespaces=True)
+    assert "\n" not in str(e.value)
+    assert not [p for p in client.list_processes() if p.container_id == "sb"]
+    assert not _held_by(marker) and not (agent.base / "containers" / "sb").exists()

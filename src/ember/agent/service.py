@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ember.agent import archive, cgroups, netconf, signals, spec, storage, system, volumes
+from ember.agent import (
+    archive,
+    cgroups,
+    netconf,
+    podholder,
+    signals,
+    spec,
+    storage,
+    system,
+    volumes,
+)
 from ember.agent.crun import Crun
 from ember.agent.portfwd import PortTable
 from ember.agent.process import Process, launch
@@ -37,6 +47,7 @@ class Container:
     mounts: list[str] = field(default_factory=list)  # mount points, in mount order
     execs: dict[str, Process] = field(default_factory=dict)
     started: bool = False
+    holder: bool = False  # the pod's namespace holder (ember.agent.podholder), not crun's
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -80,6 +91,15 @@ class AgentService:
             raise TTRPCError(Code.NOT_FOUND, f"container {cid!r} not found")
         return c
 
+    def _runnable(self, cid: str) -> Container:
+        """A container crun runs: the pod's namespace holder has no root to run in."""
+        c = self._container(cid)
+        if c.holder:
+            raise TTRPCError(Code.FAILED_PRECONDITION,
+                             f"container {cid!r} is the pod's sandbox: Ember holds its "
+                             "namespaces without running its image, so nothing runs in it")
+        return c
+
     def _process(self, cid: str, exec_id: str) -> Process:
         c = self._container(cid)
         if not exec_id:
@@ -99,6 +119,8 @@ class AgentService:
                 raise TTRPCError(Code.ALREADY_EXISTS, f"container {cid!r} already exists")
             self._reserved.add(cid)
         bundle = os.path.join(self.base, "containers", cid)
+        if req.hold_namespaces:
+            return self._create_holder(req, cid, bundle)
         mounts: list[str] = []
         t0 = time.monotonic()
         try:
@@ -140,6 +162,36 @@ class AgentService:
                 self._reserved.discard(cid)
         return EMPTY
 
+    def _create_holder(self, req: pb.CreateContainerRequest, cid: str, bundle: str) -> pb.Empty:
+        """A pod's sandbox container: the agent holds the pod's namespaces itself."""
+        t0 = time.monotonic()
+        try:
+            config = spec.prepare(req.oci_spec, cid, "/", False, [], self._init_pid)
+            if req.HasField("rootfs") or req.extra_disks or req.stdin:
+                raise TTRPCError(Code.INVALID_ARGUMENT,
+                                 "the pod's namespace holder takes no disk and no stdin")
+            storage.remove_tree(bundle)
+            os.makedirs(bundle)
+            proc = Process(cid, "")
+            proc.pid = podholder.start(self.reaper, config, os.path.join(bundle, "root"),
+                                       config["linux"]["cgroupsPath"])
+            proc.exit = self.reaper.watch(proc.pid)
+            proc.stdout.close()
+            proc.stderr.close()
+            c = Container(cid, bundle, config["linux"]["cgroupsPath"], proc, started=req.start,
+                          holder=True)
+            with self._lock:
+                self._containers[cid] = c
+            log.info("pod namespaces held for %s (pid %d) in %.0f ms", cid, proc.pid,
+                     (time.monotonic() - t0) * 1e3)
+        except BaseException:
+            storage.remove_tree(bundle)
+            raise
+        finally:
+            with self._lock:
+                self._reserved.discard(cid)
+        return EMPTY
+
     def _init_pid(self, cid: str) -> int | None:
         """The pid of a container's init while it runs: the pod's namespaces are its."""
         with self._lock:
@@ -152,6 +204,9 @@ class AgentService:
             if c.started:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"container {c.id!r} was already started")
+            if c.holder:  # it holds the namespaces from its creation on
+                c.started = True
+                return EMPTY
             argv0 = _argv0(os.path.join(c.bundle, "config.json"))
             t0 = time.monotonic()
             self.crun.run(["start", c.id], argv0=argv0)
@@ -160,7 +215,7 @@ class AgentService:
         return EMPTY
 
     def ExecProcess(self, req: pb.ExecProcessRequest, ctx: Context) -> pb.Empty:
-        c = self._container(req.container_id)
+        c = self._runnable(req.container_id)
         spec.check_id("exec id", req.exec_id)
         proc_spec = spec.check_process(spec.parse_json(req.process, "process"), "process")
         proc = _add_exec(c, Process(c.id, req.exec_id, terminal=bool(proc_spec.get("terminal"))))
@@ -182,7 +237,7 @@ class AgentService:
         (see ember.agent.archive): the host writes a tar to its stdin (put*),
         or reads one (get) or a JSON listing (list) from its stdout; errors are
         one line on stderr, the outcome its exit status."""
-        c = self._container(req.container_id)
+        c = self._runnable(req.container_id)
         spec.check_id("exec id", req.exec_id)
         try:
             path = archive.check_request(req.op, req.path)
@@ -230,7 +285,7 @@ class AgentService:
 
     def SignalProcess(self, req: pb.SignalProcessRequest, ctx: Context) -> pb.Empty:
         c = self._container(req.container_id)
-        if req.all:
+        if req.all and not c.holder:  # the holder is alone in its PID namespace's root
             self.crun.run(["kill", "--all", c.id, str(req.signal)])
             return EMPTY
         p = self._process(req.container_id, req.exec_id)
@@ -293,6 +348,17 @@ class AgentService:
     def _cleanup(self, cid: str, bundle: str, mounts: list[str], c: Container | None = None
                  ) -> None:
         """Kill, delete, unmount, remove: leaves nothing behind, errors or not."""
+        if c is not None and c.holder:
+            if c.init.running:
+                try:
+                    os.kill(c.init.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if c.init.exit is not None and not c.init.exit.wait(10):
+                log.warning("the namespace holder of %s did not exit", cid)
+            podholder.remove_cgroup(c.cgroup_path)
+            storage.remove_tree(bundle)
+            return
         try:
             self.crun.run(["delete", "--force", cid], timeout=30)
         except TTRPCError as e:
@@ -322,16 +388,18 @@ class AgentService:
         return _container_stats(self._container(req.container_id))
 
     def PauseContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
-        self.crun.run(["pause", self._container(req.container_id).id])
+        self.crun.run(["pause", self._runnable(req.container_id).id])
         return EMPTY
 
     def ResumeContainer(self, req: pb.ContainerRequest, ctx: Context) -> pb.Empty:
-        self.crun.run(["resume", self._container(req.container_id).id])
+        self.crun.run(["resume", self._runnable(req.container_id).id])
         return EMPTY
 
     def UpdateContainer(self, req: pb.UpdateContainerRequest, ctx: Context) -> pb.Empty:
         c = self._container(req.container_id)
         resources = spec.parse_json(req.resources, "resources")
+        if c.holder:  # it runs nothing a limit could bound (runc's pause: a few KiB)
+            return EMPTY
         path = os.path.join(c.bundle, f"resources-{threading.get_ident()}.json")
         _write_json(path, resources)
         try:

@@ -41,7 +41,8 @@ def _namespaces(spec: dict) -> list[dict]:
     return [ns for ns in linux.get("namespaces") or [] if isinstance(ns, dict)]
 
 
-def _is_sandbox(annotations: dict) -> bool:
+def is_sandbox(annotations: dict) -> bool:
+    """A CRI pod's sandbox (pause) container, by containerd's or CRI-O's annotation."""
     return (annotations.get(ANN_TYPE) or annotations.get(CRIO_TYPE)) == "sandbox"
 
 
@@ -67,7 +68,7 @@ def refuse_host_sharing(spec: dict) -> None:
     annotations = spec.get("annotations") or {}
     joining, _ = pod_identity(annotations)
     namespaces = _namespaces(spec)
-    if _is_sandbox(annotations):
+    if is_sandbox(annotations):
         have = {ns.get("type") for ns in namespaces}
         for kind, field in HOST_SHARED.items():
             if kind not in have:

@@ -222,6 +222,9 @@ class TaskService:
             raise _err(exc) from None
         work = self.dir / "c" / short_key(cid, n=12)
         mounts = [rootfs.MountSpec(m.type, m.source, list(m.options)) for m in req.rootfs]
+        # A CRI pod's sandbox: the agent holds the pod's namespaces without
+        # running the sandbox image (ember.agent.podholder), so no disk for it.
+        hold = not joining and podns.is_sandbox(annotations)
         boot_error: list[BaseException] = []
         booter = None
         if not joining:
@@ -233,9 +236,10 @@ class TaskService:
                            pid=self.pid), list(req.rootfs), work_dir=work)
         try:
             try:
-                with trace.span("rootfs prepare"):
-                    c.disk = rootfs.prepare(mounts, Path(req.bundle), work,
-                                            self.cfg.data_dir / "shim-rootfs")
+                if not hold:
+                    with trace.span("rootfs prepare"):
+                        c.disk = rootfs.prepare(mounts, Path(req.bundle), work,
+                                                self.cfg.data_dir / "shim-rootfs")
             finally:
                 if booter is not None:
                     booter.join()
@@ -246,13 +250,18 @@ class TaskService:
             for f in files:
                 agent.copy_file(f.path, f.data, mode=f.mode, make_dirs=True)
             guest["mounts"] = self.volumes.carry(guest, cid)
-            with trace.span("disk attach"):
-                c.drive_id, dev = self._vm().attach_disk(c.disk.path, c.disk.format,
-                                                         c.disk.readonly)
-            blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
-                                        readonly=c.disk.readonly)
-            with trace.span("container create"):
-                agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
+            if hold:
+                with trace.span("pod namespaces"):
+                    agent.create_container(cid, guest, None, hold_namespaces=True)
+            else:
+                assert c.disk is not None
+                with trace.span("disk attach"):
+                    c.drive_id, dev = self._vm().attach_disk(c.disk.path, c.disk.format,
+                                                             c.disk.readonly)
+                blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
+                                            readonly=c.disk.readonly)
+                with trace.span("container create"):
+                    agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
         except SizeError as exc:
             self._undo_create(c)
             raise TTRPCError(Code.INVALID_ARGUMENT, str(exc)) from None
@@ -262,7 +271,10 @@ class TaskService:
         except BaseException:
             self._undo_create(c)
             raise
-        c.init.pumps = StdioPumps(agent, cid, "", req.stdin, req.stdout, req.stderr)
+        return self._wire(c, agent, req)
+
+    def _wire(self, c: Container, agent, req: pb.CreateTaskRequest) -> Container:
+        c.init.pumps = StdioPumps(agent, c.id, "", req.stdin, req.stdout, req.stderr)
         c.init.pumps.start()
         return c
 

@@ -26,20 +26,22 @@ class BlockDevice(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., address: _Optional[str] = ..., fstype: _Optional[str] = ..., readonly: _Optional[bool] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "oci_spec", "rootfs", "stdin", "extra_disks", "start")
+    __slots__ = ("container_id", "oci_spec", "rootfs", "stdin", "extra_disks", "start", "hold_namespaces")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     EXTRA_DISKS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    HOLD_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     oci_spec: bytes
     rootfs: BlockDevice
     stdin: bool
     extra_disks: _containers.RepeatedCompositeFieldContainer[BlockDevice]
     start: bool
-    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[BlockDevice, _Mapping]] = ..., stdin: _Optional[bool] = ..., extra_disks: _Optional[_Iterable[_Union[BlockDevice, _Mapping]]] = ..., start: _Optional[bool] = ...) -> None: ...
+    hold_namespaces: bool
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[BlockDevice, _Mapping]] = ..., stdin: _Optional[bool] = ..., extra_disks: _Optional[_Iterable[_Union[BlockDevice, _Mapping]]] = ..., start: _Optional[bool] = ..., hold_namespaces: _Optional[bool] = ...) -> None: ...
 
 class ContainerRequest(_message.Message):
     __slots__ = ("container_id",)
