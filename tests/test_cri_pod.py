@@ -173,3 +173,25 @@ def test_a_pod_sysctl_outside_the_pods_namespaces_is_refused_and_leaves_nothing(
         assert words in e.value.details(), e.value.details()
         assert _wait(lambda: not vmms(work) and not shims(work), 30), leftovers(work)
         assert _wait(lambda: not leftovers(work), 30), leftovers(work)
+
+
+def test_a_command_that_is_not_there_fails_its_start_and_the_pod_goes_on(cri) -> None:
+    """An app container is run by one crun process at StartContainer (containerd's
+    CRI plugin creates and starts the task in that one call): a missing command
+    fails StartContainer naming it, as with runc, and the pod runs the next one."""
+    with pod_of(cri, "ember-nocmd") as (client, pod):
+        config = api.ContainerConfig(
+            metadata=api.ContainerMetadata(name="bad", attempt=0),
+            image=api.ImageSpec(image=BUSYBOX), command=["/no-such-binary"],
+            linux=api.LinuxContainerConfig())
+        cid = client.runtime.CreateContainer(api.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=client._pod_configs[pod]),
+            timeout=client.timeout).container_id
+        with pytest.raises(grpc.RpcError) as e:
+            client.start_container(cid)
+        assert "/no-such-binary" in e.value.details(), e.value.details()
+        assert client.container_status(cid).state != api.CONTAINER_RUNNING
+        client.runtime.RemoveContainer(api.RemoveContainerRequest(container_id=cid),
+                                       timeout=60)
+        good = create(client, pod, "good", ["sleep", "1000"])
+        assert sh(client, good, "echo ok") == "ok"

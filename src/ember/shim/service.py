@@ -45,7 +45,7 @@ from ember.sandbox.events import PodEvents
 from ember.sandbox.vm import SandboxVM
 from ember.shim import guestspec, metrics, podns, rootfs, volumes
 from ember.shim.events import Publisher, timestamp
-from ember.shim.layout import pod_identity, short_key
+from ember.shim.layout import ANN_TYPE, pod_identity, short_key
 from ember.shim.pod import Pod, SizeError
 from ember.shim.proto import events_pb2 as ev
 from ember.shim.proto import task_pb2 as pb
@@ -225,6 +225,9 @@ class TaskService:
         # A CRI pod's sandbox: the agent holds the pod's namespaces without
         # running the sandbox image (ember.agent.podholder), so no disk for it.
         hold = not joining and podns.is_sandbox(annotations)
+        # containerd's CRI plugin creates and starts the task within one
+        # StartContainer, so crun runs the container once, at Start (crun run).
+        defer = joining and annotations.get(ANN_TYPE) == "container"
         boot_error: list[BaseException] = []
         booter = None
         if not joining:
@@ -261,7 +264,9 @@ class TaskService:
                 blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
                                             readonly=c.disk.readonly)
                 with trace.span("container create"):
-                    agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
+                    agent.create_container(cid, guest, blk, stdin=bool(req.stdin),
+                                           defer_create=defer)
+                c.deferred = defer
         except SizeError as exc:
             self._undo_create(c)
             raise TTRPCError(Code.INVALID_ARGUMENT, str(exc)) from None
@@ -307,6 +312,7 @@ class TaskService:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"process {self._name(p)} was already started")
             agent = self._agent()
+            failed = None
             try:
                 if p.exec_id:
                     agent.exec_process(c.id, p.exec_id, p.spec, stdin=bool(p.stdin))
@@ -315,12 +321,21 @@ class TaskService:
                 else:
                     with trace.span("container start"):
                         agent.start_container(c.id)
+                    c.deferred = False
             except EmberError as exc:
+                status = 127 if isinstance(exc, CommandNotFound) else 126
                 if p.exec_id:
-                    p.mark_exited(127 if isinstance(exc, CommandNotFound) else 126)
+                    p.mark_exited(status)
                     p.exited.set()
-                raise _err(exc) from None
-            p.status = RUNNING
+                if p.exec_id or not c.deferred:
+                    raise _err(exc) from None
+                # crun never made the init: it has ended, as runc's does when its exec fails
+                failed = (status, _err(exc))
+            else:
+                p.status = RUNNING
+        if failed is not None:
+            self._exited(c, p, failed[0])
+            raise failed[1]
         threading.Thread(target=self._wait_exit, args=(c, p), daemon=True,
                          name=f"wait-{c.id[:8]}-{p.exec_id[:8]}").start()
         if p.exec_id:
@@ -472,6 +487,9 @@ class TaskService:
         c, p = self._proc(req.id, req.exec_id)
         if p.status == STOPPED or p.exited.is_set():
             raise self._already_finished(p)
+        if c.deferred and p is c.init:  # created, never run: it ends as runc's init would
+            self._exited(c, p, 128 + (req.signal or 15))
+            return EMPTY
         if c.vm_paused:
             self._resume_vm(c)  # a signal to a frozen VM would wait for the resume anyway
         try:

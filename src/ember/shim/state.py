@@ -63,6 +63,7 @@ class Container:
     work_dir: Path | None = None
     execs: dict[str, Proc] = field(default_factory=dict)
     vm_paused: bool = False
+    deferred: bool = False  # prepared in the guest; crun runs it at Start (defer_create)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def proc(self, exec_id: str) -> Proc | None:
