@@ -171,36 +171,6 @@ def test_create_with_start_is_one_call(client, agent, rootfs, base_spec):
     assert not (agent.base / "containers" / "qb").exists()
 
 
-def test_a_deferred_create_runs_crun_once_at_start(client, agent, rootfs, base_spec):
-    """CreateContainer(defer_create=True) only mounts and writes the bundle; the
-    process exists from StartContainer on (crun run), with its output, status
-    and the usual error mapping there; removal before or after leaves nothing."""
-    spec = make_spec(base_spec, ["sh", "-c", "echo late; exit 4"])
-    client.create_container("dc", spec, rootfs, defer_create=True)
-    info = {p.container_id: p for p in client.list_processes()}["dc"]
-    assert (info.pid, info.running) == (0, False)
-    assert agent.mounts() != []  # the disk is ready
-    client.start_container("dc")
-    assert client.wait_process("dc").exit_status == 4
-    assert b"".join(client.iter_output("dc")) == b"late\n"
-    with pytest.raises(Exception, match="already started"):
-        client.start_container("dc")
-    client.remove_container("dc")
-    assert agent.mounts() == []
-    # Prepared, never started, removed: nothing mounted, no bundle.
-    client.create_container("dn", spec, rootfs, defer_create=True)
-    client.remove_container("dn")
-    assert agent.mounts() == [] and not (agent.base / "containers" / "dn").exists()
-    # A command that is not there fails the start, mapped as crun create maps it.
-    client.create_container("db", make_spec(base_spec, ["/no-such-binary"]), rootfs,
-                            defer_create=True)
-    with pytest.raises(CommandNotFound) as e:
-        client.start_container("db")
-    assert e.value.exit_code == 127 and "/no-such-binary" in e.value.message
-    client.remove_container("db")
-    assert agent.mounts() == [] and not (agent.base / "containers" / "db").exists()
-
-
 def test_environment_is_honoured(client, rootfs, base_spec):
     spec = make_spec(base_spec, ["sh", "-c", 'echo "$FOO"; pwd; id -u; id -g; hostname; ulimit -n'],
                      env=["PATH=/bin", "FOO=bar baz"], cwd="/home/user",

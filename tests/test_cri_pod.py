@@ -81,15 +81,18 @@ def sh(client: CRIClient, cid: str, script: str) -> str:
 
 
 def test_pod_hostname_ipc_and_sysctls_are_shared(cri) -> None:
-    sysctls = {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}
+    # Kubernetes' safe sysctls include network ones: the guest's network is the pod's.
+    sysctls = {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100",
+               "net.ipv4.ip_local_port_range": "20000 30000"}
     with pod_of(cri, "ember-ns", hostname="pod-host", sysctls=sysctls) as (client, pod):
         one = create(client, pod, "one", ["sleep", "1001"])
         two = create(client, pod, "two", ["sleep", "1002"])
         probe = ("hostname; cat /etc/hostname; cat /proc/sys/kernel/shm_rmid_forced "
-                 "/proc/sys/fs/mqueue/msg_max; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts")
+                 "/proc/sys/fs/mqueue/msg_max /proc/sys/net/ipv4/ip_local_port_range; "
+                 "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts")
         seen = [sh(client, cid, probe).split() for cid in (one, two)]
         assert seen[0] == seen[1], seen
-        assert seen[0][:4] == ["pod-host", "pod-host", "1", "100"]
+        assert seen[0][:6] == ["pod-host", "pod-host", "1", "100", "20000", "30000"]
         # Per-container PID namespaces (CRI CONTAINER mode): each sees only itself.
         assert "sleep 1002" not in sh(client, one, "ps -o args")
         assert "sleep 1001" not in sh(client, two, "ps -o args")

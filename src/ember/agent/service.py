@@ -48,8 +48,6 @@ class Container:
     execs: dict[str, Process] = field(default_factory=dict)
     started: bool = False
     holder: bool = False  # the pod's namespace holder (ember.agent.podholder), not crun's
-    deferred: bool = False  # prepared only: StartContainer runs crun (defer_create)
-    stdin: bool = False  # keep a stdin pipe (for a deferred launch)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -145,16 +143,15 @@ class AgentService:
                                   mounts[1:], self._init_pid)
             _write_json(os.path.join(bundle, "config.json"), config)
             proc = Process(cid, "", terminal=bool(config["process"].get("terminal")))
+            op = ["run", "--detach"] if req.start else ["create"]
+            launch(self.crun, proc, [*op, "--bundle", bundle, cid],
+                   os.path.join(bundle, "init.pid"), bundle, req.stdin,
+                   config["process"]["args"][0])
             c = Container(cid, bundle, config["linux"]["cgroupsPath"], proc, mounts,
-                          started=req.start, deferred=req.defer_create and not req.start,
-                          stdin=req.stdin)
-            if not c.deferred:
-                self._launch_init(c, ["run", "--detach"] if req.start else ["create"],
-                                  config["process"]["args"][0])
+                          started=req.start)
             with self._lock:
                 self._containers[cid] = c
             log.info("%s container %s (pid %d) in %.0f ms, disks %.0f ms",
-                     "prepared" if c.deferred else
                      "created and started" if req.start else "created", cid, proc.pid,
                      (time.monotonic() - t0) * 1e3, (t_disks - t0) * 1e3)
         except BaseException:
@@ -195,10 +192,6 @@ class AgentService:
                 self._reserved.discard(cid)
         return EMPTY
 
-    def _launch_init(self, c: Container, op: list[str], argv0: str) -> None:
-        launch(self.crun, c.init, [*op, "--bundle", c.bundle, c.id],
-               os.path.join(c.bundle, "init.pid"), c.bundle, c.stdin, argv0)
-
     def _init_pid(self, cid: str) -> int | None:
         """The pid of a container's init while it runs: the pod's namespaces are its."""
         with self._lock:
@@ -216,11 +209,7 @@ class AgentService:
                 return EMPTY
             argv0 = _argv0(os.path.join(c.bundle, "config.json"))
             t0 = time.monotonic()
-            if c.deferred:  # one crun process: create and start
-                self._launch_init(c, ["run", "--detach"], argv0)
-                c.deferred = False
-            else:
-                self.crun.run(["start", c.id], argv0=argv0)
+            self.crun.run(["start", c.id], argv0=argv0)
             c.started = True
             log.info("started container %s in %.0f ms", c.id, (time.monotonic() - t0) * 1e3)
         return EMPTY
@@ -370,13 +359,12 @@ class AgentService:
             podholder.remove_cgroup(c.cgroup_path)
             storage.remove_tree(bundle)
             return
-        if c is None or not c.deferred:  # else crun never saw it
-            try:
-                self.crun.run(["delete", "--force", cid], timeout=30)
-            except TTRPCError as e:
-                if c is not None and "not found" not in e.message.lower() \
-                        and "No such file" not in e.message:
-                    log.warning("%s", e)
+        try:
+            self.crun.run(["delete", "--force", cid], timeout=30)
+        except TTRPCError as e:
+            if c is not None and "not found" not in e.message.lower() \
+                    and "No such file" not in e.message:
+                log.warning("%s", e)
         if c is not None:
             for p in c.execs.values():
                 if p.helper and p.running:  # an archive whose reader or writer went away

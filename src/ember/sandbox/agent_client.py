@@ -100,16 +100,14 @@ class AgentClient:
 
     def create_container(self, container_id: str, spec: dict | bytes, rootfs: Any,
                          stdin: bool = False, extra_disks: list | None = None,
-                         start: bool = False, hold_namespaces: bool = False,
-                         defer_create: bool = False) -> None:
+                         start: bool = False, hold_namespaces: bool = False) -> None:
         """Create a container; with ``start``, start it in the same call. With
         ``hold_namespaces`` (a pod's sandbox, no rootfs) the agent holds the
-        pod's namespaces itself instead of running the spec's image. With
-        ``defer_create`` it is only prepared, and start_container runs it."""
+        pod's namespaces itself instead of running the spec's image."""
         self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, oci_spec=_json(spec), rootfs=_blockdev(rootfs),
             stdin=stdin, extra_disks=[_device(d) for d in extra_disks or []], start=start,
-            hold_namespaces=hold_namespaces, defer_create=defer_create), pb.Empty)
+            hold_namespaces=hold_namespaces), pb.Empty)
 
     def start_container(self, container_id: str) -> None:
         self._call("StartContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)

@@ -226,7 +226,8 @@ class TaskService:
         # running the sandbox image (ember.agent.podholder), so no disk for it.
         hold = not joining and podns.is_sandbox(annotations)
         # containerd's CRI plugin creates and starts the task within one
-        # StartContainer, so crun runs the container once, at Start (crun run).
+        # StartContainer: the guest makes and runs it at Start, with one agent
+        # call and one crun run, as `ember run` does.
         defer = joining and annotations.get(ANN_TYPE) == "container"
         boot_error: list[BaseException] = []
         booter = None
@@ -263,10 +264,11 @@ class TaskService:
                                                              c.disk.readonly)
                 blk = agent_pb2.BlockDevice(kind=dev.kind, address=dev.address, fstype="ext4",
                                             readonly=c.disk.readonly)
-                with trace.span("container create"):
-                    agent.create_container(cid, guest, blk, stdin=bool(req.stdin),
-                                           defer_create=defer)
-                c.deferred = defer
+                if defer:
+                    c.pending = (guest, blk)
+                else:
+                    with trace.span("container create"):
+                        agent.create_container(cid, guest, blk, stdin=bool(req.stdin))
         except SizeError as exc:
             self._undo_create(c)
             raise TTRPCError(Code.INVALID_ARGUMENT, str(exc)) from None
@@ -276,12 +278,14 @@ class TaskService:
         except BaseException:
             self._undo_create(c)
             raise
-        return self._wire(c, agent, req)
-
-    def _wire(self, c: Container, agent, req: pb.CreateTaskRequest) -> Container:
-        c.init.pumps = StdioPumps(agent, c.id, "", req.stdin, req.stdout, req.stderr)
-        c.init.pumps.start()
+        if c.pending is None:  # else the guest learns of it at Start
+            self._wire(c, agent)
         return c
+
+    def _wire(self, c: Container, agent) -> None:
+        p = c.init
+        p.pumps = StdioPumps(agent, c.id, "", p.stdin, p.stdout, p.stderr)
+        p.pumps.start()
 
     def _boot(self, spec: dict, annotations: dict, errors: list[BaseException]) -> None:
         try:
@@ -318,16 +322,21 @@ class TaskService:
                     agent.exec_process(c.id, p.exec_id, p.spec, stdin=bool(p.stdin))
                     p.pumps = StdioPumps(agent, c.id, p.exec_id, p.stdin, p.stdout, p.stderr)
                     p.pumps.start()
+                elif c.pending is not None:
+                    with trace.span("container create+start"):
+                        agent.create_container(c.id, *c.pending, stdin=bool(p.stdin),
+                                               start=True)
+                    c.pending = None
+                    self._wire(c, agent)
                 else:
                     with trace.span("container start"):
                         agent.start_container(c.id)
-                    c.deferred = False
             except EmberError as exc:
                 status = 127 if isinstance(exc, CommandNotFound) else 126
                 if p.exec_id:
                     p.mark_exited(status)
                     p.exited.set()
-                if p.exec_id or not c.deferred:
+                if p.exec_id or c.pending is None:
                     raise _err(exc) from None
                 # crun never made the init: it has ended, as runc's does when its exec fails
                 failed = (status, _err(exc))
@@ -487,7 +496,7 @@ class TaskService:
         c, p = self._proc(req.id, req.exec_id)
         if p.status == STOPPED or p.exited.is_set():
             raise self._already_finished(p)
-        if c.deferred and p is c.init:  # created, never run: it ends as runc's init would
+        if c.pending is not None and p is c.init:  # never run: it ends as runc's init would
             self._exited(c, p, 128 + (req.signal or 15))
             return EMPTY
         if c.vm_paused:

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ember.shim.proto import task_pb2
 from ember.shim.rootfs import Disk
@@ -63,7 +64,9 @@ class Container:
     work_dir: Path | None = None
     execs: dict[str, Proc] = field(default_factory=dict)
     vm_paused: bool = False
-    deferred: bool = False  # prepared in the guest; crun runs it at Start (defer_create)
+    # Made at Start with one agent call and one crun run (containerd's CRI plugin
+    # creates and starts a task in one StartContainer): (guest spec, root disk).
+    pending: tuple[dict, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def proc(self, exec_id: str) -> Proc | None:

@@ -26,7 +26,7 @@ class BlockDevice(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., address: _Optional[str] = ..., fstype: _Optional[str] = ..., readonly: _Optional[bool] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "oci_spec", "rootfs", "stdin", "extra_disks", "start", "hold_namespaces", "defer_create")
+    __slots__ = ("container_id", "oci_spec", "rootfs", "stdin", "extra_disks", "start", "hold_namespaces")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
@@ -34,7 +34,6 @@ class CreateContainerRequest(_message.Message):
     EXTRA_DISKS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     HOLD_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
-    DEFER_CREATE_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     oci_spec: bytes
     rootfs: BlockDevice
@@ -42,8 +41,7 @@ class CreateContainerRequest(_message.Message):
     extra_disks: _containers.RepeatedCompositeFieldContainer[BlockDevice]
     start: bool
     hold_namespaces: bool
-    defer_create: bool
-    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[BlockDevice, _Mapping]] = ..., stdin: _Optional[bool] = ..., extra_disks: _Optional[_Iterable[_Union[BlockDevice, _Mapping]]] = ..., start: _Optional[bool] = ..., hold_namespaces: _Optional[bool] = ..., defer_create: _Optional[bool] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[BlockDevice, _Mapping]] = ..., stdin: _Optional[bool] = ..., extra_disks: _Optional[_Iterable[_Union[BlockDevice, _Mapping]]] = ..., start: _Optional[bool] = ..., hold_namespaces: _Optional[bool] = ...) -> None: ...
 
 class ContainerRequest(_message.Message):
     __slots__ = ("container_id",)
