@@ -93,6 +93,9 @@ def test_pod_hostname_ipc_and_sysctls_are_shared(cri) -> None:
         seen = [sh(client, cid, probe).split() for cid in (one, two)]
         assert seen[0] == seen[1], seen
         assert seen[0][:6] == ["pod-host", "pod-host", "1", "100", "20000", "30000"]
+        # The pod's VM has the pod's translation cache ([vm] pod_tcg_tb_size_mib).
+        argv = [" ".join(p.info["cmdline"]) for p in vmms(cri[1])]
+        assert len(argv) == 1 and "tb-size=64" in argv[0], argv
         # Per-container PID namespaces (CRI CONTAINER mode): each sees only itself.
         assert "sleep 1002" not in sh(client, one, "ps -o args")
         assert "sleep 1001" not in sh(client, two, "ps -o args")

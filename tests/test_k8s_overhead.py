@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
+from ember.config import DEFAULT_POD_TCG_TB_MIB
 from ember.k8s import overhead
 from ember.vmm.qemu.machine import FIRMWARE, MACHINE
 
@@ -237,6 +238,8 @@ def _measure(tmp_path: Path, data: Path, state: Path) -> None:
     assert r["memory_bytes"] == sum(p["pss"] for p in r["processes"]) - r["guest_touched_bytes"]
     assert r["cpu_millicores"] >= 0
     assert r["accel"] in ("tcg", "kvm")
+    if r["accel"] == "tcg":  # measured with a pod's translation cache, which it keeps
+        assert r["tcg_tb_size_mib"] == DEFAULT_POD_TCG_TB_MIB
     cached = json.loads((data / overhead.CACHE_NAME).read_text())["qemu"]
     assert cached["podFixed"] == overhead.recommended(r)
     # The sandbox is gone: no process of it is left, no state.

@@ -286,6 +286,7 @@ class Sandbox:
         env["EMBER_DATA_DIR"] = str(self.cfg.data_dir)
         env["EMBER_STATE_DIR"] = str(self.cfg.state_dir)
         env["EMBER_ACCEL"] = self.cfg.vm.accel
+        env["EMBER_TCG_TB_MIB"] = str(self.cfg.vm.tcg_tb_size_mib)
         if self.cfg.source:
             env["EMBER_CONFIG"] = self.cfg.source
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,11 @@ DEFAULT_CONFIG_PATH = "/etc/ember/config.toml"
 # code (agent, crun, busybox) and caps that cost (issue 14: density). 24 MiB
 # saved 9 MiB per idle sandbox but made a CRI pod's start ~45% slower (README).
 DEFAULT_TCG_TB_MIB = 32
+# A pod's VM runs more distinct code before its first app container runs (the
+# pod's network set-up, the namespace holder, the shim's requests): with 32 MiB
+# the cache filled and was flushed in the middle of the app's crun run, and a
+# one-container CRI pod took ~2.2 s; with 64, ~1.45 s (issue 14, docs/containerd.md).
+DEFAULT_POD_TCG_TB_MIB = 64
 
 
 @dataclass
@@ -62,6 +67,7 @@ class VMConfig:
     firecracker_binary: str = "firecracker"
     fc_placeholder_drives: int = 8  # container disks a Firecracker VM can take (docs/firecracker.md)
     tcg_tb_size_mib: int = DEFAULT_TCG_TB_MIB
+    pod_tcg_tb_size_mib: int = DEFAULT_POD_TCG_TB_MIB  # VMs of the containerd shim
 
 
 @dataclass
@@ -232,12 +238,16 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         cfg.vm.firecracker_binary = os.environ["EMBER_FIRECRACKER_BIN"]
     if os.environ.get("EMBER_ACCEL"):
         cfg.vm.accel = os.environ["EMBER_ACCEL"]
+    if os.environ.get("EMBER_TCG_TB_MIB"):  # a sandbox's creator's size, for its monitor
+        raw = os.environ["EMBER_TCG_TB_MIB"]
+        cfg.vm.tcg_tb_size_mib = int(raw) if raw.isdigit() else raw  # type: ignore[assignment]
     if cfg.vm.accel not in ("auto", "tcg", "kvm"):
         raise EmberError(f"config vm.accel: must be auto, tcg or kvm, not {cfg.vm.accel!r}")
-    tb = cfg.vm.tcg_tb_size_mib
-    if isinstance(tb, bool) or not isinstance(tb, int) or not 1 <= tb <= 4096:
-        raise EmberError(f"config vm.tcg_tb_size_mib: must be a whole number of MiB from 1 to "
-                         f"4096, not {tb!r}")
+    for key in ("tcg_tb_size_mib", "pod_tcg_tb_size_mib"):
+        tb = getattr(cfg.vm, key)
+        if isinstance(tb, bool) or not isinstance(tb, int) or not 1 <= tb <= 4096:
+            raise EmberError(f"config vm.{key}: must be a whole number of MiB from 1 to "
+                             f"4096, not {tb!r}")
     cfg.logs.check()
     return cfg
 
@@ -262,6 +272,8 @@ KEY_HELP = {
     "vm.fc_placeholder_drives": "Container disks a Firecracker VM can take.",
     "vm.tcg_tb_size_mib": ("Without KVM: QEMU's translated-code cache per VM, in MiB (small "
                            "keeps idle VMs cheap; a busy VM running much code wants more)."),
+    "vm.pod_tcg_tb_size_mib": ("The same for the VMs of containerd's shim (pods): a pod runs "
+                               "more code before its app starts (docs/containerd.md)."),
     "guest.kernel": "Your own bzImage instead of the built one (empty: built).",
     "guest.initrd": "Your own initrd instead of the built one (empty: built).",
     "guest.rootfs": "Your own guest rootfs image instead of the built one (empty: built).",
@@ -286,7 +298,8 @@ _DEFAULT_FILE_HEAD = f"""\
 #
 # Written by `ember config default` from Ember's own defaults: every key is
 # here, commented out, with its default value. Uncomment a line to change it.
-# EMBER_DATA_DIR, EMBER_STATE_DIR and EMBER_ACCEL override this file.
+# EMBER_DATA_DIR, EMBER_STATE_DIR, EMBER_ACCEL and EMBER_TCG_TB_MIB (vm.tcg_tb_size_mib)
+# override this file.
 """
 
 

@@ -15,6 +15,7 @@ The result is cached in ``<data_dir>/k8s-overhead.json`` per backend, and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -99,6 +100,21 @@ def cpu_seconds(pids: list[int]) -> float:
 def vmm_accel(pids: list[int]) -> str | None:
     """The accelerator a QEMU among ``pids`` runs with: TCG costs far more than KVM,
     so a measurement says which one it saw."""
+    opts = _accel_opts(pids)
+    return opts[0] if opts else None
+
+
+def vmm_tb_size(pids: list[int]) -> int | None:
+    """The TCG translation cache (MiB) a QEMU among ``pids`` runs with: a started VM
+    keeps it resident, so a measurement says which size it saw."""
+    for opt in _accel_opts(pids)[1:]:
+        key, _, value = opt.partition("=")
+        if key == "tb-size" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _accel_opts(pids: list[int]) -> list[str]:
     for pid in pids:
         try:
             args = psutil.Process(pid).cmdline()
@@ -106,8 +122,8 @@ def vmm_accel(pids: list[int]) -> str | None:
             continue
         for flag, value in zip(args, args[1:], strict=False):
             if flag == "-accel":
-                return value.split(",", 1)[0]
-    return None
+                return value.split(",")
+    return []
 
 
 def jailer_waiters(pids: list[int]) -> list[int]:
@@ -161,18 +177,22 @@ def measure(cfg: Config, image: str, memory: str, cpus: int, seconds: float,
     except ImportError as exc:
         raise EmberError(f"overhead: ember.api.Sandbox is not available ({exc})") from None
     # create() returns once the container runs; the sandbox lives on in its
-    # own monitor process until remove().
-    sb = Sandbox.create(image, ["sleep", "600"], memory=memory, cpus=cpus)
+    # own monitor process until remove(). Its VM gets a pod's translation
+    # cache ([vm] pod_tcg_tb_size_mib), which a started VM keeps resident.
+    pod_cfg = copy.deepcopy(cfg)
+    pod_cfg.vm.tcg_tb_size_mib = cfg.vm.pod_tcg_tb_size_mib
+    sb = Sandbox.create(image, ["sleep", "600"], memory=memory, cpus=cpus, cfg=pod_cfg)
     try:
         pids: list[int] = list(sb.host_pids())
         pids += jailer_waiters(pids)
         guest = int(sb.guest_memory_bytes())
         time.sleep(settle)
         accel = vmm_accel(pids) or cfg.vm.accel
+        tb_size = vmm_tb_size(pids)
         result = sample(pids, guest, seconds)
     finally:
         sb.remove(force=True)
-    result.update(backend=cfg.vm.hypervisor, accel=accel, image=image,
+    result.update(backend=cfg.vm.hypervisor, accel=accel, tcg_tb_size_mib=tb_size, image=image,
                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result["podFixed"] = recommended(result)
     return result

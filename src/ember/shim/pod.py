@@ -145,11 +145,12 @@ class Pod:
                   netns=self.netns or "").write(self.dir)
 
     def _vm_config(self) -> Config:
-        """With the jailer on, the VMM's jail cgroup goes below the pod's cgroup."""
-        if not (self.cfg.jailer.enabled and self.cgroup):
-            return self.cfg
+        """The pod's translation cache size (``[vm] pod_tcg_tb_size_mib``), and with
+        the jailer on, the VMM's jail cgroup below the pod's cgroup."""
         cfg = copy.deepcopy(self.cfg)
-        cfg.jailer.parent_cgroup = self.cgroup.strip("/")
+        cfg.vm.tcg_tb_size_mib = cfg.vm.pod_tcg_tb_size_mib
+        if cfg.jailer.enabled and self.cgroup:
+            cfg.jailer.parent_cgroup = self.cgroup.strip("/")
         return cfg
 
     def boot(self, spec: dict, annotations: dict) -> None:
