@@ -426,6 +426,9 @@ def test_agent_holds_a_pods_namespaces_without_running_its_image(client, agent, 
     assert time.monotonic() - started < 2, "no disk, no crun: it takes milliseconds"
     holder = psutil.Process(_pid_of(client, "sb"))
     assert holder.uids().real == 65535
+    status = Path(f"/proc/{holder.pid}/status").read_text()
+    assert "CapEff:\t0000000000000000" in status and "CapBnd:\t0000000000000000" in status
+    assert "NoNewPrivs:\t1" in status
     assert " ".join(holder.cmdline()) == f"/bin/sleep {marker}"
     probe = ("hostname; cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max; "
              "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts; readlink /proc/self/ns/pid; "
@@ -450,6 +453,21 @@ def test_agent_holds_a_pods_namespaces_without_running_its_image(client, agent, 
     client.remove_container("sb")
     assert not holder.is_running() or holder.status() == psutil.STATUS_ZOMBIE
     assert not _held_by(marker) and not (agent.base / "containers" / "sb").exists()
+
+
+@crun_agent
+@pytest.mark.root
+def test_a_root_holder_keeps_no_capability(client, base_spec) -> None:
+    """runc gives a root pause its default capabilities; the holder keeps none."""
+    spec = _holder_spec(base_spec, "2147483603")
+    spec["process"]["user"] = {"uid": 0, "gid": 0}
+    client.create_container("sb", spec, None, hold_namespaces=True)
+    status = Path(f"/proc/{_pid_of(client, 'sb')}/status").read_text()
+    assert "Uid:\t0\t0\t0\t0" in status
+    for field in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert f"{field}:\t0000000000000000" in status, status
+    assert "NoNewPrivs:\t1" in status
+    client.remove_container("sb")
 
 
 @crun_agent

@@ -15,7 +15,8 @@ it writes the holder's pid and exits. The holder does what pause does:
 SIGINT and SIGTERM end it with status 0, SIGCHLD reaps, and nothing else. It
 is what a container sharing the pod's PID namespace sees as PID 1, so it shows
 the sandbox process's command line and runs as its user, chrooted into an
-empty folder. The sandbox image's program itself does not run.
+empty folder, with no capability (even as root) and no way to gain one. The
+sandbox image's program itself does not run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 PR_SET_NAME = 15
 PR_SET_MM = 35
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_MM_ARG_START = 8
 PR_SET_MM_ARG_END = 9
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -119,6 +123,36 @@ def _errno_error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_privileges(last_cap: int, uid: int, gid: int) -> None:
+    """The sandbox's user, no capability and no way to gain one: pausing and
+    reaping need none.
+
+    A sandbox image running as root kept runc's default capabilities in its
+    pause container; the holder keeps none, even as root, so a container that
+    shares the pod's PID namespace finds a PID 1 with less power than itself.
+    """
+    for cap in range(last_cap + 1):  # while CAP_SETPCAP is still held
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise _errno_error("prctl(PR_CAPBSET_DROP)")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        raise _errno_error("capset")
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _errno_error("prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 def _down(signum: int, frame: object) -> None:
     os._exit(0)
 
@@ -143,6 +177,8 @@ def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
     hostname = spec.get("hostname")
     uid, gid = _user(spec)
     args = list((spec.get("process") or {}).get("args") or ["/pause"])
+    with open("/proc/sys/kernel/cap_last_cap") as f:  # read here: the child chroots
+        last_cap = int(f.read())
 
     def child() -> int:
         try:
@@ -169,9 +205,7 @@ def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
             signal.signal(signal.SIGINT, _down)
             signal.signal(signal.SIGTERM, _down)
             signal.signal(signal.SIGCHLD, _reap)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+            _drop_privileges(last_cap, uid, gid)
             pid = os.fork()
             if pid == 0:  # the holder: PID 1 of the pod's PID namespace
                 for fd in (0, 1, 2):  # the agent reads the pipes to their end
