@@ -109,6 +109,11 @@ def test_share_process_namespace(cri) -> None:
         assert "sleep 1001" in procs and "sleep 1002" in procs, procs
         # PID 1 is the pod's sandbox (pause) process, as with runc.
         assert sh(client, one, "tr '\\0' ' ' < /proc/1/cmdline") == "/bin/sleep 2147483647"
+        # ... held by the agent: no capability, no way to gain one (runc's root pause
+        # keeps its default set), a PID 1 with less power than the containers.
+        status = sh(client, one, "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/1/status")
+        assert status.split() == ["CapEff:", "0" * 16, "CapBnd:", "0" * 16,
+                                  "NoNewPrivs:", "1"], status
 
 
 def test_stop_right_after_start_returns_when_the_program_exits(cri) -> None:

@@ -288,6 +288,19 @@ def _kill(svc: TaskService, **kw) -> TTRPCError:
     return e.value
 
 
+def test_kill_of_a_container_created_but_never_run_ends_it(service) -> None:
+    """A containerd-CRI app container is made in the guest only at Start: a kill
+    before that (containerd's clean-up of a failed start) ends it at once, with
+    runc's status for the signal, and a second kill is "already finished"."""
+    from ember.shim.proto import task_pb2 as pb
+
+    svc, proc = service
+    svc._containers["c1"].pending = ({}, None)
+    svc.Kill(pb.KillRequest(id="c1", signal=9), None)  # no agent call: _VM is not set
+    assert proc.exited.is_set() and proc.exit_status == 137
+    assert _kill(svc).code == Code.NOT_FOUND
+
+
 def test_kill_of_an_exited_process_is_not_found(service) -> None:
     svc, proc = service
     proc.mark_exited(0)

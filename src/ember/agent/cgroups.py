@@ -105,3 +105,23 @@ def oom_kills(cgroup_path: str, root: str = CGROUP_ROOT) -> int:
         return events.get("oom_kill", 0)
     control = _kv(_read(os.path.join(_join(root, "memory", cgroup_path), "memory.oom_control")))
     return control.get("oom_kill", 0)
+
+
+def make(cgroup_path: str, root: str = CGROUP_ROOT) -> str | None:
+    """Make a cgroup v2 folder for a process the agent places itself (crun makes its
+    containers' own); its path, or None on cgroup v1 (host tests), where it reads
+    as missing (no pids, no stats)."""
+    if not is_v2(root):
+        return None
+    d = _join(root, cgroup_path)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def remove(cgroup_path: str, root: str = CGROUP_ROOT) -> None:
+    """Remove a folder make() made, once empty; a missing one is fine."""
+    if is_v2(root):
+        try:
+            os.rmdir(_join(root, cgroup_path))
+        except OSError:
+            pass

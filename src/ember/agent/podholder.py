@@ -26,7 +26,9 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from ember.agent import cgroups
 from ember.agent.reaper import Reaper
 from ember.ttrpc import Code, TTRPCError
 
@@ -41,7 +43,6 @@ PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_MM_ARG_START = 8
 PR_SET_MM_ARG_END = 9
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 # Sysctls a pod may set, and the namespace each lives in (as runc and crun check).
 IPC_SYSCTLS = frozenset({"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
@@ -53,13 +54,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _KEEP: list = []  # the holder's command line, alive as long as it is
-
-
-def is_pod_sandbox(spec: dict) -> bool:
-    """Whether a spec is a pod's sandbox container, which a holder replaces."""
-    annotations = spec.get("annotations") or {}
-    return "sandbox" in (annotations.get("io.kubernetes.cri.container-type"),
-                         annotations.get("io.kubernetes.cri-o.ContainerType"))
 
 
 def check_sysctls(sysctls: object) -> dict[str, str]:
@@ -106,11 +100,13 @@ def _show_as(args: list[str]) -> None:
     buf = ctypes.create_string_buffer(text, len(text))
     _KEEP.append(buf)
     addr = ctypes.addressof(buf)
-    if _libc.prctl(PR_SET_MM, PR_SET_MM_ARG_START, addr, 0, 0) == 0 \
-            and _libc.prctl(PR_SET_MM, PR_SET_MM_ARG_END, addr + len(text), 0, 0) == 0:
-        pass
-    else:
-        start, end = _arg_area()
+    start, end = _arg_area()
+    if _libc.prctl(PR_SET_MM, PR_SET_MM_ARG_START, addr, 0, 0) == 0:
+        if _libc.prctl(PR_SET_MM, PR_SET_MM_ARG_END, addr + len(text), 0, 0) == 0:
+            start = end = 0
+        else:  # back to the area the agent was exec'd with
+            _libc.prctl(PR_SET_MM, PR_SET_MM_ARG_START, start, 0, 0)
+    if end > start:
         room = end - start
         line = b" ".join(a.encode() for a in args)[:room - 2] + b"\0"
         ctypes.memmove(start, line + b"\0" * (room - 1 - len(line)) + b"\x01", room)
@@ -165,7 +161,26 @@ def _reap(signum: int, frame: object) -> None:
         pass
 
 
-def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
+@dataclass(frozen=True)
+class HolderSpec:
+    """What a sandbox spec asks of its holder, checked before anything is made."""
+
+    hostname: str
+    sysctls: dict[str, str]
+    uid: int
+    gid: int
+    args: list[str]
+
+    @classmethod
+    def of(cls, spec: dict) -> HolderSpec:
+        hostname = spec.get("hostname")
+        uid, gid = _user(spec)
+        return cls(hostname if isinstance(hostname, str) else "",
+                   check_sysctls((spec.get("linux") or {}).get("sysctl")), uid, gid,
+                   list((spec.get("process") or {}).get("args") or ["/pause"]))
+
+
+def setup_child(want: HolderSpec, root: str, cgroup: str | None) -> Callable[[], int]:
     """What the forked child runs: namespaces, cgroup, hostname, sysctls, then the holder.
 
     Everything that can fail happens here, before the holder is forked, and the
@@ -173,10 +188,7 @@ def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
     handlers). Errors are one line on stderr and exit status 1; on success the
     holder's pid is written to stdout.
     """
-    sysctls = check_sysctls((spec.get("linux") or {}).get("sysctl"))
-    hostname = spec.get("hostname")
-    uid, gid = _user(spec)
-    args = list((spec.get("process") or {}).get("args") or ["/pause"])
+    hostname, sysctls, uid, gid, args = want.hostname, want.sysctls, want.uid, want.gid, want.args
     with open("/proc/sys/kernel/cap_last_cap") as f:  # read here: the child chroots
         last_cap = int(f.read())
 
@@ -187,7 +199,7 @@ def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
             if cgroup is not None:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
-            if isinstance(hostname, str) and hostname:
+            if hostname:
                 try:
                     socket.sethostname(hostname)
                 except OSError as e:
@@ -222,32 +234,13 @@ def setup_child(spec: dict, root: str, cgroup: str | None) -> Callable[[], int]:
     return child
 
 
-def make_cgroup(path: str, root: str = CGROUP_ROOT) -> str | None:
-    """The container's cgroup v2 folder, made (None on cgroup v1: host tests)."""
-    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        return None
-    d = os.path.join(root, path.lstrip("/"))
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-def remove_cgroup(path: str, root: str = CGROUP_ROOT) -> None:
-    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        return
-    try:
-        os.rmdir(os.path.join(root, path.lstrip("/")))
-    except OSError:
-        pass
-
-
 def start(reaper: Reaper, spec: dict, root: str, cgroup_path: str,
           timeout: float = 30.0) -> int:
     """Make the holder; its pid. INVALID_ARGUMENT for what the spec asks that
     cannot be had (the child's one line), and then nothing is left."""
-    setup_child(spec, root, None)  # checks the spec before anything is made
+    want = HolderSpec.of(spec)  # checked before anything is made
     os.makedirs(root, mode=0o555, exist_ok=True)
-    cgroup = make_cgroup(cgroup_path)
-    child = setup_child(spec, root, cgroup)
+    child = setup_child(want, root, cgroups.make(cgroup_path))
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     null = os.open(os.devnull, os.O_RDONLY)
@@ -256,7 +249,7 @@ def start(reaper: Reaper, spec: dict, root: str, cgroup_path: str,
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
-        remove_cgroup(cgroup_path)
+        cgroups.remove(cgroup_path)
         raise
     finally:
         for fd in (null, out_w, err_w):
@@ -268,7 +261,7 @@ def start(reaper: Reaper, spec: dict, root: str, cgroup_path: str,
         if not ex.done:
             os.kill(ex.pid, signal.SIGKILL)
             ex.wait(5)
-        remove_cgroup(cgroup_path)
+        cgroups.remove(cgroup_path)
         raise TTRPCError(Code.INVALID_ARGUMENT if message else Code.INTERNAL,
                          f"the pod's namespaces: {message or 'the holder did not start'}")
     return int(pid_line)

@@ -356,7 +356,7 @@ class AgentService:
                     pass
             if c.init.exit is not None and not c.init.exit.wait(10):
                 log.warning("the namespace holder of %s did not exit", cid)
-            podholder.remove_cgroup(c.cgroup_path)
+            cgroups.remove(c.cgroup_path)
             storage.remove_tree(bundle)
             return
         try:
