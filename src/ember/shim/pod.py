@@ -196,10 +196,13 @@ class Pod:
 
     def shutdown(self) -> None:
         with self._lock:
-            vm, self.vm = self.vm, None
+            # Stopped after its VMM died (containerd deletes the tasks the crash ended).
+            # Known before self.vm goes: the VMM watcher asks "self.vm is vm or
+            # vmm_died", and in between it read neither and published no crash.
+            vm = self.vm
+            self.vmm_died = vm is not None and vm.vmm is not None and vm.vmm.exited()
+            self.vm = None
             ports, self.ports = self.ports, None
-        # Stopped after its VMM died (containerd deletes the tasks the crash ended).
-        self.vmm_died = vm is not None and vm.vmm is not None and vm.vmm.exited()
         if ports is not None:
             ports.stop()  # while the agent still answers: it closes the guest ends
         if vm is not None:
